@@ -1,0 +1,490 @@
+"""Data: a COCO-format detection dataset with boxes (and optional GT masks), the detectron2-style
+resize + flip used by BoxInst, batch collation, data loaders, and the embedded synthetic dataset.
+
+Conventions (shared with the rest of nanoSIM):
+- an image is a uint8 tensor (3, h, w), RGB, 0-255, not normalised;
+- a target is a dict: 'boxes' float32 (N, 4) xyxy in the resized frame, 'labels' int64 (N,) in
+  0..C-1, 'masks' uint8 (N, h, w) when asked for, 'image_id' int, 'orig_size' (H0, W0), 'size' (h, w);
+- a batch is (images uint8 (B, 3, Hp, Wp) zero-padded bottom/right to a multiple of 32, [targets]).
+
+The synthetic dataset (ensure_synthetic) is the default data of the repo: textured shapes (disc,
+triangle, ring, star, cross) on noisy backgrounds with exact visible-part masks, so that box-supervised
+mask AP can be measured without downloading COCO.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+
+class DataError(Exception):
+    """Bad input data. The message is one line: '<file>: <what is wrong> (<entry>) — fix: <what to do>'."""
+
+
+def _error(file, what, entry, fix):
+    return DataError(f"{file}: {what} ({entry}) — fix: {fix}")
+
+
+# -----------------------------------------------------------------------------
+# resize + flip (detectron2 ResizeShortestEdge + RandomFlip, as BoxInst trains)
+
+def resize_shape(h, w, short, max_size):
+    """Output (h', w') of detectron2's ResizeShortestEdge: scale the short side to `short`, then
+    shrink both sides if the long one exceeds `max_size`; each side is int(dim * scale + 0.5)."""
+    scale = short / min(h, w)
+    newh, neww = (short, scale * w) if h < w else (scale * h, short)
+    if max(newh, neww) > max_size:
+        scale = max_size / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def hflip_boxes(boxes, w):
+    """Mirror xyxy boxes in an image of width w: x0' = w - x1, x1' = w - x0."""
+    return torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)  # (N, 4)
+
+
+# -----------------------------------------------------------------------------
+# dataset
+
+class CocoBoxDataset(torch.utils.data.Dataset):
+    """COCO-format json + image folder -> (image uint8 (3, h, w), target dict), resized and flipped.
+
+    Boxes come from the json 'bbox' (xywh -> xyxy, clipped to the image); GT masks are decoded only
+    when with_masks=True (full supervision and evaluation). Crowd annotations are dropped, as in the
+    reference. In train mode images without a valid box are dropped (FILTER_EMPTY_ANNOTATIONS); in
+    eval mode they are kept with empty targets so that every image is scored.
+    """
+
+    def __init__(self, json_path, image_dir, train=True, min_sizes=(800,), max_size=1333,
+                 with_masks=False, hflip_prob=0.5):
+        self.json_path, self.image_dir, self.train = str(json_path), str(image_dir), train
+        self.min_sizes = (min_sizes,) if isinstance(min_sizes, int) else tuple(min_sizes)
+        self.max_size, self.with_masks, self.hflip_prob = max_size, with_masks, hflip_prob
+        if not os.path.isfile(self.json_path):
+            raise _error(self.json_path, "annotation file not found", f"image dir {self.image_dir}",
+                         "check the path, or use the synthetic default dataset")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+                self.coco = COCO(self.json_path)
+        except json.JSONDecodeError as e:
+            raise _error(self.json_path, "not valid JSON", f"line {e.lineno}", "re-export the file") from e
+        coco = self.coco
+        self.cat_ids = sorted(coco.getCatIds())
+        if not self.cat_ids:
+            raise _error(self.json_path, "no categories", "'categories' is empty or missing",
+                         "list the classes under 'categories'")
+        self.num_classes = len(self.cat_ids)
+        self.class_names = [coco.cats[c]["name"] for c in self.cat_ids]
+        label_of = {c: i for i, c in enumerate(self.cat_ids)}  # COCO category id -> contiguous label
+
+        # every annotation is checked, also those of images that end up skipped: a wrong category id
+        # means the json and the category list disagree, which would silently corrupt the labels
+        for ann in coco.dataset.get("annotations", []):
+            aid = ann.get("id")
+            if ann.get("category_id") not in label_of:
+                raise _error(self.json_path, f"category_id {ann.get('category_id')} is not in 'categories'",
+                             f"annotation id {aid}", "add the category or remove the annotation")
+            if ann.get("image_id") not in coco.imgs:
+                raise _error(self.json_path, f"image_id {ann.get('image_id')} is not in 'images'",
+                             f"annotation id {aid}", "add the image entry or remove the annotation")
+            if not (isinstance(ann.get("bbox"), (list, tuple)) and len(ann["bbox"]) == 4):
+                raise _error(self.json_path, "bbox is not [x, y, w, h]", f"annotation id {aid}",
+                             "write the box as four numbers")
+
+        missing, first_missing, n_crowd, n_bad_box, n_empty = 0, None, 0, 0, 0
+        self.ids, self.records, self.aspect_ratios = [], [], []
+        for img_id in sorted(coco.imgs):
+            info = coco.imgs[img_id]
+            if "file_name" not in info or "width" not in info or "height" not in info:
+                raise _error(self.json_path, "image entry lacks file_name/width/height", f"image id {img_id}",
+                             "add the three fields")
+            path = os.path.join(self.image_dir, info["file_name"])
+            if not os.path.isfile(path):
+                missing += 1
+                first_missing = first_missing or path
+                continue
+            W0, H0 = int(info["width"]), int(info["height"])
+            boxes, labels, anns = [], [], []
+            for ann in coco.imgToAnns.get(img_id, []):
+                if ann.get("iscrowd", 0):
+                    n_crowd += 1
+                    continue
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
+                x0, y0 = min(max(x, 0.0), W0), min(max(y, 0.0), H0)
+                x1, y1 = min(max(x + bw, 0.0), W0), min(max(y + bh, 0.0), H0)
+                if not (x1 - x0 > 0 and y1 - y0 > 0):  # empty, negative or outside the image (NaN too)
+                    n_bad_box += 1
+                    continue
+                boxes.append([x0, y0, x1, y1])
+                labels.append(label_of[ann["category_id"]])
+                anns.append(ann)
+            if train and not boxes:
+                n_empty += 1
+                continue
+            self.ids.append(img_id)
+            self.aspect_ratios.append(W0 / H0)
+            self.records.append(dict(path=path, size=(H0, W0), anns=anns,
+                                     boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                                     labels=np.asarray(labels, np.int64)))
+
+        skipped = []
+        if missing:
+            skipped.append(f"{missing} images: missing files, e.g. {first_missing}")
+        if n_empty:
+            skipped.append(f"{n_empty} images: no valid box")
+        if n_bad_box:
+            skipped.append(f"{n_bad_box} boxes: empty or outside the image")
+        if n_crowd:
+            skipped.append(f"{n_crowd} crowd annotations")
+        if skipped:
+            print(f"{self.json_path}: kept {len(self.ids)} images; skipped " + "; ".join(skipped))
+        self.skipped = dict(missing_files=missing, no_box_images=n_empty, bad_boxes=n_bad_box, crowd=n_crowd)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def _load_image(self, i):
+        rec, img_id = self.records[i], self.ids[i]
+        try:
+            with Image.open(rec["path"]) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # PIL raises OSError, SyntaxError or ValueError depending on the damage
+            raise _error(rec["path"], f"cannot read image: {type(e).__name__}: {e}", f"image id {img_id}",
+                         f"replace the file or remove image id {img_id} from {self.json_path}") from e
+        if (img.height, img.width) != rec["size"]:
+            raise _error(rec["path"], f"image is {img.height}x{img.width} but the json says "
+                         f"{rec['size'][0]}x{rec['size'][1]}", f"image id {img_id}",
+                         "fix width/height in the json or the file")
+        return img
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        H0, W0 = rec["size"]
+        img = self._load_image(i)
+        short = random.choice(self.min_sizes) if self.train else self.min_sizes[0]
+        h, w = resize_shape(H0, W0, short, self.max_size)
+        # PIL bilinear antialiases when shrinking, like detectron2's ResizeTransform on uint8 images
+        img = img.resize((w, h), Image.BILINEAR)
+        image = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, h, w) uint8
+        boxes = torch.from_numpy(rec["boxes"]) * torch.tensor([w / W0, h / H0, w / W0, h / H0])  # (N, 4)
+        target = dict(boxes=boxes, labels=torch.from_numpy(rec["labels"]).clone(), image_id=int(self.ids[i]),
+                      orig_size=(H0, W0), size=(h, w))
+        if self.with_masks:
+            target["masks"] = torch.zeros((0, h, w), dtype=torch.uint8)  # (0, h, w): interpolate rejects N = 0
+            if rec["anns"]:
+                masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in rec["anns"]]))  # (N, H0, W0)
+                # nearest-exact samples at pixel centres (as PIL NEAREST); 'nearest' shifts by half a pixel
+                target["masks"] = torch.nn.functional.interpolate(
+                    masks[None], size=(h, w), mode="nearest-exact")[0]  # (N, h, w) uint8
+        if self.train and random.random() < self.hflip_prob:
+            image = image.flip(-1)
+            target["boxes"] = hflip_boxes(target["boxes"], w)
+            if self.with_masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+# -----------------------------------------------------------------------------
+# batching and loaders
+
+def collate(batch, size_divisibility=32):
+    """[(image (3, h, w), target)] -> (images (B, 3, Hp, Wp) uint8 zero-padded bottom/right, [target])."""
+    images, targets = zip(*batch)
+    Hp = math.ceil(max(im.shape[1] for im in images) / size_divisibility) * size_divisibility
+    Wp = math.ceil(max(im.shape[2] for im in images) / size_divisibility) * size_divisibility
+    out = images[0].new_zeros((len(images), 3, Hp, Wp))  # (B, 3, Hp, Wp)
+    for k, im in enumerate(images):
+        out[k, :, :im.shape[1], :im.shape[2]] = im
+    return out, list(targets)
+
+
+def make_loader(dataset, batch_size, train, num_workers=2, distributed=False, seed=0):
+    """DataLoader with the repo's collate. train: shuffled, drop_last; eval: in order.
+
+    Under DDP the sampler splits the images over ranks; in eval, DistributedSampler pads the last
+    round with repeated images so that all ranks get the same count (the evaluator should keep one
+    result per image_id).
+    """
+    rank = torch.distributed.get_rank() if distributed and torch.distributed.is_initialized() else 0
+    if train:
+        sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed) if distributed else
+                   torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)))
+        if len(sampler) < batch_size:
+            raise ValueError(f"training set has {len(sampler)} images per rank, fewer than batch_size "
+                             f"{batch_size}: no full batch (drop_last) — lower batch_size or add images")
+    else:
+        sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed else
+                   torch.utils.data.SequentialSampler(dataset))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=collate,
+        num_workers=num_workers, persistent_workers=num_workers > 0,
+        # torch seeds python random, numpy and torch in each worker with base_seed + worker_id, base_seed
+        # drawn from this generator: the flips and scales repeat for a seed; the rank offset makes ranks differ.
+        # (with num_workers=0 the main process's python random is used: seed it in the training script)
+        generator=torch.Generator().manual_seed(seed + 1000 * rank))
+
+
+def infinite(loader):
+    """Yield batches forever, one epoch after another (set_epoch reshuffles a DistributedSampler)."""
+    epoch = 0
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+# -----------------------------------------------------------------------------
+# the embedded synthetic dataset
+
+SHAPES = ("disc", "triangle", "ring", "star", "cross")  # category ids 1..5 in this order
+SYNTH_VERSION = 1  # bump when the generator changes, so cached copies are regenerated
+
+
+def _interp_index(n_out, n_in):
+    """Left control-point index and weight of linear interpolation from n_in points spread over n_out pixels."""
+    pos = (np.arange(n_out, dtype=np.float32) + 0.5) / n_out * (n_in - 1)
+    i0 = np.minimum(np.floor(pos).astype(int), n_in - 2)
+    return i0, (pos - i0).astype(np.float32)
+
+
+def _smooth_field(rng, gh, gw, H, W, lo, hi):
+    """A smooth random colour field (H, W, 3): a gh x gw grid of random colours, bilinearly upsampled.
+    Done with gathers, not matmuls: BLAS threads are slow on small matrices and not bit-stable across CPUs."""
+    grid = rng.uniform(lo, hi, (gh, gw, 3)).astype(np.float32)
+    iy, fy = _interp_index(H, gh)
+    ix, fx = _interp_index(W, gw)
+    rows = grid[iy] * (1 - fy)[:, None, None] + grid[iy + 1] * fy[:, None, None]  # (H, gw, 3)
+    return rows[:, ix] * (1 - fx)[None, :, None] + rows[:, ix + 1] * fx[None, :, None]  # (H, W, 3)
+
+
+def _background(rng, H, W):
+    """Noisy textured background: a smooth gradient, medium blotches and fine mottling."""
+    bg = _smooth_field(rng, 2, 2, H, W, 30, 225)  # (H, W, 3)
+    bg += _smooth_field(rng, 5, 6, H, W, -35, 35)
+    bg += _smooth_field(rng, 24, 30, H, W, -12, 12)
+    return bg
+
+
+def _in_polygon(x, y, verts):
+    """Even-odd point-in-polygon test of the points (x, y) against the vertex list verts."""
+    inside = np.zeros(x.shape, bool)
+    for (xa, ya), (xb, yb) in zip(verts, verts[-1:] + verts[:-1]):
+        if ya == yb:
+            continue
+        crosses = (ya > y) != (yb > y)
+        inside ^= crosses & (x < (xb - xa) * (y - ya) / (yb - ya) + xa)
+    return inside
+
+
+def _sample_object(rng, H, W, size, objs):
+    """Draw one object's geometry and appearance. About 35% are placed next to an earlier object of
+    the same class, so that same-class instances touch and occlude each other."""
+    o = {}
+    if objs and rng.random() < 0.35:
+        ref = objs[rng.integers(len(objs))]
+        o["cls"] = ref["cls"]
+        o["r"] = float(np.clip(ref["r"] * rng.uniform(0.7, 1.3), 5 * size / 160, 40 * size / 160))
+        d, a = (ref["r"] + o["r"]) * rng.uniform(0.3, 0.8), rng.uniform(0, 2 * np.pi)
+        o["cx"], o["cy"] = ref["cx"] + d * np.cos(a), ref["cy"] + d * np.sin(a)
+    else:
+        o["cls"] = SHAPES[rng.integers(len(SHAPES))]
+        o["r"] = float(np.exp(rng.uniform(np.log(5), np.log(40)))) * size / 160  # diameters 10..80 px at 160
+        o["cx"], o["cy"] = rng.uniform(0, W), rng.uniform(0, H)
+    if o["cls"] == "ring":
+        o["r"] = max(o["r"], 7 * size / 160)  # a smaller ring has no visible hole
+    o["angle"] = rng.uniform(0, 2 * np.pi)
+    o["aspect"] = rng.uniform(0.7, 1.0)  # ellipse minor/major for disc and ring
+    o["inner"] = rng.uniform(0.45, 0.65)  # ring hole radius / outer radius
+    # polygon vertices in the object frame, unit outer radius (disc and ring are analytic ellipses)
+    o["verts"] = None
+    if o["cls"] == "triangle":  # a jittered equilateral triangle
+        o["verts"] = [(np.cos(t), np.sin(t)) for t in np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.25, 0.25, 3)]
+    elif o["cls"] == "star":  # five points, inner radius 0.4..0.55
+        ri = rng.uniform(0.4, 0.55)
+        o["verts"] = [((1.0 if k % 2 == 0 else ri) * np.cos(k * np.pi / 5),
+                       (1.0 if k % 2 == 0 else ri) * np.sin(k * np.pi / 5)) for k in range(10)]
+    elif o["cls"] == "cross":  # a plus sign, arm half-width 0.25..0.4 of the arm length
+        a = rng.uniform(0.25, 0.4)
+        o["verts"] = [(a, 1), (a, a), (1, a), (1, -a), (a, -a), (a, -1),
+                      (-a, -1), (-a, -a), (-1, -a), (-1, a), (-a, a), (-a, 1)]
+    o["period"] = rng.uniform(3.0, 6.0)  # texture period in px
+    o["spokes"] = 2 * int(rng.integers(4, 7))  # ring texture: alternating sectors
+    o["low_contrast"] = rng.random() < 0.2
+    o["colour"] = rng.uniform(0, 255, 3)
+    o["jitter"] = rng.uniform(-20, 20, 3)  # low-contrast objects: offset from the local background
+    return o
+
+
+def _object_frame(o, H, W):
+    """Pixel-centre coordinates (u, v) in the object's rotated frame over its bounding square, and the slice."""
+    r = o["r"]
+    y0, y1 = max(int(o["cy"] - r) - 1, 0), min(int(o["cy"] + r) + 2, H)
+    x0, x1 = max(int(o["cx"] - r) - 1, 0), min(int(o["cx"] + r) + 2, W)
+    if y1 <= y0 or x1 <= x0:
+        return None, None, None
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
+    dx, dy = xs - o["cx"], ys - o["cy"]
+    c, s = np.cos(o["angle"]), np.sin(o["angle"])
+    return c * dx + s * dy, -s * dx + c * dy, (slice(y0, y1), slice(x0, x1))
+
+
+def _shape_mask(o, u, v):
+    """Boolean mask of the object's full outline (before occlusion) on the (u, v) grid."""
+    r = o["r"]
+    if o["cls"] in ("disc", "ring"):
+        e = (u / r) ** 2 + (v / (r * o["aspect"])) ** 2
+        return (e <= 1) & (e >= o["inner"] ** 2) if o["cls"] == "ring" else e <= 1
+    return _in_polygon(u / r, v / r, o["verts"])
+
+
+def _texture(o, u, v):
+    """Per-class texture in [0, 1] in the object frame: disc solid, triangle stripes, ring spokes,
+    star checker, cross dots. The pattern moves and rotates with the object."""
+    p = o["period"]
+    if o["cls"] == "disc":
+        return np.zeros_like(u)
+    if o["cls"] == "triangle":
+        return np.floor(u / p) % 2
+    if o["cls"] == "ring":
+        return np.floor((np.arctan2(v, u) + np.pi) / (2 * np.pi) * o["spokes"]) % 2
+    if o["cls"] == "star":
+        return (np.floor(u / p) + np.floor(v / p)) % 2
+    du, dv = u % (p + 1) - (p + 1) / 2, v % (p + 1) - (p + 1) / 2  # cross: dots on a grid
+    return ((du ** 2 + dv ** 2) <= (0.32 * (p + 1)) ** 2).astype(np.float32)
+
+
+def render_synthetic_image(rng, height, width, size=160, min_visible=20):
+    """One synthetic image: returns (image (H, W, 3) uint8, masks (K, H, W) bool of the VISIBLE parts,
+    labels (K,) int indices into SHAPES). Objects are painted in order, later ones occlude earlier ones;
+    objects with fewer than min_visible visible pixels are removed before painting."""
+    H, W = height, width
+    for _ in range(50):  # redraw the layout until at least two objects are visible (almost always at once)
+        objs, frames = [], []
+        for _ in range(int(rng.integers(2, 7))):
+            o = _sample_object(rng, H, W, size, objs)
+            u, v, sl = _object_frame(o, H, W)
+            full = np.zeros((H, W), bool)
+            if sl is not None:
+                full[sl] = _shape_mask(o, u, v)
+            objs.append(o)
+            frames.append((u, v, sl, full))
+        # visibility: removing an object can only enlarge the visible part of the others, so one
+        # pruning pass followed by recomputing the owner map is exact
+        owner = np.full((H, W), -1)
+        for k, f in enumerate(frames):
+            owner[f[3]] = k
+        keep = [k for k in range(len(objs)) if (owner == k).sum() >= min_visible]
+        if len(keep) >= 2:
+            break
+    objs, frames = [objs[k] for k in keep], [frames[k] for k in keep]
+
+    canvas = _background(rng, H, W)  # (H, W, 3) float
+    owner = np.full((H, W), -1)
+    for k, (o, (u, v, sl, full)) in enumerate(zip(objs, frames)):
+        m = full[sl]
+        base = o["colour"]
+        if o["low_contrast"]:  # colour close to what lies under the object right now
+            base = canvas[sl][m].mean(0) + o["jitter"]
+        amp = 25.0 if o["low_contrast"] else 60.0
+        sign = 1.0 if base.mean() < 128 else -1.0  # texture: lighter on dark objects, darker on light ones
+        shade = 10.0 * u / o["r"]  # a soft lighting gradient across the object
+        col = base + (sign * amp * _texture(o, u, v) + shade)[..., None]  # (h, w, 3)
+        patch = canvas[sl]
+        patch[m] = col[m]
+        owner[full] = k
+    canvas += 4.0 * rng.standard_normal(canvas.shape, dtype=np.float32)  # sensor noise over everything
+    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    masks = np.stack([owner == k for k in range(len(objs))])  # (K, H, W) bool
+    labels = np.array([SHAPES.index(o["cls"]) for o in objs], np.int64)
+    return image, masks, labels
+
+
+def _write_split(folder, name, n, seed, size):
+    """Render n images into folder/name/ and write folder/name.json (COCO, RLE masks, visible parts)."""
+    os.makedirs(os.path.join(folder, name))
+    images, anns = [], []
+    split_code = {"train": 0, "val": 1}[name]
+    for i in range(n):
+        # one generator per image: images are independent of n and of the other split
+        rng = np.random.default_rng([seed, split_code, i])
+        H, W = size, size + int(rng.integers(0, size // 4 + 1))  # widths size..1.25*size
+        image, masks, labels = render_synthetic_image(rng, H, W, size=size)
+        file_name = f"{i:06d}.jpg"
+        Image.fromarray(image).save(os.path.join(folder, name, file_name), quality=95, subsampling=0)
+        images.append(dict(id=i + 1, file_name=file_name, height=H, width=W))
+        for m, lab in zip(masks, labels):
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=int(lab) + 1, iscrowd=0,
+                             segmentation=dict(size=rle["size"], counts=rle["counts"].decode("ascii")),
+                             area=float(mask_utils.area(rle)),
+                             bbox=[float(b) for b in mask_utils.toBbox(rle)]))  # tight xywh of the visible mask
+    cats = [dict(id=k + 1, name=s, supercategory="shape") for k, s in enumerate(SHAPES)]
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(dict(images=images, annotations=anns, categories=cats), f)
+
+
+def ensure_synthetic(root="data/synthetic", seed=0, n_train=800, n_val=100, size=160):
+    """Return the paths of the synthetic dataset in root, generating it first if needed.
+
+    Generation is deterministic in (seed, n_train, n_val, size). A stamp file records these; a folder
+    with the same stamp is reused, one with another stamp is replaced. The data is written to a temp
+    folder beside root and renamed into place, so an interrupted run never leaves half a dataset, and
+    concurrent callers (DDP ranks) end up with one complete copy.
+    """
+    root = os.path.abspath(root)
+    params = dict(seed=seed, n_train=n_train, n_val=n_val, size=size, version=SYNTH_VERSION)
+    paths = dict(train_json=os.path.join(root, "train.json"), train_images=os.path.join(root, "train"),
+                 val_json=os.path.join(root, "val.json"), val_images=os.path.join(root, "val"))
+    stamp = os.path.join(root, "stamp.json")
+
+    def stamp_matches():
+        try:
+            with open(stamp) as f:
+                return json.load(f) == params
+        except (OSError, ValueError):
+            return False
+
+    if stamp_matches():
+        return paths
+    if os.path.exists(root) and not os.path.isfile(stamp):
+        raise _error(root, "folder exists but is not a synthetic dataset", "no stamp.json",
+                     "remove the folder or pass another root")
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    t0 = time.time()
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    try:
+        _write_split(tmp, "train", n_train, seed, size)
+        _write_split(tmp, "val", n_val, seed, size)
+        with open(os.path.join(tmp, "stamp.json"), "w") as f:
+            json.dump(params, f)
+        if os.path.exists(root) and not stamp_matches():  # an older version: move it away, then replace
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
+            try:
+                os.rename(root, os.path.join(old, "x"))
+            except FileNotFoundError:  # another process moved it away first
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not stamp_matches():  # another process renamed a complete copy in first: use that one
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"generated synthetic dataset ({n_train} train + {n_val} val images, {size} px) "
+          f"in {time.time() - t0:.1f} s at {root}")
+    return paths

@@ -1,0 +1,450 @@
+"""
+All losses of nanoSIM, as pure functions, in the order a training step meets them:
+
+  1. FCOS target assignment (which location learns which GT box),
+  2. FCOS losses (focal classification, GIoU regression, centerness BCE),
+  3. BoxInst box-supervised mask losses (projection + colour-pairwise terms, and the
+     fully supervised dice loss of CondInst),
+  4. SIM: pseudo-mask loss (Eq. 8), copy-paste loss (Eq. 9) and the total loss (Eq. 10).
+
+Everything is batched (no Python loops over GTs or locations), never syncs with the host,
+and runs on whatever device its inputs live on. Behaviours follow
+shared/spec/boxinst_reference.md (AdelaiDet) and shared/spec/sim.md.
+"""
+
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# FCOS target assignment
+
+INF = 1e8  # upper end of the last FCOS size range (P7), as the reference
+
+
+def box_mask_centers(boxes, padded_hw=None):
+    """Centroid (x, y) of each box's rasterised mask: the mean pixel index of rows
+    floor(y0)..floor(y1) and cols floor(x0)..floor(x1) inclusive (no +0.5), which is what the
+    reference centre sampling reads from BoxInst's `gt_bitmasks_full`. Those index sets are
+    arithmetic runs, so the mean is the midpoint of the first and last index. padded_hw
+    (Hp, Wp), when given, clips the last index to the padded canvas as the reference slicing
+    does (a box ending exactly on the bottom/right border of a full-height image)."""
+    lo = boxes[:, :2].floor()  # (N, 2) first col, first row
+    hi = boxes[:, 2:].floor()  # (N, 2) last col, last row
+    if padded_hw is not None:
+        hp, wp = padded_hw
+        hi = torch.minimum(hi, hi.new_tensor([wp - 1, hp - 1]))  # (N, 2)
+    return (lo + hi) / 2  # (N, 2)
+
+
+def fcos_targets(locations, loc_level, strides, gt_boxes, gt_labels, num_classes,
+                 sizes_of_interest=(64, 128, 256, 512), radius=1.5, gt_centers=None):
+    """FCOS assignment of every location of every image to at most one GT box.
+
+    A location (x, y) of level l is a candidate for box (x0, y0, x1, y1) when
+      - it lies strictly inside the centre sub-box [c - radius*s_l, c + radius*s_l] clipped
+        to the GT box (c = gt_centers, or the box centre when gt_centers is None), and
+      - lo_l <= max(l, t, r, b) <= hi_l (both ends inclusive), with the ranges
+        [-1, 64], [64, 128], [128, 256], [256, 512], [512, 1e8] from sizes_of_interest.
+    Among candidates the box of smallest area wins (the first one on ties); a location
+    without candidates is background.
+
+    locations (L, 2) float (x, y) pixels; loc_level (L,) long; strides one per level;
+    gt_boxes / gt_labels: per-image lists of (N_i, 4) xyxy and (N_i,) long.
+    Returns dict:
+      labels (B, L) long, num_classes for background;
+      reg_targets (B, L, 4) (l, t, r, b) divided by the location's stride, 0 for background;
+      gt_inds (B, L) long, index of the GT in the batch-wide concatenation of gt_boxes, -1 for
+      background.
+    """
+    device = locations.device
+    B, L = len(gt_boxes), locations.shape[0]
+    n_per_im = [b.shape[0] for b in gt_boxes]  # shapes are host-side: no sync
+    n_max = max(n_per_im, default=0)
+    if n_max == 0:
+        return {
+            'labels': torch.full((B, L), num_classes, dtype=torch.long, device=device),
+            'reg_targets': locations.new_zeros(B, L, 4),
+            'gt_inds': torch.full((B, L), -1, dtype=torch.long, device=device),
+        }
+
+    # pad the per-image GT lists to (B, n_max); padded slots can never be chosen
+    boxes = torch.nn.utils.rnn.pad_sequence(
+        [b.to(locations.dtype) for b in gt_boxes], batch_first=True)  # (B, G, 4)
+    labels = torch.nn.utils.rnn.pad_sequence(list(gt_labels), batch_first=True)  # (B, G)
+    n_t = torch.tensor(n_per_im, device=device)  # (B,)
+    real = torch.arange(n_max, device=device)[None] < n_t[:, None]  # (B, G)
+    offsets = torch.cumsum(n_t, 0) - n_t  # (B,) first global GT index of each image
+    if gt_centers is None:
+        centers = (boxes[..., :2] + boxes[..., 2:]) / 2  # (B, G, 2)
+    else:
+        centers = torch.nn.utils.rnn.pad_sequence(
+            [c.to(locations.dtype) for c in gt_centers], batch_first=True)  # (B, G, 2)
+
+    # per-location stride and size range
+    strides_t = locations.new_tensor(strides)  # (nL,)
+    bounds = [-1.0] + [float(s) for s in sizes_of_interest] + [INF]
+    lo_t = locations.new_tensor(bounds[:-1])[loc_level]  # (L,)
+    hi_t = locations.new_tensor(bounds[1:])[loc_level]  # (L,)
+    s = strides_t[loc_level]  # (L,)
+
+    xs = locations[None, :, None, 0]  # (1, L, 1)
+    ys = locations[None, :, None, 1]  # (1, L, 1)
+    x0, y0, x1, y1 = (boxes[:, None, :, k] for k in range(4))  # each (B, 1, G)
+    reg = torch.stack([xs - x0, ys - y0, x1 - xs, y1 - ys], dim=-1)  # (B, L, G, 4)
+
+    # centre sampling: the sub-box of half-size radius*stride around the centre, clipped
+    rad = (radius * s)[None, :, None]  # (1, L, 1)
+    cx, cy = centers[:, None, :, 0], centers[:, None, :, 1]  # (B, 1, G)
+    sx0 = torch.maximum(cx - rad, x0)  # (B, L, G)
+    sy0 = torch.maximum(cy - rad, y0)  # (B, L, G)
+    sx1 = torch.minimum(cx + rad, x1)  # (B, L, G)
+    sy1 = torch.minimum(cy + rad, y1)  # (B, L, G)
+    in_centre = torch.stack([xs - sx0, ys - sy0, sx1 - xs, sy1 - ys], -1).amin(-1) > 0  # (B, L, G)
+
+    max_reg = reg.amax(-1)  # (B, L, G)
+    cared = (max_reg >= lo_t[None, :, None]) & (max_reg <= hi_t[None, :, None])  # (B, L, G)
+    cand = in_centre & cared & real[:, None, :]  # (B, L, G)
+
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, G)
+    area = torch.where(cand, area[:, None, :], torch.full_like(max_reg, float('inf')))  # (B, L, G)
+    min_area, idx = area.min(dim=-1)  # (B, L); ties -> first minimum
+    pos = torch.isfinite(min_area)  # (B, L)
+
+    reg_t = reg.gather(2, idx[:, :, None, None].expand(B, L, 1, 4))[:, :, 0]  # (B, L, 4)
+    reg_t = torch.where(pos[..., None], reg_t / s[None, :, None], torch.zeros_like(reg_t))  # (B, L, 4)
+    lab = torch.where(pos, labels.gather(1, idx), torch.full_like(idx, num_classes))  # (B, L)
+    gt_inds = torch.where(pos, offsets[:, None] + idx, torch.full_like(idx, -1))  # (B, L)
+    return {'labels': lab, 'reg_targets': reg_t, 'gt_inds': gt_inds}
+
+# -----------------------------------------------------------------------------
+# FCOS losses
+
+
+def reduce_mean(x):
+    """Average of tensor x over all ranks (all-reduce sum / world size); x itself, detached,
+    when not distributed. Used for loss normalisers, so no gradient flows through it."""
+    x = x.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x = x / dist.get_world_size()
+    return x
+
+
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+    """Sigmoid focal loss, summed over all elements (fvcore form):
+    CE(p, t) * (1 - p_t)^gamma * alpha_t with p_t = p t + (1-p)(1-t),
+    alpha_t = alpha t + (1-alpha)(1-t)."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * ce * (1 - p_t) ** gamma).sum()
+
+
+def giou_loss(pred, target):
+    """1 - GIoU per row of (N, 4) (l, t, r, b) distances from a shared location, with the
+    reference's +1 smoothing: IoU = (I + 1) / (U + 1), GIoU = IoU - (C - U) / C, C the
+    enclosing box area. Returns (N,)."""
+    pl, pt, pr, pb = pred.unbind(-1)  # each (N,)
+    tl, tt, tr, tb = target.unbind(-1)  # each (N,)
+    area_p = (pl + pr) * (pt + pb)  # (N,)
+    area_t = (tl + tr) * (tt + tb)  # (N,)
+    inter = (torch.minimum(pl, tl) + torch.minimum(pr, tr)) * \
+            (torch.minimum(pt, tt) + torch.minimum(pb, tb))  # (N,)
+    enclose = (torch.maximum(pl, tl) + torch.maximum(pr, tr)) * \
+              (torch.maximum(pt, tt) + torch.maximum(pb, tb))  # (N,)
+    union = area_p + area_t - inter  # (N,)
+    iou = (inter + 1) / (union + 1)  # (N,)
+    giou = iou - (enclose - union) / enclose  # (N,)
+    return 1 - giou
+
+
+def centerness_target(reg_targets):
+    """sqrt( min(l, r)/max(l, r) * min(t, b)/max(t, b) ) for (N, 4) positive targets -> (N,)."""
+    lr = reg_targets[:, [0, 2]]  # (N, 2)
+    tb = reg_targets[:, [1, 3]]  # (N, 2)
+    return torch.sqrt((lr.amin(-1) / lr.amax(-1)) * (tb.amin(-1) / tb.amax(-1)))
+
+
+def fcos_losses(cls_logits, reg, ctr_logits, targets):
+    """FCOS losses over a batch.
+
+    cls_logits (B, L, C), reg (B, L, 4) in stride units, ctr_logits (B, L); targets from
+    fcos_targets. Returns dict:
+      loss_fcos_cls = focal(all locations, all classes) / num_pos,
+      loss_fcos_loc = sum_pos (1 - GIoU) * c* / sum_pos c*,
+      loss_fcos_ctr = sum_pos BCE(ctr_logit, c*) / num_pos,
+    with num_pos averaged over ranks (min 1) and sum c* averaged over ranks (min 1e-6).
+    Positives are selected by masking rather than indexing (no host sync); with no positive
+    the loc/ctr losses are exactly 0 and still attached to the graph.
+    """
+    # losses in fp32 even when the network ran under autocast
+    cls_logits, reg, ctr_logits = cls_logits.float(), reg.float(), ctr_logits.float()
+    C = cls_logits.shape[-1]
+    labels = targets['labels'].reshape(-1)  # (BL,)
+    pos = labels != C  # (BL,)
+    posf = pos.to(cls_logits.dtype)  # (BL,)
+    num_pos = reduce_mean(posf.sum()).clamp(min=1.0)
+
+    cls_t = F.one_hot(labels, C + 1)[:, :C].to(cls_logits.dtype)  # (BL, C), background rows 0
+    loss_cls = sigmoid_focal_loss(cls_logits.reshape(-1, C), cls_t) / num_pos
+
+    # background rows get a dummy all-ones target so that GIoU and centerness stay finite
+    # there (0/0 would give NaN, and NaN * 0 is still NaN, also in the backward pass)
+    reg_t = targets['reg_targets'].reshape(-1, 4)  # (BL, 4)
+    reg_t = torch.where(pos[:, None], reg_t, torch.ones_like(reg_t))  # (BL, 4)
+    ctr_t = centerness_target(reg_t) * posf  # (BL,)
+    ctr_norm = reduce_mean(ctr_t.sum()).clamp(min=1e-6)
+
+    loss_loc = (giou_loss(reg.reshape(-1, 4), reg_t) * ctr_t).sum() / ctr_norm
+    ctr_bce = F.binary_cross_entropy_with_logits(ctr_logits.reshape(-1), ctr_t, reduction='none')  # (BL,)
+    loss_ctr = (ctr_bce * posf).sum() / num_pos
+    return {'loss_fcos_cls': loss_cls, 'loss_fcos_loc': loss_loc, 'loss_fcos_ctr': loss_ctr}
+
+# -----------------------------------------------------------------------------
+# BoxInst (and CondInst's fully supervised dice)
+
+
+def dice_loss(x, y, eps=1e-5):
+    """1 - 2 sum(x y) / (sum(x^2) + sum(y^2) + eps) per instance of (N, ...) tensors -> (N,)."""
+    x, y = x.flatten(1), y.flatten(1)  # (N, P)
+    return 1 - 2 * (x * y).sum(1) / ((x * x).sum(1) + (y * y).sum(1) + eps)
+
+
+def _grid(n_full, stride, device):
+    """Full-resolution pixel indices of the stride grid, i.e. arange(n_full)[stride//2::stride]."""
+    return torch.arange(stride // 2, n_full, stride, device=device)
+
+
+def box_masks(boxes, padded_hw, stride=4):
+    """BoxInst box masks at the mask-out stride: the full-resolution mask with rows
+    floor(y0)..floor(y1) and cols floor(x0)..floor(x1) (inclusive) set to 1, sampled at
+    [stride//2::stride, stride//2::stride]. Built directly on the sampled grid: pixel (r, c)
+    of the full mask is 1 iff floor(y0) <= r <= floor(y1) and floor(x0) <= c <= floor(x1),
+    and slicing at the padded border only drops indices that the grid never visits.
+    boxes (N, 4) xyxy -> float (N, Hp//stride, Wp//stride)."""
+    hp, wp = padded_hw
+    ys = _grid(hp, stride, boxes.device).to(boxes.dtype)  # (h,)
+    xs = _grid(wp, stride, boxes.device).to(boxes.dtype)  # (w,)
+    b = boxes.floor()  # (N, 4)
+    in_y = (ys[None] >= b[:, 1:2]) & (ys[None] <= b[:, 3:4])  # (N, h)
+    in_x = (xs[None] >= b[:, 0:1]) & (xs[None] <= b[:, 2:3])  # (N, w)
+    return (in_y[:, :, None] & in_x[:, None, :]).to(boxes.dtype)  # (N, h, w)
+
+
+def image_valid_masks(sizes, orig_sizes, padded_hw, stride=4, bottom_pixels_removed=10, device=None):
+    """Image-valid masks for BoxInst's colour similarity: 1 over the real (resized) image,
+    0 on the padding, and the last floor(bottom_pixels_removed * h / H0) rows of the resized
+    image set to 0 (COCO boxes at the bottom border are unreliable; 10 px in the original
+    frame). Sampled at [stride//2::stride] like box_masks.
+    sizes: per-image (h, w); orig_sizes: per-image (H0, W0); device: where to build it (the
+    inputs are host-side ints) -> float (B, Hp//s, Wp//s)."""
+    hp, wp = padded_hw
+    # int() of the same float expression as the reference: truncation, done on the host
+    removed = [int(bottom_pixels_removed * float(h) / float(h0)) for (h, _), (h0, _) in zip(sizes, orig_sizes)]
+    rows = torch.tensor([h - r for (h, _), r in zip(sizes, removed)], device=device)  # (B,) valid rows
+    cols = torch.tensor([w for _, w in sizes], device=device)  # (B,) valid cols
+    ys = _grid(hp, stride, device)  # (h,)
+    xs = _grid(wp, stride, device)  # (w,)
+    valid = (ys[None, :, None] < rows[:, None, None]) & (xs[None, None, :] < cols[:, None, None])  # (B, h, w)
+    return valid.float()
+
+
+def projection_loss(mask_logits, box_masks):
+    """BoxInst projection term: mean over instances of dice(max_y p, max_y B) +
+    dice(max_x p, max_x B), p = sigmoid(mask_logits), on the whole padded map.
+    mask_logits, box_masks (N, 1, H, W) -> scalar (0, attached to the graph, when N = 0)."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0
+    p = mask_logits.float().sigmoid()  # (N, 1, H, W)
+    loss_y = dice_loss(p.amax(dim=2), box_masks.amax(dim=2))  # (N,) profiles along W
+    loss_x = dice_loss(p.amax(dim=3), box_masks.amax(dim=3))  # (N,) profiles along H
+    # mean over the instances of all ranks (the reference: of this rank): with DDP's gradient
+    # averaging, N processes with batch b then train exactly like one process with batch N*b
+    n_inst = reduce_mean(torch.tensor(float(p.shape[0]), device=p.device))
+    return (loss_x + loss_y).sum() / n_inst.clamp(min=1.0)
+
+
+# skimage's sRGB (D65) -> XYZ matrix and D65 2-degree reference white
+_XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423),
+                 (0.212671, 0.715160, 0.072169),
+                 (0.019334, 0.119193, 0.950227))
+_WHITE_D65 = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(images):
+    """CIE-Lab of RGB images in 0-255, the formulas of skimage.color.rgb2lab:
+    sRGB gamma (x > 0.04045: ((x + 0.055)/1.055)^2.4, else x/12.92) -> XYZ -> / D65 white ->
+    f(t) = t^(1/3) if t > 0.008856 else 7.787 t + 16/116 -> L = 116 f(Y) - 16,
+    a = 500 (f(X) - f(Y)), b = 200 (f(Y) - f(Z)). images (B, 3, H, W) float -> (B, 3, H, W)."""
+    rgb = images / 255.0  # (B, 3, H, W)
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).clamp(min=0) ** 2.4, rgb / 12.92)  # (B, 3, H, W)
+    m = lin.new_tensor(_XYZ_FROM_RGB)  # (3, 3)
+    # an elementwise product-sum rather than a matmul: autocast would run a matmul in fp16
+    xyz = (m[None, :, :, None, None] * lin[:, None]).sum(2)  # (B, 3, H, W)
+    t = xyz / lin.new_tensor(_WHITE_D65)[None, :, None, None]  # (B, 3, H, W)
+    f = torch.where(t > 0.008856, t.clamp(min=0.008856) ** (1 / 3), 7.787 * t + 16 / 116)  # (B, 3, H, W)
+    fx, fy, fz = f.unbind(1)  # each (B, H, W)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def unfold_wo_center(x, kernel_size=3, dilation=2):
+    """The k*k - 1 neighbours of every pixel on a dilated k x k grid, centre left out, with
+    zero padding ("same" size). Neighbour order is row-major over the kernel offsets
+    (dy, dx), as F.unfold. x (B, C, H, W) -> (B, C, k*k-1, H, W)."""
+    H, W = x.shape[-2:]
+    pad = dilation * (kernel_size // 2)
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    centre = kernel_size * kernel_size // 2
+    taps = [xp[:, :, i * dilation:i * dilation + H, j * dilation:j * dilation + W]
+            for i in range(kernel_size) for j in range(kernel_size) if i * kernel_size + j != centre]
+    return torch.stack(taps, dim=2)  # (B, C, k*k-1, H, W)
+
+
+def color_similarity(images_uint8, valid, stride=4, kernel_size=3, dilation=2):
+    """BoxInst colour affinity S_ij = exp(-||Lab_i - Lab_j||_2 / 2) between each pixel i of the
+    stride-4 grid and its 8 dilated neighbours j, times the neighbour's image-valid value
+    (padding, out-of-image and bottom-removed neighbours give 0; the centre's own validity is
+    not applied, as the reference). The Lab image is the raw RGB image average-pooled
+    stride x stride and truncated to integers (the reference casts to uint8).
+    images_uint8 (B, 3, Hp, Wp), valid (B, Hp//s, Wp//s) -> (B, k*k-1, Hp//s, Wp//s)."""
+    pooled = F.avg_pool2d(images_uint8.float(), kernel_size=stride, stride=stride).floor()  # (B, 3, h, w)
+    lab = rgb_to_lab(pooled)  # (B, 3, h, w)
+    diff = lab[:, :, None] - unfold_wo_center(lab, kernel_size, dilation)  # (B, 3, 8, h, w)
+    sim = torch.exp(-diff.norm(dim=1) * 0.5)  # (B, 8, h, w)
+    nb_valid = unfold_wo_center(valid[:, None].to(sim.dtype), kernel_size, dilation)[:, 0]  # (B, 8, h, w)
+    return sim * nb_valid
+
+
+def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_size=3, dilation=2):
+    """BoxInst pairwise term: l_ij = -log( p_i p_j + (1 - p_i)(1 - p_j) ), computed as
+    -logsumexp(logsig(m_i) + logsig(m_j), logsig(-m_i) + logsig(-m_j)); weights
+    w_ij = [S_ij >= color_thresh] * B(i) (box mask at the centre pixel only);
+    loss = sum w l / max(sum w, 1), normalised over all instances at once (and, like the
+    FCOS normalisers, over all ranks: sum w is averaged with reduce_mean).
+    mask_logits (N, 1, H, W), similarity (N, 8, H, W) (the image's S for each instance),
+    box_masks (N, 1, H, W) -> scalar."""
+    mask_logits = mask_logits.float()  # fp32 even under autocast
+    log_fg = F.logsigmoid(mask_logits)  # (N, 1, H, W)
+    log_bg = F.logsigmoid(-mask_logits)  # (N, 1, H, W)
+    same_fg = log_fg[:, :, None] + unfold_wo_center(log_fg, kernel_size, dilation)  # (N, 1, 8, H, W)
+    same_bg = log_bg[:, :, None] + unfold_wo_center(log_bg, kernel_size, dilation)  # (N, 1, 8, H, W)
+    loss = -torch.logaddexp(same_fg, same_bg)[:, 0]  # (N, 8, H, W)
+    w = (similarity >= color_thresh).to(loss.dtype) * box_masks.to(loss.dtype)  # (N, 8, H, W)
+    return (loss * w).sum() / reduce_mean(w.sum()).clamp(min=1.0)
+
+
+def pairwise_warmup(it, warmup_iters=10000):
+    """Pairwise-loss weight min(it / warmup_iters, 1). `it` is 1-based (the reference bumps
+    its counter before use), so the first iteration already weighs 1 / warmup_iters."""
+    return min(it / warmup_iters, 1.0)
+
+# -----------------------------------------------------------------------------
+# SIM losses (paper Eq. 8-10)
+
+
+def weighted_bce_dice(mask_logits, target, weight):
+    """l_mask of Eq. (8)/(9) per instance: BCE averaged over the instance's weighted pixels,
+    sum(w * bce) / max(sum(w), 1), plus dice(sigmoid(m) * w, target * w).
+    Choice: both terms are normalised per instance, so every positive counts once in the
+    outer 1/N_pos mean of Eq. 8, whatever its box size. Ignored pixels (w = 0) drop out of
+    both terms. An instance with no weighted foreground has a constant dice of 1 (no
+    gradient), the usual behaviour of dice on an empty target; its BCE still teaches
+    background. mask_logits, target, weight (N, ...) -> (N,)."""
+    m = mask_logits.float().flatten(1)  # (N, P), fp32 even under autocast
+    t = target.flatten(1).to(m.dtype)  # (N, P)
+    w = weight.flatten(1).to(m.dtype)  # (N, P)
+    bce = F.binary_cross_entropy_with_logits(m, t, reduction='none')  # (N, P)
+    bce = (w * bce).sum(1) / w.sum(1).clamp(min=1.0)  # (N,)
+    return bce + dice_loss(m.sigmoid() * w, t * w)
+
+
+def pseudo_mask_loss(mask_logits, pseudo_masks, weights):
+    """Eq. (8): L_pseudo = 1/N_pos sum_k l_mask(M_pred^k, M_hat_k, W_k), l_mask = weighted
+    BCE + dice (weighted_bce_dice), with M_hat_k the pseudo mask of the object that positive k
+    belongs to and W_k its ignore weight (0 for ambiguous pixels).
+    mask_logits, pseudo_masks, weights (N, ...) -> scalar (0, attached, when N = 0)."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0
+    return weighted_bce_dice(mask_logits, pseudo_masks, weights).mean()
+
+
+def paste_loss(mask_logits, paste_masks, pasted, weights=None):
+    """Eq. (9): L_paste = sum_k 1_paste(k) l_mask(M_pred^k, M_hat'^k), over the positives of
+    pasted objects, against the pseudo mask the object was pasted with.
+    Choices: (a) the sum is averaged over the pasted positives (as Eq. 8), so that lambda2 = 1
+    does not scale with how many positives an object has; (b) weights default to 1 on every
+    pixel: a pasted object's mask is fully known (fg inside its pseudo mask, bg everywhere
+    else), as the official code supervises it; pass the image-valid mask as weights to leave
+    the padding out.
+    mask_logits, paste_masks (N, ...), pasted (N,) bool, weights (N, ...) or None -> scalar,
+    0 attached to the graph when no positive is pasted."""
+    if weights is None:
+        weights = torch.ones_like(mask_logits)
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0
+    ind = pasted.to(mask_logits.dtype)  # (N,)
+    per_inst = weighted_bce_dice(mask_logits, paste_masks, weights)  # (N,)
+    return (per_inst * ind).sum() / ind.sum().clamp(min=1.0)
+
+
+LOSS_KEYS = ('loss_fcos_cls', 'loss_fcos_loc', 'loss_fcos_ctr',  # FCOS
+             'loss_mask',  # CondInst full supervision (dice)
+             'loss_prj', 'loss_pairwise',  # BoxInst
+             'loss_pseudo', 'loss_paste')  # SIM, Eq. 8 and 9
+
+
+def total_loss(losses, it, lambda1=0.5, lambda2=1.0, sim_start_iter=10000, pair_warmup_iters=10000):
+    """Eq. (10): L = L_fcos + L_proj + w_pair(it) L_pair + lambda1 L_pseudo + lambda2 L_paste,
+    L_fcos = cls + loc + ctr. `it` is 1-based. The SIM terms count from iteration
+    sim_start_iter + 1 on: the first sim_start_iter iterations are the BoxInst-only warm-up
+    (official: counter > 10000). Absent keys are absent terms, so BoxInst (no SIM keys) and
+    full supervision ('loss_mask', weight 1) use the same function; an unknown key is an error.
+    Returns (total, dict of the weighted terms, detached, for logging)."""
+    unknown = set(losses) - set(LOSS_KEYS)
+    if unknown:
+        raise KeyError(f'unknown loss terms {sorted(unknown)}')
+    sim_on = 1.0 if it > sim_start_iter else 0.0
+    weight = {'loss_pairwise': pairwise_warmup(it, pair_warmup_iters),
+              'loss_pseudo': lambda1 * sim_on,
+              'loss_paste': lambda2 * sim_on}
+    weighted = {k: v * weight.get(k, 1.0) for k, v in losses.items()}
+    total = sum(weighted.values())
+    return total, {k: v.detach() for k, v in weighted.items()}
+
+
+# -----------------------------------------------------------------------------
+# Putting it together: the losses of one training step
+
+
+def gt_mask_targets(masks, padded_hw, stride=4):
+    """CondInst's full-supervision targets: GT masks (N, h, w) of one image, zero-padded to the
+    batch's padded size and sampled at [stride//2::stride] -> float (N, Hp//stride, Wp//stride)."""
+    hp, wp = padded_hw[0] // stride, padded_hw[1] // stride
+    m = masks[:, stride // 2::stride, stride // 2::stride].float()  # (N, <=hp, <=wp)
+    return F.pad(m, (0, wp - m.shape[2], 0, hp - m.shape[1]))  # (N, hp, wp)
+
+
+def compute_losses(out, images, targets, cfg, it, extra=None):
+    """All loss terms of a training step from the model's training output (model.CondInst.forward),
+    combined by Eq. (10). it is 1-based. extra: further terms (SIM's loss_pseudo, loss_paste).
+    Returns (total, dict of the weighted terms for logging)."""
+    terms = fcos_losses(out['cls_logits'], out['reg'], out['ctr_logits'], out['targets'])
+    inst, logits = out['inst'], out['mask_logits']  # gt_inds (K,), (K, 1, Hp/4, Wp/4)
+    padded_hw = images.shape[-2:]
+    if cfg['method'] == 'full':  # CondInst: dice against the GT masks
+        gt = torch.cat([gt_mask_targets(t['masks'], padded_hw) for t in targets])[inst['gt_inds']]  # (K, Hp/4, Wp/4)
+        n_inst = reduce_mean(torch.tensor(float(logits.shape[0]), device=logits.device))
+        terms['loss_mask'] = dice_loss(logits.float().sigmoid(), gt[:, None]).sum() / n_inst.clamp(min=1.0)
+    else:  # BoxInst: projection + pairwise from the boxes alone
+        boxes = torch.cat([t['boxes'] for t in targets])[inst['gt_inds']]  # (K, 4)
+        bmask = box_masks(boxes, padded_hw)[:, None]  # (K, 1, Hp/4, Wp/4)
+        valid = image_valid_masks([t['size'] for t in targets], [t['orig_size'] for t in targets], padded_hw,
+                                  bottom_pixels_removed=cfg['bottom_pixels_removed'], device=images.device)
+        sim = color_similarity(images, valid)  # (B, 8, Hp/4, Wp/4)
+        terms['loss_prj'] = projection_loss(logits, bmask)
+        terms['loss_pairwise'] = pairwise_loss(logits, sim[inst['im_inds']], bmask, cfg['color_thresh'])
+    terms.update(extra or {})
+    return total_loss(terms, it, cfg.get('lambda1', 0.5), cfg.get('lambda2', 1.0), cfg.get('sim_start_iter', 0),
+                      cfg['pairwise_warmup_iters'])

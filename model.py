@@ -1,0 +1,485 @@
+"""
+The network: torchvision ResNet + FPN (P3-P7), the FCOS head, and CondInst's mask branch,
+controller and dynamic mask head. BoxInst and SIM use exactly this network; they differ
+only in their losses (losses.py) and in what is built around it (prototypes.py, copypaste.py).
+
+References: FCOS (Tian et al. 2019), CondInst (Tian et al. 2020), BoxInst (Tian et al. 2021),
+as the AdelaiDet reference implements them (../shared/spec/boxinst.md).
+
+Reading order: aligned_bilinear -> Backbone -> FPN -> FCOSHead -> MaskBranch ->
+dynamic mask head -> CondInst (training forward, then inference) -> build_model -> teacher.
+"""
+
+import copy
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d, batched_nms
+
+import losses
+
+# -----------------------------------------------------------------------------
+
+
+def aligned_bilinear(x, factor):
+    """Upsample (N, C, h, w) -> (N, C, f*h, f*w) keeping stride-grid cell centres aligned.
+
+    A plain F.interpolate shifts a stride-s map by half a cell against the stride-s/f grid;
+    CondInst pads, resizes with align_corners=True and re-crops so cell centres line up.
+    """
+    if factor == 1:
+        return x
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, 1, 0, 1), mode="replicate")                       # (N, C, h+1, w+1)
+    x = F.interpolate(x, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True)
+    x = F.pad(x, (factor // 2, 0, factor // 2, 0), mode="replicate")
+    return x[:, :, : factor * h, : factor * w]                         # (N, C, f*h, f*w)
+
+
+def compute_locations(feature_sizes, strides, device):
+    """Pixel coordinates of every feature cell, all levels concatenated (level-major, row-major).
+
+    Cell (i, j) of a stride-s level sits at (j*s + s//2, i*s + s//2).
+    Returns locations (L, 2) float (x, y) and loc_level (L,) long.
+    """
+    locs, levels = [], []
+    for lvl, ((h, w), s) in enumerate(zip(feature_sizes, strides)):
+        ys = torch.arange(h, device=device, dtype=torch.float32) * s + s // 2
+        xs = torch.arange(w, device=device, dtype=torch.float32) * s + s // 2
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        locs.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))  # (h*w, 2)
+        levels.append(torch.full((h * w,), lvl, device=device, dtype=torch.long))
+    return torch.cat(locs), torch.cat(levels)
+
+
+# -----------------------------------------------------------------------------
+# Backbone and FPN
+
+
+RESNETS = {
+    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", (128, 256, 512)),
+    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights", (128, 256, 512)),
+    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights", (512, 1024, 2048)),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", (512, 1024, 2048)),
+}
+
+
+def load_backbone_weights(name, pretrained):
+    """State dict for a torchvision ResNet: 'imagenet' (torchvision's weights API, cached in
+    $TORCH_HOME/hub/checkpoints) or a path to a .pth file. Offline without a cache -> one clear line."""
+    if pretrained == "imagenet":
+        weights = getattr(torchvision.models, RESNETS[name][1]).IMAGENET1K_V1
+        try:
+            return weights.get_state_dict(progress=True)
+        except Exception as e:  # URLError, socket errors, ...: all mean "could not download"
+            fname = os.path.basename(weights.url)
+            raise SystemExit(
+                f"model.py: cannot load ImageNet weights for {name} ({type(e).__name__}: {e}) — fix: connect "
+                f"to the internet once, or put {fname} in $TORCH_HOME/hub/checkpoints/, or pass "
+                f"--pretrained=/path/to/{fname}, or --pretrained='' for random init")
+    if not os.path.isfile(pretrained):
+        raise SystemExit(f"model.py: {pretrained}: backbone weights file not found — fix: pass an existing "
+                         f".pth path, --pretrained=imagenet, or --pretrained='' for random init")
+    sd = torch.load(pretrained, map_location="cpu", weights_only=True)
+    return sd.get("model", sd) if isinstance(sd, dict) else sd
+
+
+class Backbone(nn.Module):
+    """ResNet trunk returning C3, C4, C5 (strides 8, 16, 32).
+
+    norm='frozen' is the reference (FrozenBatchNorm2d with ImageNet statistics); norm='bn' trains
+    BatchNorm, which is what a from-scratch run (the embedded demo, no ImageNet weights) needs.
+    freeze_at=2 freezes the stem and res2 (torchvision's layer1), as the reference does.
+    """
+
+    def __init__(self, name="resnet50", pretrained="", norm="frozen", freeze_at=2):
+        super().__init__()
+        builder, _, self.out_channels = RESNETS[name]
+        norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+        net = builder(weights=None, norm_layer=norm_layer)
+        if pretrained:
+            sd = load_backbone_weights(name, pretrained)
+            sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing:
+                raise SystemExit(f"model.py: {pretrained}: not a {name} state dict (missing {missing[:3]}...) "
+                                 f"— fix: pass weights of the same ResNet depth")
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        frozen = [self.stem, self.layer1][:freeze_at]
+        for m in frozen:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x):
+        x = self.layer1(self.stem(x))   # (B, C2, H/4, W/4)
+        c3 = self.layer2(x)             # (B, C3, H/8, W/8)
+        c4 = self.layer3(c3)            # (B, C4, H/16, W/16)
+        c5 = self.layer4(c4)            # (B, C5, H/32, W/32)
+        return [c3, c4, c5]
+
+
+class FPN(nn.Module):
+    """Feature pyramid P3-P7: lateral 1x1 + output 3x3 on C3-C5, nearest top-down, P6 from P5, P7 from ReLU(P6)."""
+
+    def __init__(self, in_channels, channels=256):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+        self.p6 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # detectron2's "c2_xavier_fill"
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats):
+        c3, c4, c5 = feats
+        l5 = self.lateral[2](c5)
+        l4 = self.lateral[1](c4) + F.interpolate(l5, size=c4.shape[-2:], mode="nearest")
+        l3 = self.lateral[0](c3) + F.interpolate(l4, size=c3.shape[-2:], mode="nearest")
+        p3, p4, p5 = self.output[0](l3), self.output[1](l4), self.output[2](l5)
+        p6 = self.p6(p5)
+        p7 = self.p7(F.relu(p6))
+        return [p3, p4, p5, p6, p7]   # strides 8, 16, 32, 64, 128
+
+
+# -----------------------------------------------------------------------------
+# FCOS head (+ CondInst's controller) and CondInst's mask branch
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def conv_gn_relu(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(min(32, cout), cout), nn.ReLU(inplace=True)]
+
+
+class FCOSHead(nn.Module):
+    """Shared over levels: cls tower -> class logits; box tower -> ltrb, centerness and the
+    controller, which emits the dynamic mask head's parameters at every location (CondInst)."""
+
+    def __init__(self, channels, num_classes, num_params, num_convs=4, num_levels=5, prior_prob=0.01):
+        super().__init__()
+        self.cls_tower = nn.Sequential(*sum([conv_gn_relu(channels, channels) for _ in range(num_convs)], []))
+        self.box_tower = nn.Sequential(*sum([conv_gn_relu(channels, channels) for _ in range(num_convs)], []))
+        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(channels, 4, 3, padding=1)
+        self.ctrness = nn.Conv2d(channels, 1, 3, padding=1)
+        self.controller = nn.Conv2d(channels, num_params, 3, padding=1)
+        self.scales = nn.ModuleList(Scale() for _ in range(num_levels))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, feats):
+        """feats: list of (B, Ch, H_l, W_l). Returns flattened (B, L, .) tensors over all levels."""
+        flat = lambda t: t.flatten(2).transpose(1, 2)    # (B, K, H, W) -> (B, H*W, K)
+        cls, reg, ctr, params = [], [], [], []
+        for lvl, x in enumerate(feats):
+            c = self.cls_tower(x)
+            b = self.box_tower(x)
+            cls.append(flat(self.cls_logits(c)))
+            # ReLU(scale * x): distances in stride units (the reference's norm_reg_targets)
+            reg.append(flat(F.relu(self.scales[lvl](self.bbox_pred(b)))))
+            ctr.append(flat(self.ctrness(b)))
+            params.append(flat(self.controller(b)))
+        return (torch.cat(cls, 1),              # (B, L, C)
+                torch.cat(reg, 1),              # (B, L, 4)
+                torch.cat(ctr, 1).squeeze(2),   # (B, L)
+                torch.cat(params, 1))           # (B, L, P)
+
+
+def conv_bn_relu(cin, cout):
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    return [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class MaskBranch(nn.Module):
+    """CondInst's bottom module: P3-P5 refined, fused at stride 8, a conv tower, then out_channels
+    (16 for BoxInst/SIM) mask features shared by every instance of the image."""
+
+    def __init__(self, in_channels, channels=128, out_channels=16, num_convs=4):
+        super().__init__()
+        self.refine = nn.ModuleList(nn.Sequential(*conv_bn_relu(in_channels, channels)) for _ in range(3))
+        self.tower = nn.Sequential(*sum([conv_bn_relu(channels, channels) for _ in range(num_convs)], []),
+                                   nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, feats):
+        x = self.refine[0](feats[0])                                   # (B, Cb, H/8, W/8)
+        for i in (1, 2):
+            y = self.refine[i](feats[i])                               # (B, Cb, H/2^(3+i), ...)
+            x = x + aligned_bilinear(y, x.shape[-2] // y.shape[-2])
+        return self.tower(x)                                           # (B, D, H/8, W/8)
+
+
+# -----------------------------------------------------------------------------
+# Dynamic mask head: every instance gets its own tiny FCN whose weights come from the controller
+
+
+def dynamic_head_shapes(in_channels, channels=8, num_layers=3):
+    """(in, out) of each 1x1 conv: (D+2)->8, 8->8, 8->1 by default."""
+    dims = [in_channels + 2] + [channels] * (num_layers - 1) + [1]
+    return list(zip(dims[:-1], dims[1:]))
+
+
+def num_dynamic_params(in_channels, channels=8, num_layers=3):
+    """233 for 16 mask channels, 169 for 8: sum of weights and biases of all layers."""
+    return sum(i * o + o for i, o in dynamic_head_shapes(in_channels, channels, num_layers))
+
+
+def dynamic_mask_head(mask_feats, params, im_inds, inst_locations, inst_levels, sizes_of_interest,
+                      channels=8, num_layers=3, stride=8):
+    """Run K instance-specific FCNs at once as grouped 1x1 convolutions.
+
+    mask_feats (B, D, H, W) at `stride`; params (K, P) laid out [W1|W2|W3|b1|b2|b3];
+    im_inds (K,) image of each instance; inst_locations (K, 2) its FCOS location (x, y);
+    inst_levels (K,) its FPN level; sizes_of_interest per level normalise the relative coords.
+    Returns mask logits (K, 1, 2H, 2W) at stride 4 (aligned bilinear x2).
+    """
+    B, D, H, W = mask_feats.shape
+    K = params.shape[0]
+    if K == 0:  # keep the graph connected so DDP sees a gradient for every parameter
+        return mask_feats.new_zeros((0, 1, 2 * H, 2 * W)) + (mask_feats.sum() + params.sum()) * 0
+    shapes = dynamic_head_shapes(D, channels, num_layers)
+    # relative coordinates: instance location minus pixel location, per-level normalised
+    ys = torch.arange(H, device=mask_feats.device, dtype=mask_feats.dtype) * stride + stride // 2
+    xs = torch.arange(W, device=mask_feats.device, dtype=mask_feats.dtype) * stride + stride // 2
+    soi = mask_feats.new_tensor(sizes_of_interest)[inst_levels]                        # (K,)
+    rel_x = (inst_locations[:, 0, None] - xs[None]) / soi[:, None]                      # (K, W)
+    rel_y = (inst_locations[:, 1, None] - ys[None]) / soi[:, None]                      # (K, H)
+    rel = torch.stack([rel_x[:, None, :].expand(K, H, W), rel_y[:, :, None].expand(K, H, W)], 1)  # (K, 2, H, W)
+    x = torch.cat([rel.to(mask_feats.dtype), mask_feats[im_inds]], 1)                  # (K, D+2, H, W)
+    x = x.reshape(1, K * (D + 2), H, W)
+    # split the parameter vector: all weights first, then all biases
+    n_w = [i * o for i, o in shapes]
+    n_b = [o for _, o in shapes]
+    chunks = torch.split(params, n_w + n_b, dim=1)
+    weights, biases = chunks[:num_layers], chunks[num_layers:]
+    for l, (i, o) in enumerate(shapes):
+        w = weights[l].reshape(K * o, i, 1, 1)
+        b = biases[l].reshape(K * o)
+        x = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), groups=K)                         # (1, K*o, H, W)
+        if l < num_layers - 1:
+            x = F.relu(x)
+    return aligned_bilinear(x.reshape(K, 1, H, W), 2)                                   # (K, 1, 2H, 2W)
+
+
+# -----------------------------------------------------------------------------
+# CondInst
+
+
+class CondInst(nn.Module):
+    """Backbone -> FPN -> FCOS head + controller; mask branch -> dynamic mask head.
+
+    forward(images, targets) (training) returns a dict of raw outputs, FCOS targets and the
+    mask logits of the positives selected for the mask losses; compute_losses turns it into
+    losses. predict(images, targets) returns detections at the original image size.
+    """
+
+    strides = (8, 16, 32, 64, 128)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.num_classes = cfg["num_classes"]
+        self.backbone = Backbone(cfg["backbone"], cfg["pretrained"], cfg["backbone_norm"], cfg["freeze_at"])
+        self.fpn = FPN(self.backbone.out_channels, cfg["fpn_channels"])
+        D = cfg["mask_out_channels"]
+        self.num_params = num_dynamic_params(D, cfg["mask_head_channels"], cfg["mask_head_layers"])
+        self.head = FCOSHead(cfg["fpn_channels"], self.num_classes, self.num_params, cfg["head_convs"])
+        self.mask_branch = MaskBranch(cfg["fpn_channels"], cfg["mask_branch_channels"], D, cfg["mask_branch_convs"])
+        # ImageNet statistics in the 0-255 range: images arrive as raw uint8 RGB
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def soi_levels(self):
+        """Relative-coordinate normalisers per level: sizes_of_interest plus 2x the last one."""
+        soi = list(self.cfg["sizes_of_interest"])
+        return soi + [soi[-1] * 2]
+
+    def features(self, images):
+        """images uint8 (B, 3, Hp, Wp) -> dict of the network's dense outputs."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        feats = self.fpn(self.backbone(x))
+        cls, reg, ctr, params = self.head(feats)
+        mask_feats = self.mask_branch(feats[:3])                       # (B, D, Hp/8, Wp/8)
+        locations, loc_level = compute_locations([f.shape[-2:] for f in feats], self.strides, images.device)
+        return dict(cls_logits=cls, reg=reg, ctr_logits=ctr, params=params, mask_feats=mask_feats,
+                    locations=locations, loc_level=loc_level)
+
+    def mask_logits(self, out, inst):
+        """Dynamic mask head on the instances `inst` (im_inds, loc_inds) -> (K, 1, Hp/4, Wp/4)."""
+        params = out["params"][inst["im_inds"], inst["loc_inds"]]      # (K, P)
+        return dynamic_mask_head(out["mask_feats"], params, inst["im_inds"], out["locations"][inst["loc_inds"]],
+                                 out["loc_level"][inst["loc_inds"]], self.soi_levels,
+                                 self.cfg["mask_head_channels"], self.cfg["mask_head_layers"])
+
+    def forward(self, images, targets):
+        """Training forward: dense outputs, FCOS targets, selected positives and their mask logits."""
+        out = self.features(images)
+        gt_boxes = [t["boxes"] for t in targets]
+        if self.cfg["method"] == "full" and all("masks" in t for t in targets):
+            centers = [mask_centers(t["masks"]) for t in targets]       # CondInst: mask centroid
+        else:
+            centers = [losses.box_mask_centers(b, images.shape[-2:]) for b in gt_boxes]  # BoxInst: box-mask centroid
+        with torch.no_grad():
+            out["targets"] = losses.fcos_targets(out["locations"], out["loc_level"], self.strides, gt_boxes,
+                                                 [t["labels"] for t in targets], self.num_classes,
+                                                 self.cfg["sizes_of_interest"], self.cfg["center_radius"], centers)
+            out["targets"]["num_gts"] = torch.tensor([len(b) for b in gt_boxes], device=images.device)
+            out["inst"] = self.select_instances(out)
+        out["mask_logits"] = self.mask_logits(out, out["inst"])          # (K, 1, Hp/4, Wp/4)
+        return out
+
+    def select_instances(self, out):
+        """Positives that train the mask head.
+
+        BoxInst/SIM (topk_proposals_per_im > 0): per image k = max(64 // G, 1) per GT object
+        (G = GT objects with positives), the k with the highest sigmoid(cls max) * sigmoid(ctr).
+        CondInst full supervision (max_proposals > 0): a random subset of all positives.
+        """
+        t = out["targets"]
+        im_inds, loc_inds = torch.nonzero(t["labels"] != self.num_classes, as_tuple=True)   # (K,), (K,)
+        gt_inds = t["gt_inds"][im_inds, loc_inds]                                           # (K,)
+        topk = self.cfg["topk_proposals_per_im"]
+        if topk > 0 and gt_inds.numel() > 0:
+            score = (out["cls_logits"][im_inds, loc_inds].sigmoid().max(1).values
+                     * out["ctr_logits"][im_inds, loc_inds].sigmoid())                     # (K,)
+            n_gt = int(t["num_gts"].sum())
+            order = torch.argsort(score, descending=True)
+            order = order[torch.argsort(gt_inds[order], stable=True)]   # grouped by GT, best first
+            counts = torch.bincount(gt_inds, minlength=n_gt)                                # (G_all,)
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(order.numel(), device=order.device) - starts[gt_inds[order]]
+            gt_image = torch.repeat_interleave(torch.arange(len(t["num_gts"]), device=order.device), t["num_gts"])
+            G = torch.zeros(len(t["num_gts"]), dtype=torch.long, device=order.device).index_add_(0, gt_image, (counts > 0).long())
+            k = (topk // G.clamp(min=1)).clamp(min=1)                                        # (B,)
+            keep = order[rank < k[gt_image[gt_inds[order]]]]
+        elif self.cfg["max_proposals"] > 0 and gt_inds.numel() > self.cfg["max_proposals"]:
+            keep = torch.randperm(gt_inds.numel(), device=gt_inds.device)[: self.cfg["max_proposals"]]
+        else:
+            keep = torch.arange(gt_inds.numel(), device=gt_inds.device)
+        return dict(im_inds=im_inds[keep], loc_inds=loc_inds[keep], gt_inds=gt_inds[keep],
+                    labels=t["labels"][im_inds[keep], loc_inds[keep]])
+
+    # ---- inference ----
+
+    @torch.no_grad()
+    def predict(self, images, targets):
+        """images uint8 (B, 3, Hp, Wp); targets give 'size' (h, w) and 'orig_size' (H0, W0).
+        Returns per image: boxes (K, 4) in the original frame, scores, labels, masks (K, H0, W0) bool."""
+        c = self.cfg
+        out = self.features(images)
+        B = images.shape[0]
+        strides = images.new_tensor(self.strides, dtype=torch.float32)[out["loc_level"]]     # (L,)
+        results = []
+        for b in range(B):
+            p = out["cls_logits"][b].sigmoid() * out["ctr_logits"][b].sigmoid()[:, None]     # (L, C)
+            cand_loc, cand_cls, cand_p = [], [], []
+            for lvl in range(len(self.strides)):               # top 1000 candidates per level
+                sel = (out["loc_level"] == lvl).nonzero().squeeze(1)
+                pl = p[sel]                                                                 # (L_l, C)
+                idx = (pl > c["score_thresh"]).flatten().nonzero().squeeze(1)
+                s = pl.flatten()[idx]
+                if s.numel() > c["pre_nms_topk"]:
+                    s, top = s.topk(c["pre_nms_topk"])
+                    idx = idx[top]
+                cand_loc.append(sel[idx // self.num_classes])
+                cand_cls.append(idx % self.num_classes)
+                cand_p.append(s)
+            loc, cls, score = torch.cat(cand_loc), torch.cat(cand_cls), torch.cat(cand_p).sqrt()
+            xy, ltrb = out["locations"][loc], out["reg"][b, loc] * strides[loc, None]       # (n, 2), (n, 4)
+            boxes = torch.cat([xy - ltrb[:, :2], xy + ltrb[:, 2:]], 1)                       # (n, 4)
+            keep = batched_nms(boxes, score, cls, c["nms_thresh"])[: c["max_dets"]]
+            loc, cls, score, boxes = loc[keep], cls[keep], score[keep], boxes[keep]
+            results.append(self.postprocess(out, b, loc, cls, score, boxes, targets[b]))
+        return results
+
+    def postprocess(self, out, b, loc, cls, score, boxes, target):
+        """Masks for the kept detections, back to the original image size; boxes likewise."""
+        (h, w), (H0, W0) = target["size"], target["orig_size"]
+        inst = dict(im_inds=torch.full_like(loc, b), loc_inds=loc)
+        if loc.numel():
+            m = self.mask_logits(out, inst).sigmoid()                                        # (K, 1, Hp/4, Wp/4)
+            m = aligned_bilinear(m, 4)[:, :, :h, :w]                                         # (K, 1, h, w)
+            m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]   # (K, H0, W0)
+            masks = m > self.cfg["mask_thresh"]
+        else:
+            masks = torch.zeros((0, H0, W0), dtype=torch.bool, device=boxes.device)
+        boxes = boxes * boxes.new_tensor([W0 / w, H0 / h, W0 / w, H0 / h])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W0)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H0)
+        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return dict(boxes=boxes[ok], scores=score[ok], labels=cls[ok], masks=masks[ok])
+
+
+def mask_centers(masks):
+    """Centre of mass (x, y) of each GT mask (N, h, w), in pixel indices (CondInst's centre sampling)."""
+    m = masks.float()                                                                        # (N, h, w)
+    area = m.sum((1, 2)).clamp(min=1)
+    ys = torch.arange(m.shape[1], device=m.device, dtype=m.dtype)
+    xs = torch.arange(m.shape[2], device=m.device, dtype=m.dtype)
+    cx = (m.sum(1) * xs).sum(1) / area
+    cy = (m.sum(2) * ys).sum(1) / area
+    return torch.stack([cx, cy], 1)                                                          # (N, 2)
+
+
+# -----------------------------------------------------------------------------
+
+MODEL_KEYS = dict(  # what build_model reads from the config, with the reference's values
+    backbone="resnet50", pretrained="imagenet", backbone_norm="frozen", freeze_at=2, fpn_channels=256,
+    head_channels=256, head_convs=4, num_classes=80, mask_branch_channels=128, mask_branch_convs=4,
+    mask_out_channels=16, mask_head_channels=8, mask_head_layers=3, sizes_of_interest=(64, 128, 256, 512),
+    center_radius=1.5, topk_proposals_per_im=64, max_proposals=-1, method="boxinst", score_thresh=0.05,
+    pre_nms_topk=1000, nms_thresh=0.6, max_dets=100, mask_thresh=0.5,
+)
+
+
+def build_model(cfg):
+    """The network from a flat config dict (train.py's globals, or a checkpoint's 'config')."""
+    missing = [k for k in MODEL_KEYS if k not in cfg]
+    if missing:
+        raise SystemExit(f"model.py: config lacks {missing} — fix: use a checkpoint written by this train.py")
+    cfg = {k: cfg[k] for k in MODEL_KEYS}
+    if cfg["fpn_channels"] != cfg["head_channels"]:
+        raise SystemExit("model.py: head_channels must equal fpn_channels (the head is shared over FPN levels)")
+    return CondInst(cfg)
+
+
+# -----------------------------------------------------------------------------
+# SIM's momentum teacher: an EMA copy of the whole network (no hand-built twin)
+
+
+def make_teacher(model):
+    """A deep copy of the student; no gradients; eval mode, so its BN uses running statistics.
+    (sim.md lets us choose: the official code runs it in train mode; eval mode keeps the
+    teacher's features independent of the batch, which is what a teacher is for.)"""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def update_teacher(teacher, model, momentum=0.9999):
+    """theta_t <- m * theta_t + (1 - m) * theta_s for parameters; buffers copied from the student."""
+    for pt, ps in zip(teacher.parameters(), model.parameters()):
+        pt.lerp_(ps.detach(), 1 - momentum)
+    for bt, bs in zip(teacher.buffers(), model.buffers()):
+        bt.copy_(bs)

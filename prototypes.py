@@ -1,0 +1,274 @@
+"""SIM's semantic-aware pseudo masks (CVPR 2023, Sec. 3.2), Eq. (1)-(7), and nothing else.
+
+Multi-prototype memory (C classes x L sub-centres x D channels), the semantic map M_S of Eq. (1),
+the Sinkhorn-Knopp equipartition of Eq. (2)-(3), the moving-average update of Eq. (4)-(5),
+self-correction with IoU-weighted positives (Eq. 6), the rectified map (Eq. 7) and the two-threshold
+pseudo labels with their ignore band (used by Eq. 8 in losses.py).
+
+All maths are pure functions of tensors; PrototypeMemory is the one nn.Module, holding the
+prototypes as a buffer (state, not a trained parameter). Everything runs on the inputs' device.
+Spec: /work/shared/spec/sim.md Sec. 2-3; official-code differences are options, named as such.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# features
+
+
+def normalize_features(mask_feats):
+    """Stride-8 mask-branch output (B, D, H8, W8) -> unit pixel features z_i (B, D, 2*H8, 2*W8).
+
+    z_i = z_i / ||z_i||_2 (Sec. 3.2.1) on the stride-4 grid.
+    Choice: plain bilinear x2 with align_corners=False. The model puts stride-8 cell j at pixel
+    8j + 4 (compute_locations), so output i samples input i/2 - 1/4, i.e. pixel 4i + 2: exactly the
+    [2::4] grid on which BoxInst's stride-4 box masks are sampled (border rows are replicated).
+    model.aligned_bilinear would land on pixel 4i instead, 2 px off that grid. Returned in float32
+    because the prototypes are a float32 buffer (no dtype mixing outside autocast).
+    """
+    z = F.interpolate(mask_feats.float(), scale_factor=2, mode="bilinear", align_corners=False)  # (B, D, H4, W4)
+    return F.normalize(z, dim=1)                                                               # (B, D, H4, W4)
+
+
+# -----------------------------------------------------------------------------
+# Eq. (1): semantic map
+
+
+def semantic_map(feats, protos, tau=0.1):
+    """Eq. (1): M_S(i) = sigmoid( max_l <z_i, p_l> / tau ).
+
+    feats (..., D, H, W) unit vectors; protos (..., L, D) unit vectors of one class (per leading
+    index); leading dims broadcast: (D,H,W) with (L,D) -> (H,W); (K,D,H,W) with (K,L,D) -> (K,H,W);
+    (B,D,H,W) with (L,D) -> (B,H,W). The max is taken before the sigmoid (monotone, same result).
+    """
+    H, W = feats.shape[-2:]
+    sims = protos @ feats.flatten(-2)                      # (..., L, H*W) cosine similarities
+    best = sims.amax(dim=-2)                               # (..., H*W) best sub-centre per pixel
+    return torch.sigmoid(best / tau).unflatten(-1, (H, W))  # (..., H, W)
+
+
+def object_semantic_maps(feats, protos, obj_img, obj_cls, tau=0.1):
+    """Eq. (1) per object: M_S of object k uses its image's features and its class's sub-centres.
+
+    feats (B, D, H, W) unit; protos (C, L, D); obj_img (K,) long; obj_cls (K,) long -> (K, H, W).
+    Maps are over the whole (padded) image; callers keep them inside the box (Eq. 7).
+    """
+    return semantic_map(feats[obj_img], protos[obj_cls], tau)  # (K, D, H, W) x (K, L, D) -> (K, H, W)
+
+
+# -----------------------------------------------------------------------------
+# Eq. (2)-(5): prototype update
+
+
+def sinkhorn(scores, eps=0.05, n_iters=3, groups=None, n_groups=1):
+    """Eq. (3): Q* = diag(u) exp(S / eps) diag(v), the Sinkhorn-Knopp solution of Eq. (2).
+
+    Eq. (2): max_Q Tr(Q^T S) + eps H(Q) with every sub-centre (column) summing to 1/L and every
+    pixel (row) to 1/N. scores S (N, L): cosine similarities of N pixels to L sub-centres.
+    Each of n_iters iterations normalises the columns, then the rows (as SwAV). Returns Q (N, L)
+    scaled by N so each row sums to 1 (a pixel's soft assignment); columns then sum to ~N/L.
+    Computed in log space (logsumexp subtracts the max), in float32: exp(S / eps) with eps = 0.05
+    spans e^40 and would underflow to 0/0 for smaller eps; the log form never gives NaN/inf.
+    groups (N,) long in [0, n_groups) packs independent problems (one per class) into one call:
+    column sums and N are taken per group, so no Python loop over classes is needed.
+    """
+    N, L = scores.shape
+    if groups is None:
+        groups = torch.zeros(N, dtype=torch.long, device=scores.device)               # (N,)
+    log_q = scores.float() / eps                                                       # (N, L)
+    n_per_group = torch.zeros(n_groups, device=scores.device).index_add_(
+        0, groups, torch.ones(N, device=scores.device))                                # (G,)
+    log_n = n_per_group.clamp(min=1).log()[groups]                                     # (N,)
+    for _ in range(n_iters):
+        # columns: sub-centre l of group g receives total mass 1/L
+        log_q = log_q - _group_logsumexp(log_q, groups, n_groups)[groups] - math.log(L)  # (N, L)
+        # rows: pixel i receives total mass 1/N_g
+        log_q = log_q - log_q.logsumexp(dim=1, keepdim=True) - log_n[:, None]           # (N, L)
+    return (log_q + log_n[:, None]).exp()                                               # (N, L) rows sum to 1
+
+
+def _group_logsumexp(x, groups, n_groups):
+    """log sum_{i in group g} exp(x_i) for x (N, L), groups (N,) -> (G, L); -inf for empty groups."""
+    idx = groups[:, None].expand_as(x)                                                 # (N, L)
+    m = torch.full((n_groups, x.shape[1]), -math.inf, device=x.device, dtype=x.dtype)
+    m = m.scatter_reduce(0, idx, x, reduce="amax")                                     # (G, L) per-group max
+    s = torch.zeros_like(m).index_add_(0, groups, (x - m[groups]).exp())               # (G, L), >= 1 if non-empty
+    return m + s.log()                                                                 # (G, L)
+
+
+def cluster_centroids(feats, assign, L):
+    """Eq. (5): p_l = sum_i z_i 1(Q_il = 1) / sum_i 1(Q_il = 1), then l2-normalised.
+
+    feats (N, D); assign (N,) long in [0, L) (hard assignment); returns centroids (L, D), unit
+    (zero rows for empty clusters), and counts (L,) long. Normalising the sum equals normalising
+    the mean. L may be C*L flattened (class-major) to do all classes in one call.
+    """
+    sums = torch.zeros(L, feats.shape[1], device=feats.device, dtype=feats.dtype)
+    sums = sums.index_add_(0, assign, feats)                                           # (L, D)
+    counts = torch.zeros(L, dtype=torch.long, device=feats.device)
+    counts = counts.scatter_add_(0, assign, torch.ones_like(assign))                   # (L,)
+    return F.normalize(sums, dim=-1), counts
+
+
+def ema_update(protos, centroids, counts, gamma=0.999):
+    """Eq. (4): p_l <- gamma * p_l + (1 - gamma) * c_l, then l2-normalised, only where count_l > 0.
+
+    protos, centroids (..., L, D); counts (..., L). Sub-centres that received no pixel are returned
+    bit-identical (no renormalisation either).
+    """
+    moved = F.normalize(gamma * protos + (1.0 - gamma) * centroids, dim=-1)           # (..., L, D)
+    return torch.where((counts > 0)[..., None], moved, protos)                         # (..., L, D)
+
+
+class PrototypeMemory(nn.Module):
+    """C x L x D unit prototypes (sub-centres), a buffer updated by Eq. (2)-(5); no trained parameters.
+
+    Update granularity (the paper's Eq. 5 is a per-image centroid; the official code updates image
+    by image): we pool each class's pixels over the whole local batch of this rank and make one
+    Sinkhorn + one EMA step per class per call, then average over ranks. Reason: the prototypes'
+    rate of change then does not depend on the per-GPU batch size or on how many images of it show
+    the class; with the official 2 images/GPU this differs by at most one extra EMA step.
+    """
+
+    def __init__(self, num_classes, L=10, D=16, gamma=0.999, tau=0.1, eps=0.05, sinkhorn_iters=3,
+                 assign="argmax"):
+        super().__init__()
+        assert assign in ("argmax", "gumbel")
+        self.gamma = gamma            # Eq. (4) momentum
+        self.tau = tau                # Eq. (1) temperature (official code: 1.0)
+        self.eps = eps                # Eq. (2) entropy weight
+        self.sinkhorn_iters = sinkhorn_iters
+        self.assign = assign          # "argmax" (paper) or "gumbel" (official: hard Gumbel draw)
+        protos = torch.empty(num_classes, L, D)
+        # timm-style trunc_normal_ (bounds +-2 absolute, i.e. ~100 std: effectively normal), then
+        # unit length over D (the paper; the official code normalises over L, a bug). Drawn from the
+        # global RNG: callers seed identically on all ranks so every rank starts equal.
+        nn.init.trunc_normal_(protos, std=0.02)
+        self.register_buffer("protos", F.normalize(protos, dim=-1))                    # (C, L, D)
+
+    def semantic_maps(self, feats_norm, obj_img, obj_cls):
+        """Eq. (1) for K objects: feats_norm (B, D, H, W), obj_img (K,), obj_cls (K,) -> (K, H, W)."""
+        return object_semantic_maps(feats_norm, self.protos, obj_img, obj_cls, self.tau)
+
+    @torch.no_grad()
+    def update(self, feats_norm, obj_img, obj_cls, fg):
+        """Eq. (2)-(5) on this batch, then the DDP average: every rank ends with identical prototypes.
+
+        feats_norm (B, D, H, W) unit features (the student's, as the official code; detached here);
+        obj_img, obj_cls (K,) long; fg (K, H, W) bool: the pixels that update object k's class
+        (inside its box and confident). A pixel inside two selected objects of the same class in
+        one image counts once. All classes are solved together (sinkhorn's groups), so there is
+        no Python loop; the pixel selection (nonzero, unique) costs two host syncs.
+        Collective under torch.distributed: call on every rank every time, even with K = 0.
+        """
+        B, D, H, W = feats_norm.shape
+        C, L, _ = self.protos.shape
+        k, y, x = fg.nonzero(as_tuple=True)                                            # (M0,) each
+        # one key per (class, image, pixel), class-major, deduplicated
+        key = torch.unique((obj_cls[k] * B + obj_img[k]) * (H * W) + y * W + x)         # (M,)
+        cls = key // (B * H * W)                                                       # (M,) class
+        z = feats_norm.float().permute(0, 2, 3, 1).reshape(B * H * W, D)[key % (B * H * W)]  # (M, D)
+        scores = torch.einsum("md,mld->ml", z, self.protos[cls])                      # (M, L)
+        q = sinkhorn(scores, self.eps, self.sinkhorn_iters, groups=cls, n_groups=C)   # (M, L)
+        if self.assign == "argmax":
+            sub = q.argmax(dim=1)                                                      # (M,)
+        else:
+            # official: F.gumbel_softmax(Q, tau=0.5, hard=True) with Q taken as logits; the hard
+            # draw is argmax(Q + Gumbel noise) whatever the temperature
+            gumbel = -torch.empty_like(q).exponential_().log()                         # (M, L)
+            sub = (q + gumbel).argmax(dim=1)                                           # (M,)
+        centroids, counts = cluster_centroids(z, cls * L + sub, C * L)                # (C*L, D), (C*L,)
+        protos = ema_update(self.protos, centroids.view(C, L, D), counts.view(C, L), self.gamma)
+        if dist.is_available() and dist.is_initialized():
+            # always all-reduce (a rank that skipped would hang the others), then back to unit length
+            dist.all_reduce(protos)
+            protos = F.normalize(protos / dist.get_world_size(), dim=-1)              # (C, L, D)
+        self.protos.copy_(protos)
+
+
+# -----------------------------------------------------------------------------
+# Eq. (6)-(7): self-correction
+
+
+def box_iou_pairs(a, b):
+    """IoU of matched pairs of xyxy boxes: a (K, 4), b (K, 4) -> (K,); 0 for empty unions."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)  # (K, 2)
+    inter = wh[:, 0] * wh[:, 1]                                                        # (K,)
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)       # (K,)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)       # (K,)
+    union = area_a + area_b - inter                                                    # (K,)
+    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)                     # (K,)
+
+
+def positive_weights(ious, obj_index, n_obj, mu=5.0):
+    """Eq. (6): w_pos = exp(mu * IoU), normalised over the positives of the same object.
+
+    ious (K,) IoU of each positive's predicted box with its GT box; obj_index (K,) long in
+    [0, n_obj). This is a softmax of mu * IoU within each object (computed with the per-object max
+    subtracted); mu = 0 gives the plain mean (the official code).
+    """
+    logits = mu * ious.float()                                                         # (K,)
+    m = torch.full((n_obj,), -math.inf, device=ious.device)
+    m = m.scatter_reduce(0, obj_index, logits, reduce="amax")                           # (n_obj,) per-object max
+    e = (logits - m[obj_index]).exp()                                                  # (K,)
+    total = torch.zeros(n_obj, device=ious.device).index_add_(0, obj_index, e)         # (n_obj,)
+    return e / total[obj_index]                                                        # (K,)
+
+
+def instance_map(mask_probs, weights, obj_index, n_obj):
+    """Eq. (6): M_I = sum_pos w_pos * M_pos over each object's positives.
+
+    mask_probs (K, H, W) teacher mask probabilities of the positives; weights (K,) from
+    positive_weights; obj_index (K,) long -> (n_obj, H, W); objects without positives get 0.
+    """
+    out = mask_probs.new_zeros(n_obj, *mask_probs.shape[1:])                           # (n_obj, H, W)
+    return out.index_add_(0, obj_index, mask_probs * weights.to(mask_probs.dtype)[:, None, None])
+
+
+def rectified_map(m_s, m_i, alpha=0.5, box_mask=None):
+    """Eq. (7): M_prob = (1 - alpha) * M_S + alpha * M_I inside the box, 0 outside.
+
+    m_s, m_i (K, H, W) (any matching shapes); box_mask (K, H, W) bool/0-1, None = no box limit.
+    """
+    m_prob = (1.0 - alpha) * m_s + alpha * m_i                                         # (K, H, W)
+    return m_prob if box_mask is None else m_prob * box_mask.to(m_prob.dtype)          # (K, H, W)
+
+
+def pseudo_labels(m_prob, box_mask, tau_low=0.3, tau_high=0.7, supervise_outside=False):
+    """Eq. (8)'s targets: M_hat = [M_prob >= tau_high]; W = 0 where tau_low < M_prob < tau_high.
+
+    m_prob, box_mask (K, H, W) -> (M_hat, W), both float in {0, 1}. Inside the box: foreground at or
+    above tau_high, background at or below tau_low, ignored in between. Outside the box: default
+    M_hat = 0, W = 0 (no pseudo supervision; the projection loss handles it, as the official code);
+    supervise_outside=True makes it background (M_hat = 0, W = 1).
+    """
+    inside = box_mask.bool()                                                           # (K, H, W)
+    fg = (m_prob >= tau_high) & inside                                                 # (K, H, W)
+    sure = (m_prob >= tau_high) | (m_prob <= tau_low)                                  # (K, H, W)
+    weight = (sure & inside) | (~inside if supervise_outside else torch.zeros_like(inside))
+    return fg.to(m_prob.dtype), weight.to(m_prob.dtype)
+
+
+def pseudo_labels_adaptive(m_prob, m_i, box_mask, conf=0.7, t_min=0.7, t_max=0.8, bg=0.4,
+                           supervise_outside=False):
+    """Official variant of the targets: an area-matched foreground threshold per object.
+
+    n = #in-box pixels with M_I > conf; t = the (n+1)-th largest in-box M_prob (outside counts 0),
+    clamped to [t_min, t_max]; M_hat = [M_prob > t] in the box; W = [M_prob > t or M_prob < bg] in
+    the box, 0 outside (or 1 outside with supervise_outside, as pseudo_labels). m_prob, m_i,
+    box_mask (K, H, W) -> (M_hat, W) float in {0, 1}. No host sync: sort + gather.
+    """
+    inside = box_mask.bool()                                                           # (K, H, W)
+    n = ((m_i > conf) & inside).flatten(1).sum(1).clamp(max=inside[0].numel() - 1)     # (K,)
+    ranked = (m_prob * inside).flatten(1).sort(dim=1, descending=True).values          # (K, H*W)
+    t = ranked.gather(1, n[:, None]).clamp(t_min, t_max)                               # (K, 1)
+    t = t.view(-1, *[1] * (m_prob.dim() - 1))                                          # (K, 1, 1)
+    fg = (m_prob > t) & inside                                                         # (K, H, W)
+    sure = (m_prob > t) | (m_prob < bg)                                                # (K, H, W)
+    weight = (sure & inside) | (~inside if supervise_outside else torch.zeros_like(inside))
+    return fg.to(m_prob.dtype), weight.to(m_prob.dtype)

@@ -1,0 +1,264 @@
+"""Tests for data.py: synthetic generator, COCO loading and its error messages, resize/flip, collate, loaders."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+import data
+
+
+def write_coco(tmp_path, images, anns, cats=((1, "a"),), name="ann.json"):
+    """Write a tiny COCO dataset. images: [(id, uint8 array (H, W, 3) or (H, W) shape tuple for a missing file)]."""
+    img_dir = tmp_path / "img"
+    img_dir.mkdir(exist_ok=True)
+    entries = []
+    for img_id, arr in images:
+        H, W = arr if isinstance(arr, tuple) else arr.shape[:2]
+        if not isinstance(arr, tuple):
+            Image.fromarray(arr).save(img_dir / f"{img_id}.png")
+        entries.append(dict(id=img_id, file_name=f"{img_id}.png", height=H, width=W))
+    anns = [dict(dict(iscrowd=0, area=1.0, segmentation=[]), **a) for a in anns]
+    path = tmp_path / name
+    path.write_text(json.dumps(dict(images=entries, annotations=anns,
+                                    categories=[dict(id=c, name=n) for c, n in cats])))
+    return str(path), str(img_dir)
+
+
+def noise_image(H, W, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# synthetic dataset
+
+def test_synthetic_is_deterministic_and_cached(tmp_path):
+    kw = dict(seed=3, n_train=3, n_val=2, size=96)
+    a = data.ensure_synthetic(tmp_path / "a", **kw)
+    b = data.ensure_synthetic(tmp_path / "b", **kw)
+    c = data.ensure_synthetic(tmp_path / "c", **dict(kw, seed=4))
+    for split in ("train", "val"):
+        assert json.load(open(a[f"{split}_json"])) == json.load(open(b[f"{split}_json"]))
+    first = json.load(open(a["train_json"]))["images"][0]["file_name"]
+    read = lambda p: open(os.path.join(p["train_images"], first), "rb").read()
+    assert read(a) == read(b)
+    assert read(a) != read(c)
+    assert json.load(open(a["train_json"])) != json.load(open(c["train_json"]))
+    # reuse: same stamp, nothing rewritten; no temp folders left behind
+    mtime = os.path.getmtime(a["train_json"])
+    assert data.ensure_synthetic(tmp_path / "a", **kw) == a
+    assert os.path.getmtime(a["train_json"]) == mtime
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"]
+    # other parameters replace the cached copy
+    d = data.ensure_synthetic(tmp_path / "a", **dict(kw, n_train=2))
+    assert len(json.load(open(d["train_json"]))["images"]) == 2
+
+
+def test_synthetic_annotations_are_the_rendered_visible_masks(tmp_path):
+    seed, size = 5, 160
+    p = data.ensure_synthetic(tmp_path / "s", seed=seed, n_train=4, n_val=1, size=size)
+    coco = COCO(p["train_json"])
+    assert [coco.cats[c]["name"] for c in sorted(coco.cats)] == list(data.SHAPES)
+    for k, img_id in enumerate(sorted(coco.imgs)):
+        info = coco.imgs[img_id]
+        rng = np.random.default_rng([seed, 0, k])  # the generator's per-image stream
+        H, W = size, size + int(rng.integers(0, size // 4 + 1))
+        image, masks, labels = data.render_synthetic_image(rng, H, W, size=size)
+        assert (info["height"], info["width"]) == (H, W) and size <= W <= 1.25 * size
+        anns = coco.imgToAnns[img_id]
+        assert 2 <= len(anns) <= 6 * 2
+        assert [a["category_id"] - 1 for a in anns] == labels.tolist()
+        decoded = np.stack([coco.annToMask(a) for a in anns]).astype(bool)
+        assert np.array_equal(decoded, masks)
+        assert decoded.sum(0).max() == 1  # visible parts do not overlap
+        for a, m in zip(anns, decoded):
+            ys, xs = np.nonzero(m)
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert a["area"] == m.sum() >= 20 and a["iscrowd"] == 0
+        on_disk = np.asarray(Image.open(os.path.join(p["train_images"], info["file_name"])), np.float32)
+        assert np.abs(on_disk - image).mean() < 4.0  # JPEG q95 of the rendered image (another image: ~50)
+
+
+def test_synthetic_shapes_rings_have_holes_discs_do_not():
+    ring_holes, disc_fills = [], []
+    for i in range(30):
+        _, masks, labels = data.render_synthetic_image(np.random.default_rng(i), 160, 160)
+        for m, lab in zip(masks, labels):
+            if m.sum() < 150:
+                continue
+            ys, xs = np.nonzero(m)
+            centre = m[(ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2]
+            if data.SHAPES[lab] == "ring":
+                ring_holes.append(not centre)
+            elif data.SHAPES[lab] == "disc":
+                disc_fills.append(bool(centre))
+    assert len(ring_holes) >= 5 and np.mean(ring_holes) > 0.7
+    assert len(disc_fills) >= 5 and np.mean(disc_fills) > 0.7
+
+
+# -----------------------------------------------------------------------------
+# resize, flip, masks
+
+def test_resize_shape_matches_detectron2():
+    assert data.resize_shape(100, 200, 50, 80) == (40, 80)  # short 50 -> 50x100, long capped at 80
+    assert data.resize_shape(100, 203, 50, 80) == (39, 80)  # 39.41 -> 39
+    assert data.resize_shape(200, 100, 50, 80) == (80, 40)
+    assert data.resize_shape(480, 640, 800, 1333) == (800, 1067)  # 1066.67 -> 1067, no cap
+    assert data.resize_shape(1000, 1000, 800, 1333) == (800, 800)
+
+
+def test_dataset_resizes_image_and_boxes(tmp_path):
+    anns = [dict(id=1, image_id=1, category_id=7, bbox=[20.3, 10, 40, 50]),
+            dict(id=2, image_id=1, category_id=3, bbox=[0, 0, 203, 100])]
+    jp, d = write_coco(tmp_path, [(1, noise_image(100, 203))], anns, cats=((7, "seven"), (3, "three")))
+    ds = data.CocoBoxDataset(jp, d, train=False, min_sizes=(50,), max_size=80)
+    assert ds.cat_ids == [3, 7] and ds.class_names == ["three", "seven"] and ds.num_classes == 2
+    assert ds.ids == [1] and ds.aspect_ratios == [2.03]
+    img, t = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 39, 80)
+    assert t["size"] == (39, 80) and t["orig_size"] == (100, 203) and t["image_id"] == 1
+    sx, sy = 80 / 203, 39 / 100
+    expected = torch.tensor([[20.3 * sx, 10 * sy, 60.3 * sx, 60 * sy], [0, 0, 80, 39]])
+    assert t["boxes"].dtype == torch.float32 and torch.allclose(t["boxes"], expected)
+    assert t["labels"].dtype == torch.int64 and t["labels"].tolist() == [1, 0]
+    assert "masks" not in t
+
+
+def test_hflip_moves_boxes_image_and_masks(tmp_path):
+    seg = [[10, 20, 50, 20, 50, 60, 10, 60]]
+    anns = [dict(id=1, image_id=1, category_id=1, bbox=[10, 20, 40, 40], segmentation=seg)]
+    jp, d = write_coco(tmp_path, [(1, noise_image(100, 200))], anns)
+    kw = dict(train=True, min_sizes=(100,), max_size=1000, with_masks=True)
+    img0, t0 = data.CocoBoxDataset(jp, d, hflip_prob=0.0, **kw)[0]
+    img1, t1 = data.CocoBoxDataset(jp, d, hflip_prob=1.0, **kw)[0]
+    assert t0["boxes"].tolist() == [[10, 20, 50, 60]]
+    assert t1["boxes"].tolist() == [[150, 20, 190, 60]]
+    assert torch.equal(img1, img0.flip(-1)) and not torch.equal(img1, img0)
+    assert t0["masks"][0, 20:60, 10:50].all() and t0["masks"].sum() == 40 * 40
+    assert torch.equal(t1["masks"], t0["masks"].flip(-1))
+
+
+def test_polygon_and_rle_masks_decode_and_resize(tmp_path):
+    rle_mask = np.zeros((12, 12), np.uint8)
+    rle_mask[1:4, 7:11] = 1
+    rle_mask[9, 0] = 1
+    rle = mask_utils.encode(np.asfortranarray(rle_mask))
+    anns = [dict(id=1, image_id=1, category_id=1, bbox=[2, 2, 6, 6], segmentation=[[2, 2, 8, 2, 8, 8, 2, 8]]),
+            dict(id=2, image_id=1, category_id=1, bbox=[0, 1, 11, 9],
+                 segmentation=dict(size=[12, 12], counts=rle["counts"].decode("ascii")))]
+    jp, d = write_coco(tmp_path, [(1, noise_image(12, 12))], anns)
+    poly_mask = np.zeros((12, 12), np.uint8)
+    poly_mask[2:8, 2:8] = 1  # pixels whose centres lie inside the square (2,2)-(8,8)
+    _, t = data.CocoBoxDataset(jp, d, train=False, min_sizes=(12,), with_masks=True)[0]
+    assert t["masks"].dtype == torch.uint8 and t["masks"].shape == (2, 12, 12)
+    assert np.array_equal(t["masks"][0].numpy(), poly_mask)
+    assert np.array_equal(t["masks"][1].numpy(), rle_mask)
+    _, t2 = data.CocoBoxDataset(jp, d, train=False, min_sizes=(24,), with_masks=True)[0]  # x2, nearest
+    up = lambda m: np.kron(m, np.ones((2, 2), np.uint8))
+    assert np.array_equal(t2["masks"].numpy(), np.stack([up(poly_mask), up(rle_mask)]))
+    # x2/3: nearest samples at pixel centres, source index floor((i + 0.5) * 1.5), as PIL NEAREST
+    _, t3 = data.CocoBoxDataset(jp, d, train=False, min_sizes=(8,), with_masks=True)[0]
+    idx = np.floor((np.arange(8) + 0.5) * 1.5).astype(int)
+    assert np.array_equal(t3["masks"][0].numpy(), poly_mask[np.ix_(idx, idx)])
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+def test_unknown_category_names_file_and_annotation(tmp_path):
+    anns = [dict(id=17, image_id=1, category_id=99, bbox=[0, 0, 5, 5])]
+    jp, d = write_coco(tmp_path, [(1, noise_image(10, 10))], anns, name="bad_cats.json")
+    with pytest.raises(data.DataError) as e:
+        data.CocoBoxDataset(jp, d)
+    msg = str(e.value)
+    assert "bad_cats.json" in msg and "annotation id 17" in msg and "99" in msg and "fix:" in msg
+    assert "\n" not in msg
+
+
+def test_missing_json_raises(tmp_path):
+    with pytest.raises(data.DataError, match="nope.json: annotation file not found"):
+        data.CocoBoxDataset(str(tmp_path / "nope.json"), str(tmp_path))
+
+
+def test_missing_image_file_is_skipped_and_counted(tmp_path, capsys):
+    anns = [dict(id=i, image_id=i, category_id=1, bbox=[1, 1, 5, 5]) for i in (1, 2, 3)]
+    jp, d = write_coco(tmp_path, [(1, noise_image(10, 10)), (2, (10, 10)), (3, noise_image(10, 10))], anns)
+    ds = data.CocoBoxDataset(jp, d, train=False)
+    assert ds.ids == [1, 3] and len(ds) == 2 and ds.skipped["missing_files"] == 1
+    out = capsys.readouterr().out
+    assert "skipped 1 images: missing files, e.g." in out and "2.png" in out
+
+
+def test_bad_boxes_and_crowd_are_skipped(tmp_path, capsys):
+    anns = [dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 4, 4]),       # valid
+            dict(id=2, image_id=1, category_id=1, bbox=[3, 3, 0, 5]),       # zero width
+            dict(id=3, image_id=1, category_id=1, bbox=[20, 2, 5, 5]),      # right of the image
+            dict(id=4, image_id=1, category_id=1, bbox=[1, 1, 3, 3], iscrowd=1),
+            dict(id=5, image_id=2, category_id=1, bbox=[2, 2, 4, -1])]      # negative height
+    jp, d = write_coco(tmp_path, [(1, noise_image(10, 10)), (2, noise_image(10, 10))], anns)
+    train = data.CocoBoxDataset(jp, d, train=True, min_sizes=(10,), hflip_prob=0.0)
+    assert train.ids == [1]
+    assert train.skipped == dict(missing_files=0, no_box_images=1, bad_boxes=3, crowd=1)
+    assert train[0][1]["boxes"].tolist() == [[1, 1, 5, 5]]
+    assert "1 images: no valid box; 3 boxes: empty or outside the image; 1 crowd" in capsys.readouterr().out
+    val = data.CocoBoxDataset(jp, d, train=False, min_sizes=(10,), with_masks=True)
+    assert val.ids == [1, 2]
+    _, t = val[1]
+    assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["masks"].shape == (0, 10, 10)
+
+
+def test_corrupt_image_raises_naming_the_file(tmp_path):
+    anns = [dict(id=1, image_id=5, category_id=1, bbox=[1, 1, 4, 4])]
+    jp, d = write_coco(tmp_path, [(5, (10, 10))], anns)
+    with open(os.path.join(d, "5.png"), "wb") as f:
+        f.write(b"\x89PNG not really an image")
+    ds = data.CocoBoxDataset(jp, d)
+    with pytest.raises(data.DataError) as e:
+        ds[0]
+    assert os.path.join(d, "5.png") in str(e.value) and "image id 5" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# collate and loaders
+
+def test_collate_pads_to_multiple_of_32_with_zeros():
+    a = torch.randint(1, 256, (3, 40, 80), dtype=torch.uint8)
+    b = torch.randint(1, 256, (3, 50, 33), dtype=torch.uint8)
+    images, targets = data.collate([(a, {"size": (40, 80)}), (b, {"size": (50, 33)})])
+    assert images.shape == (2, 3, 64, 96) and images.dtype == torch.uint8
+    assert torch.equal(images[0, :, :40, :80], a) and torch.equal(images[1, :, :50, :33], b)
+    assert images[0, :, 40:].sum() == 0 and images[0, :, :, 80:].sum() == 0
+    assert images[1, :, 50:].sum() == 0 and images[1, :, :, 33:].sum() == 0
+    assert [t["size"] for t in targets] == [(40, 80), (50, 33)]
+    assert data.collate([(a, {})])[0].shape == (1, 3, 64, 96)
+
+
+def test_loaders_are_seeded_per_worker_and_infinite(tmp_path):
+    n = 16
+    anns = [dict(id=i, image_id=i, category_id=1, bbox=[1, 1, 4, 4]) for i in range(1, n + 1)]
+    jp, d = write_coco(tmp_path, [(i, noise_image(10, 10)) for i in range(1, n + 1)], anns)
+    ds = data.CocoBoxDataset(jp, d, train=True, min_sizes=(10,), hflip_prob=0.5)
+
+    def epoch(seed):
+        loader = data.make_loader(ds, batch_size=1, train=True, num_workers=2, seed=seed)
+        return [(t[0]["image_id"], t[0]["boxes"][0, 0].item() > 3) for _, (_, t) in zip(range(n), loader)]
+
+    e0 = epoch(0)
+    assert e0 == epoch(0) and e0 != epoch(1)
+    assert sorted(i for i, _ in e0) == list(range(1, n + 1))
+    # the two workers take alternate batches; forked workers with one python random state would flip alike
+    assert [f for _, f in e0[0::2]] != [f for _, f in e0[1::2]]
+    # drop_last + infinite: 16 images, batch 3 -> 5 batches per epoch, and it keeps going
+    loader = data.make_loader(ds, batch_size=3, train=True, num_workers=0)
+    assert len(loader) == 5
+    batches = [b for _, b in zip(range(12), data.infinite(loader))]
+    assert all(b[0].shape == (3, 3, 32, 32) for b in batches)
+    evl = data.make_loader(data.CocoBoxDataset(jp, d, train=False, min_sizes=(10,)), batch_size=5,
+                           train=False, num_workers=0)
+    assert [t["image_id"] for _, ts in evl for t in ts] == list(range(1, n + 1))
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        data.make_loader(ds, batch_size=32, train=True, num_workers=0)

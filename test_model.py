@@ -1,0 +1,283 @@
+"""Tests of model.py: shapes and exact values of the pieces, post-processing, weights loading,
+a learning test, and DDP gradient equivalence (2 gloo processes x batch b == 1 process x batch 2b)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import torchvision
+
+import losses
+from model import (MODEL_KEYS, aligned_bilinear, build_model, compute_locations, dynamic_mask_head,
+                   mask_centers, num_dynamic_params, make_teacher, update_teacher)
+
+
+def tiny_cfg(**kw):
+    cfg = dict(MODEL_KEYS, backbone="resnet18", pretrained="", backbone_norm="bn", freeze_at=0, fpn_channels=32,
+               head_channels=32, head_convs=1, num_classes=3, mask_branch_channels=16, mask_branch_convs=1,
+               bottom_pixels_removed=0, color_thresh=0.3, pairwise_warmup_iters=1)
+    cfg.update(kw)
+    return cfg
+
+
+def scene(n_images=2, size=64):
+    """Images with a bright square and a dark disc on grey; targets in the shared format."""
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n_images):
+        img = torch.full((3, size, size), 120, dtype=torch.uint8)
+        x0, y0 = 8 + 4 * i, 10
+        img[:, y0:y0 + 20, x0:x0 + 20] = torch.tensor([250, 40, 40], dtype=torch.uint8)[:, None, None]
+        disc = (xx - 44) ** 2 + (yy - 40 - i) ** 2 <= 12 ** 2
+        img[:, disc] = torch.tensor([20, 20, 230], dtype=torch.uint8)[:, None]
+        img = (img.int() + torch.randint(-3, 4, img.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+        boxes = torch.tensor([[x0, y0, x0 + 20, y0 + 20], [32, 28 + i, 57, 53 + i]], dtype=torch.float32)
+        masks = torch.zeros(2, size, size, dtype=torch.uint8)
+        masks[0, y0:y0 + 20, x0:x0 + 20] = 1
+        masks[1][disc] = 1
+        images.append(img)
+        targets.append(dict(boxes=boxes, labels=torch.tensor([0, 2]), masks=masks, size=(size, size),
+                            orig_size=(size, size), image_id=i))
+    return torch.stack(images), targets
+
+
+# -----------------------------------------------------------------------------
+# pieces
+
+
+def test_aligned_bilinear_keeps_cell_centres():
+    x = torch.arange(3.0).view(1, 1, 1, 3)  # values = column index at stride s
+    y = aligned_bilinear(x, 2)
+    assert y.shape == (1, 1, 2, 6)
+    # replicate pad on the left by f//2, then the align_corners resize: [0, 0, .5, 1, 1.5, 2]
+    assert torch.allclose(y[0, 0, 0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.5, 2.0]))
+    assert torch.equal(aligned_bilinear(x, 1), x)
+
+
+def test_compute_locations():
+    locs, lvl = compute_locations([(2, 3), (1, 2)], (8, 16), "cpu")
+    assert locs.tolist()[:4] == [[4, 4], [12, 4], [20, 4], [4, 12]]
+    assert locs.tolist()[6:] == [[8, 8], [24, 8]]
+    assert lvl.tolist() == [0] * 6 + [1] * 2
+
+
+def test_dynamic_head_param_count_and_shape():
+    assert num_dynamic_params(16) == 233 and num_dynamic_params(8) == 169
+    feats = torch.randn(2, 16, 5, 6)
+    params = torch.randn(3, 233)
+    out = dynamic_mask_head(feats, params, torch.tensor([0, 1, 1]), torch.tensor([[4.0, 4], [12, 20], [36, 4]]),
+                            torch.tensor([0, 1, 4]), [64, 128, 256, 512, 1024])
+    assert out.shape == (3, 1, 10, 12)
+
+
+def test_dynamic_head_matches_per_instance_convs():
+    """The grouped conv equals running each instance's 3-layer FCN on its own, layout [W1|W2|W3|b1|b2|b3],
+    inputs [rel_x, rel_y, feats], rel = (instance location - pixel location) / soi."""
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 3, 3)
+    params = torch.randn(2, num_dynamic_params(4))
+    locs = torch.tensor([[12.0, 4.0], [4.0, 20.0]])
+    out = dynamic_mask_head(feats, params, torch.tensor([1, 0]), locs, torch.tensor([0, 1]), [64, 128])
+    for k, (im, soi) in enumerate([(1, 64.0), (0, 128.0)]):
+        p = params[k]
+        w1, w2, w3 = p[:48].view(8, 6, 1, 1), p[48:112].view(8, 8, 1, 1), p[112:120].view(1, 8, 1, 1)
+        b1, b2, b3 = p[120:128], p[128:136], p[136:137]
+        pix = torch.arange(3.0) * 8 + 4
+        rx = ((locs[k, 0] - pix) / soi).view(1, 3).expand(3, 3)
+        ry = ((locs[k, 1] - pix) / soi).view(3, 1).expand(3, 3)
+        x = torch.cat([torch.stack([rx, ry])[None], feats[im:im + 1]], 1)
+        x = F.conv2d(F.relu(F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2)), w3, b3)
+        assert torch.allclose(out[k:k + 1], aligned_bilinear(x, 2), atol=1e-5)
+
+
+def test_mask_centers():
+    m = torch.zeros(1, 5, 6, dtype=torch.uint8)
+    m[0, 1:3, 2:6] = 1
+    assert mask_centers(m).tolist() == [[3.5, 1.5]]
+
+
+def test_select_instances_topk_per_gt():
+    """64 // G positives per GT object, the best by sigmoid(cls max) * sigmoid(ctr)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(topk_proposals_per_im=2))
+    B, L, C = 1, 6, 3
+    labels = torch.tensor([[0, 0, 0, 1, 3, 1]])  # 3 = background
+    gt = torch.tensor([[0, 0, 0, 1, -1, 1]])
+    ctr = torch.tensor([[0.0, 2.0, 1.0, 0.0, 5.0, 3.0]])
+    out = dict(cls_logits=torch.zeros(B, L, C), ctr_logits=ctr,
+               targets=dict(labels=labels, gt_inds=gt, num_gts=torch.tensor([2])))
+    inst = model.select_instances(out)  # k = max(2 // 2, 1) = 1 per GT
+    assert sorted(inst["loc_inds"].tolist()) == [1, 5]
+    model.cfg["topk_proposals_per_im"] = 64  # k = 32: all positives kept
+    assert sorted(model.select_instances(out)["loc_inds"].tolist()) == [0, 1, 2, 3, 5]
+
+
+def test_forward_shapes_and_postprocess_to_original_size():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    images, targets = scene()
+    out = model(images, targets)
+    L = 8 * 8 + 4 * 4 + 2 * 2 + 1 + 1
+    assert out["cls_logits"].shape == (2, L, 3) and out["params"].shape == (2, L, 233)
+    assert out["mask_feats"].shape == (2, 16, 8, 8)
+    assert out["mask_logits"].shape[1:] == (1, 16, 16)
+    assert out["mask_logits"].shape[0] == out["inst"]["gt_inds"].numel() > 0
+    # post-processing: a detection at a known location, image resized 64x64 from an original 96x128
+    model.eval()
+    out = model.features(images)
+    loc = torch.tensor([27])  # P3 cell (3, 3): location (28, 28)
+    out["reg"][0, 27] = torch.tensor([1.0, 2.0, 0.5, 1.0])  # stride units: (8, 16, 4, 8) px
+    res = model.postprocess(out, 0, loc, torch.tensor([1]), torch.tensor([0.9]),
+                            torch.tensor([[20.0, 12.0, 32.0, 36.0]]), dict(size=(64, 64), orig_size=(96, 128)))
+    assert res["masks"].shape == (1, 96, 128) and res["masks"].dtype == torch.bool
+    assert torch.allclose(res["boxes"], torch.tensor([[40.0, 18.0, 64.0, 54.0]]))
+    # predict end to end: boxes clipped to the original frame
+    preds = model.predict(images, [dict(t, orig_size=(96, 128)) for t in targets])
+    for p in preds:
+        assert p["masks"].shape[1:] == (96, 128)
+        if len(p["boxes"]):
+            assert p["boxes"][:, 2].max() <= 128 and p["boxes"][:, 3].max() <= 96
+
+
+def test_backbone_freezing():
+    model = build_model(tiny_cfg(backbone_norm="frozen", freeze_at=2))
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+    assert all(p.requires_grad for p in model.backbone.layer2.parameters())
+    assert isinstance(model.backbone.stem[1], torchvision.ops.FrozenBatchNorm2d)
+
+
+def test_imagenet_weights_through_torchvision_api(tmp_path, monkeypatch):
+    """Offline: random weights saved under the enum's file name in $TORCH_HOME are picked up;
+    without them the error is one clear line."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    ckpt_dir = tmp_path / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    ref = torchvision.models.resnet18()
+    torch.save(ref.state_dict(), ckpt_dir / os.path.basename(weights.url))
+    model = build_model(tiny_cfg(pretrained="imagenet", backbone_norm="frozen", freeze_at=2))
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert torch.equal(model.backbone.stem[1].running_var, ref.bn1.running_var)
+    # a local file path works too
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    model = build_model(tiny_cfg(pretrained=str(path)))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    # missing file: one line naming it and the fix
+    with pytest.raises(SystemExit) as e:
+        build_model(tiny_cfg(pretrained=str(tmp_path / "nope.pth")))
+    assert "nope.pth" in str(e.value) and "fix" in str(e.value) and "\n" not in str(e.value)
+    # offline and not cached: torchvision's download fails -> one line naming the file to put in the cache
+    os.remove(ckpt_dir / os.path.basename(weights.url))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")))
+    with pytest.raises(SystemExit) as e:
+        build_model(tiny_cfg(pretrained="imagenet"))
+    assert os.path.basename(weights.url) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_teacher_ema():
+    model = build_model(tiny_cfg())
+    teacher = make_teacher(model)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    p_t0 = next(teacher.parameters()).clone()
+    update_teacher(teacher, model, momentum=0.75)
+    assert torch.allclose(next(teacher.parameters()), p_t0 + 0.25)
+
+
+# -----------------------------------------------------------------------------
+# learning
+
+
+def test_tiny_model_learns_two_images():
+    """BoxInst losses of a tiny model on 2 images fall >= 5x (centerness BCE counted above its floor,
+    the entropy of its soft targets, which no model can go below)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(pairwise_warmup_iters=100)
+    model = build_model(cfg)
+    images, targets = scene()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def loss_above_floor(out, logs):
+        t = out["targets"]
+        pos = t["labels"] != cfg["num_classes"]
+        c = losses.centerness_target(t["reg_targets"][pos]).clamp(1e-6, 1 - 1e-6)
+        entropy = -(c * c.log() + (1 - c) * (1 - c).log()).sum() / pos.sum()
+        return sum(logs.values()) - entropy
+
+    first = None
+    for it in range(120):
+        out = model(images, targets)
+        loss, logs = losses.compute_losses(out, images, targets, cfg, it + 1)
+        if first is None:
+            first = loss_above_floor(out, logs).item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = loss_above_floor(out, logs).item()
+    assert last < first / 5, (first, last)
+
+
+# -----------------------------------------------------------------------------
+# DDP: 2 processes x batch b give the same averaged gradients as 1 process x batch 2b
+
+
+def _grads(cfg, images, targets):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for m in model.modules():  # batch statistics differ between batch b and 2b by definition
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+def _ddp_worker(rank, world, port, cfg, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    images, targets = scene(4)
+    model = _grads(cfg, images, targets)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    sl = slice(2 * rank, 2 * rank + 2)
+    out = ddp(images[sl], targets[sl])
+    loss, _ = losses.compute_losses(out, images[sl], targets[sl], cfg, 5)
+    loss.backward()
+    if rank == 0:
+        q.put({n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None})  # by value
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_big_batch():
+    cfg = tiny_cfg()
+    images, targets = scene(4)
+    model = _grads(cfg, images, targets)
+    out = model(images, targets)
+    loss, _ = losses.compute_losses(out, images, targets, cfg, 5)
+    loss.backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert set(got) == set(ref)
+    for n in ref:
+        assert torch.allclose(torch.from_numpy(got[n]), ref[n], rtol=1e-3, atol=1e-6), n

@@ -1,0 +1,300 @@
+"""
+Train BoxInst (box supervision), CondInst (--method=full, GT masks: the upper bound) or SIM.
+
+    python train.py                                   # the embedded synthetic dataset, on CPU, minutes
+    python train.py configs/coco_boxinst_r50_1x.py    # a config file reassigns the defaults below
+    torchrun --nproc_per_node=8 train.py configs/coco_boxinst_r50_1x.py --max_iters=1000
+
+Every default below can be overridden with --key=value (type-checked against the default).
+The defaults are the embedded demo: a narrow ResNet-18 FPN trained from scratch on 160 px images.
+The reference (COCO R50 1x) values are in configs/.
+"""
+
+import ast
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import losses
+from model import build_model, make_teacher, update_teacher
+
+# -----------------------------------------------------------------------------
+# default config: the embedded demo (see configs/ for COCO)
+# I/O
+out_dir = "out/demo"
+log_interval = 20            # iterations between progress lines
+eval_interval = 0            # iterations between evaluations (0: only at the end)
+ckpt_interval = 500          # iterations between checkpoints (written atomically)
+resume = False               # continue from out_dir/ckpt.pt
+n_overlays = 8               # PNG overlays of predictions written after the final evaluation
+# data ("" for the json/images = the embedded synthetic dataset, generated on first use)
+train_json = ""
+train_images = ""
+val_json = ""
+val_images = ""
+synthetic_root = "data/synthetic"
+min_size_train = (128, 144, 160, 176, 192)  # shorter side sampled from these
+max_size_train = 320
+min_size_test = 160
+max_size_test = 320
+batch_size = 8               # per process
+num_workers = 2
+bottom_pixels_removed = 0    # BoxInst's COCO trick (10): bottom rows not used as pairwise neighbours
+# model (model.py reads these)
+backbone = "resnet18"
+pretrained = ""              # "" random init, "imagenet" torchvision weights, or a .pth path
+backbone_norm = "bn"         # "frozen" (reference, needs pretrained) or "bn" (trainable, from scratch)
+freeze_at = 0                # 2 = stem and res2 frozen (reference)
+fpn_channels = 64
+head_channels = 64
+head_convs = 2
+num_classes = 0              # 0 = from the training json
+mask_branch_channels = 64
+mask_branch_convs = 2
+mask_out_channels = 16       # D: mask-feature channels (16 for BoxInst/SIM)
+mask_head_channels = 8
+mask_head_layers = 3
+sizes_of_interest = (64, 128, 256, 512)
+center_radius = 1.5
+topk_proposals_per_im = 64   # BoxInst/SIM: positives per image for the mask losses
+max_proposals = -1           # CondInst: random positives per process (500); -1 off
+score_thresh = 0.05
+pre_nms_topk = 1000
+nms_thresh = 0.6
+max_dets = 100
+mask_thresh = 0.5
+# method and losses
+method = "boxinst"           # boxinst | full | sim
+color_thresh = 0.3           # BoxInst: pairwise pixels need colour similarity >= this
+pairwise_warmup_iters = 300  # the pairwise weight ramps 0 -> 1 (reference: 10000)
+# optimizer (SGD, linear warm-up, step decay)
+lr = 0.02
+momentum = 0.9
+weight_decay = 1e-4          # 0 on norm layers
+warmup_iters = 100
+warmup_factor = 0.001
+lr_steps = (1200, 1500)
+max_iters = 1600
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+amp = True                   # autocast on CUDA (ignored on CPU)
+amp_dtype = "bfloat16"       # or "float16" (with a GradScaler)
+seed = 0
+# -----------------------------------------------------------------------------
+
+
+def configure(argv, config):
+    """nanoGPT's configurator: positional args are config files, --key=value overrides."""
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                sys.exit(f"train.py: config file {arg} not found — fix: pass a path such as configs/coco_boxinst_r50_1x.py")
+            exec(open(arg).read(), {}, config)
+            continue
+        key, _, val = arg[2:].partition("=")
+        if key not in config:
+            sys.exit(f"train.py: unknown option --{key} — fix: use one of the names at the top of train.py")
+        if val == "":
+            val = "True" if isinstance(config[key], bool) else val
+        try:
+            val = ast.literal_eval(val)
+        except (SyntaxError, ValueError):
+            pass  # a plain string
+        default = config[key]
+        if isinstance(default, tuple) and isinstance(val, (int, float)):
+            val = (val,)
+        if isinstance(default, float) and isinstance(val, int):
+            val = float(val)
+        if default is not None and type(val) is not type(default):
+            sys.exit(f"train.py: --{key}={val!r} should be a {type(default).__name__} like the default {default!r}")
+        config[key] = val
+
+
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+if __name__ == "__main__":
+    _cfg = {k: globals()[k] for k in config_keys}
+    configure(sys.argv[1:], _cfg)
+    globals().update(_cfg)
+config = {k: globals()[k] for k in config_keys}
+
+# -----------------------------------------------------------------------------
+
+
+def get_lr(it):
+    """Linear warm-up from warmup_factor, then x0.1 at each of lr_steps (detectron2's WarmupMultiStep)."""
+    factor = 1.0
+    if it < warmup_iters:
+        a = it / warmup_iters
+        factor = warmup_factor * (1 - a) + a
+    return lr * factor * 0.1 ** sum(it >= s for s in lr_steps)
+
+
+def param_groups(model):
+    """Weight decay on conv weights, biases and FCOS scales; none on norm layers (the reference)."""
+    norm_types = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.SyncBatchNorm)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
+    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_params]
+    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in norm_params]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_device(images, targets, device):
+    images = images.to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, then rename: a crash mid-write never loses the previous checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def dataset_paths():
+    """The configured json/image paths, or the embedded synthetic dataset's."""
+    if train_json:
+        return dict(train_json=train_json, train_images=train_images, val_json=val_json, val_images=val_images)
+    return data.ensure_synthetic(synthetic_root)
+
+
+def main():
+    global num_classes
+    # DDP: detected from torchrun's environment variables
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        dev = f"cuda:{local_rank}" if device.startswith("cuda") else "cpu"
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        dev, rank, world_size = device, 0, 1
+    master = rank == 0
+    dev = torch.device(dev)
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    device_type = dev.type
+    use_amp = amp and device_type == "cuda"
+    ptdtype = torch.bfloat16 if amp_dtype == "bfloat16" else torch.float16
+    autocast = lambda: torch.autocast(device_type=device_type, dtype=ptdtype, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device_type, enabled=use_amp and ptdtype == torch.float16)
+
+    # data (the master generates the synthetic dataset first, the others wait for it)
+    if master:
+        paths = dataset_paths()
+    if ddp:
+        dist.barrier()
+    paths = dataset_paths()
+    train_ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True, min_sizes=min_size_train,
+                                   max_size=max_size_train, with_masks=(method == "full"))
+    val_ds = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(min_size_test,),
+                                 max_size=max_size_test, with_masks=False)
+    if num_classes == 0:
+        num_classes = train_ds.num_classes
+    config.update(num_classes=num_classes, **{k: v for k, v in paths.items()})
+    train_loader = data.make_loader(train_ds, batch_size, train=True, num_workers=num_workers, distributed=ddp, seed=seed)
+    batches = data.infinite(train_loader)
+
+    # model, optimizer
+    model = build_model(config).to(dev)
+    optimizer = torch.optim.SGD(param_groups(model), lr=lr, momentum=momentum)
+    teacher = None  # SIM's momentum teacher plugs in here (make_teacher / update_teacher)
+    start_iter = 0
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            sys.exit(f"train.py: --resume given but {ckpt_path} does not exist — fix: drop --resume or set --out_dir")
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter = ckpt["iter"]
+        if master:
+            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+    raw_model = model
+    if ddp:
+        model = DDP(model, device_ids=[dev.index] if device_type == "cuda" else None)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print("config:", json.dumps(config))
+        n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"{len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, {n_params / 1e6:.2f}M "
+              f"trainable parameters, method={method}, device={dev}, world_size={world_size}")
+
+    def checkpoint(it):
+        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                     "config": config}, ckpt_path)
+
+    # training loop
+    model.train()
+    t0 = t_log = time.time()
+    for it in range(start_iter, max_iters):
+        for g in optimizer.param_groups:
+            g["lr"] = get_lr(it)
+        images, targets = to_device(*next(batches), dev)
+        with autocast():
+            out = model(images, targets)
+            loss, logs = losses.compute_losses(out, images, targets, config, it + 1)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters):
+            dt = time.time() - t_log
+            n_iters = (it + 1 - start_iter) % log_interval or log_interval
+            ips = n_iters * batch_size * world_size / dt
+            eta = (max_iters - it - 1) * dt / n_iters
+            parts = " ".join(f"{k} {v.item():.3f}" for k, v in logs.items())
+            print(f"iter {it + 1}/{max_iters} | loss {loss.item():.3f} | {parts} | lr {get_lr(it):.2e} | "
+                  f"{ips:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+            t_log = time.time()
+        if master and ckpt_interval and (it + 1) % ckpt_interval == 0:
+            checkpoint(it + 1)
+        if eval_interval and (it + 1) % eval_interval == 0 and it + 1 < max_iters:
+            run_eval(raw_model, val_ds, dev, master, ddp, final=False)
+            model.train()
+    if master:
+        checkpoint(max_iters)
+        print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
+    run_eval(raw_model, val_ds, dev, master, ddp, final=True)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def run_eval(raw_model, val_ds, dev, master, ddp, final):
+    """COCO box and mask AP on the val split (on the master process; the others wait),
+    then metrics.json and PNG overlays at the end."""
+    import eval as evaluation  # the module, not the builtin
+    if master:
+        loader = data.make_loader(val_ds, batch_size, train=False, num_workers=num_workers)
+        metrics = evaluation.evaluate(raw_model, loader, val_ds, dev, out_dir=out_dir if final else None,
+                                      amp=amp and dev.type == "cuda")
+        if final:
+            tmp = os.path.join(out_dir, "metrics.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(metrics, f, indent=1)
+            os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+            paths = evaluation.save_overlays(raw_model, val_ds, dev, out_dir, n=n_overlays)
+            print(f"box AP {metrics['bbox']['AP']:.1f} | mask AP {metrics['segm']['AP']:.1f} | "
+                  f"{len(paths)} pictures in {out_dir}/ | metrics in {out_dir}/metrics.json")
+    if ddp:
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:  # bad input: one clear line, not a traceback from a worker process
+        sys.exit(f"train.py: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
