@@ -250,7 +250,7 @@ def infinite(loader):
 # the embedded synthetic dataset
 
 SHAPES = ("disc", "triangle", "ring", "star", "cross")  # category ids 1..5 in this order
-SYNTH_VERSION = 1  # bump when the generator changes, so cached copies are regenerated
+SYNTH_VERSION = 2  # bump when the generator changes, so cached copies are regenerated
 
 
 def _interp_index(n_out, n_in):
@@ -296,12 +296,12 @@ def _sample_object(rng, H, W, size, objs):
     if objs and rng.random() < 0.35:
         ref = objs[rng.integers(len(objs))]
         o["cls"] = ref["cls"]
-        o["r"] = float(np.clip(ref["r"] * rng.uniform(0.7, 1.3), 5 * size / 160, 40 * size / 160))
+        o["r"] = float(np.clip(ref["r"] * rng.uniform(0.7, 1.3), 8 * size / 160, 48 * size / 160))
         d, a = (ref["r"] + o["r"]) * rng.uniform(0.3, 0.8), rng.uniform(0, 2 * np.pi)
         o["cx"], o["cy"] = ref["cx"] + d * np.cos(a), ref["cy"] + d * np.sin(a)
     else:
         o["cls"] = SHAPES[rng.integers(len(SHAPES))]
-        o["r"] = float(np.exp(rng.uniform(np.log(5), np.log(40)))) * size / 160  # diameters 10..80 px at 160
+        o["r"] = float(np.exp(rng.uniform(np.log(8), np.log(48)))) * size / 160  # diameters 16..96 px at 160
         o["cx"], o["cy"] = rng.uniform(0, W), rng.uniform(0, H)
     if o["cls"] == "ring":
         o["r"] = max(o["r"], 7 * size / 160)  # a smaller ring has no visible hole

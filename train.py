@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import copypaste
 import data
 import losses
-from model import build_model, make_teacher, update_teacher
+import sim
+from model import build_model
 
 # -----------------------------------------------------------------------------
 # default config: the embedded demo (see configs/ for COCO)
@@ -76,6 +78,26 @@ mask_thresh = 0.5
 method = "boxinst"           # boxinst | full | sim
 color_thresh = 0.3           # BoxInst: pairwise pixels need colour similarity >= this
 pairwise_warmup_iters = 300  # the pairwise weight ramps 0 -> 1 (reference: 10000)
+# SIM (--method=sim; the paper's constants, except where the short demo schedule needs faster EMAs)
+sim_start_iter = 250         # Eq. (10): L_pseudo and L_paste from this iteration on (COCO: 10000)
+teacher_start_iter = 150     # teacher copied from the student, prototypes and bank start (COCO: 5000)
+teacher_momentum = 0.99      # momentum teacher EMA (paper: 0.9999)
+num_subcenters = 10          # L: sub-centres per class
+proto_momentum = 0.99        # gamma, Eq. (4) (paper: 0.999)
+tau = 0.1                    # Eq. (1) temperature
+sinkhorn_eps = 0.05          # Eq. (2)-(3)
+sinkhorn_iters = 3
+proto_conf_thresh = 0.7      # pixels updating the prototypes: teacher mask > this inside the box
+mu = 5.0                     # Eq. (6)
+alpha = 0.5                  # Eq. (7)
+tau_low = 0.3                # M_hat = 0 below, ignored between, 1 above tau_high
+tau_high = 0.7
+lambda1 = 0.5                # Eq. (10) weight of L_pseudo
+lambda2 = 1.0                # Eq. (10) weight of L_paste
+bank_size = 100              # copy-paste memory bank (images per process)
+bank_thresh = 0.7            # teacher mask > this = an object's pseudo mask in the bank
+paste_prob = 0.5
+paste_max_objects = 3
 # optimizer (SGD, linear warm-up, step decay)
 lr = 0.02
 momentum = 0.9
@@ -167,6 +189,38 @@ def dataset_paths():
     return data.ensure_synthetic(synthetic_root)
 
 
+def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev, autocast):
+    """One iteration (it is 0-based): SIM's copy-paste, the forward passes, the losses of
+    Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it."""
+    if sim_state is not None and it >= cfg["sim_start_iter"]:  # online copy-paste (bank on the CPU)
+        images, targets = copypaste.copy_paste_batch(images, targets, sim_state.bank, cfg["paste_prob"],
+                                                     sim_state.generator, cfg["paste_max_objects"])
+    images, targets = to_device(images, targets, dev)
+    teacher_on = sim_state is not None and it >= cfg["teacher_start_iter"]
+    if teacher_on and sim_state.teacher is None:
+        sim_state.start_teacher(raw_model)
+    with autocast():
+        out = model(images, targets)
+        if teacher_on:
+            with torch.no_grad():
+                t_out = sim_state.teacher.features(images)
+    # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
+    extra = {}
+    if teacher_on:
+        obj = sim.objects(targets, images.shape[-2:])
+        pm = sim.pseudo_masks(out, t_out, sim_state.teacher, sim_state.protos, obj, cfg)
+        if it + 1 > cfg["sim_start_iter"]:
+            extra = sim.sim_losses(out, pm, obj)
+    loss, logs = losses.compute_losses(out, images, targets, cfg, it + 1, extra)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if teacher_on:
+        sim.after_step(sim_state, raw_model, out, pm, obj, images, targets, it)
+    return loss, logs
+
+
 def main():
     global num_classes
     # DDP: detected from torchrun's environment variables
@@ -210,7 +264,7 @@ def main():
     # model, optimizer
     model = build_model(config).to(dev)
     optimizer = torch.optim.SGD(param_groups(model), lr=lr, momentum=momentum)
-    teacher = None  # SIM's momentum teacher plugs in here (make_teacher / update_teacher)
+    sim_state = sim.SIMState(config, dev, rank) if method == "sim" else None  # teacher, prototypes, bank
     start_iter = 0
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if resume:
@@ -220,6 +274,8 @@ def main():
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_iter = ckpt["iter"]
+        if sim_state is not None:
+            sim_state.load_state_dict(ckpt["sim"], model)
         if master:
             print(f"resumed from {ckpt_path} at iteration {start_iter}")
     raw_model = model
@@ -234,7 +290,7 @@ def main():
 
     def checkpoint(it):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                     "config": config}, ckpt_path)
+                     "config": config, "sim": sim_state.state_dict() if sim_state else None}, ckpt_path)
 
     # training loop
     model.train()
@@ -242,14 +298,7 @@ def main():
     for it in range(start_iter, max_iters):
         for g in optimizer.param_groups:
             g["lr"] = get_lr(it)
-        images, targets = to_device(*next(batches), dev)
-        with autocast():
-            out = model(images, targets)
-            loss, logs = losses.compute_losses(out, images, targets, config, it + 1)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, *next(batches), it, config, dev, autocast)
 
         if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters):
             dt = time.time() - t_log
@@ -269,26 +318,29 @@ def main():
         checkpoint(max_iters)
         print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
     run_eval(raw_model, val_ds, dev, master, ddp, final=True)
+    if master and sim_state is not None and sim_state.teacher is not None:
+        images, targets = to_device(*data.collate([train_ds[i] for i in range(4)]), dev)
+        paths = sim.save_pseudo_mask_pictures(sim_state, raw_model, images, targets, out_dir)
+        print(f"{len(paths)} pseudo-mask pictures (M_S, M_I, M_prob, M_hat) in {out_dir}/pseudo_*.png")
     if ddp:
         dist.destroy_process_group()
 
 
 def run_eval(raw_model, val_ds, dev, master, ddp, final):
-    """COCO box and mask AP on the val split (on the master process; the others wait),
-    then metrics.json and PNG overlays at the end."""
+    """COCO box and mask AP on the val split: every process predicts its shard, the master
+    gathers and scores them; at the end also metrics.json and PNG overlays."""
     import eval as evaluation  # the module, not the builtin
-    if master:
-        loader = data.make_loader(val_ds, batch_size, train=False, num_workers=num_workers)
-        metrics = evaluation.evaluate(raw_model, loader, val_ds, dev, out_dir=out_dir if final else None,
-                                      amp=amp and dev.type == "cuda")
-        if final:
-            tmp = os.path.join(out_dir, "metrics.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(metrics, f, indent=1)
-            os.replace(tmp, os.path.join(out_dir, "metrics.json"))
-            paths = evaluation.save_overlays(raw_model, val_ds, dev, out_dir, n=n_overlays)
-            print(f"box AP {metrics['bbox']['AP']:.1f} | mask AP {metrics['segm']['AP']:.1f} | "
-                  f"{len(paths)} pictures in {out_dir}/ | metrics in {out_dir}/metrics.json")
+    loader = data.make_loader(val_ds, batch_size, train=False, num_workers=num_workers, distributed=ddp)
+    metrics = evaluation.evaluate(raw_model, loader, val_ds, dev, out_dir=out_dir if final and master else None,
+                                  amp=amp and dev.type == "cuda", distributed=ddp)
+    if master and final:
+        tmp = os.path.join(out_dir, "metrics.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=1)
+        os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+        paths = evaluation.save_overlays(raw_model, val_ds, dev, out_dir, n=n_overlays)
+        print(f"box AP {metrics['bbox']['AP']:.1f} | mask AP {metrics['segm']['AP']:.1f} | "
+              f"{len(paths)} pictures in {out_dir}/ | metrics in {out_dir}/metrics.json")
     if ddp:
         dist.barrier()
 

@@ -1,0 +1,176 @@
+"""
+SIM's training step around the BoxInst network (paper Sec. 3, Fig. 2), wiring together
+prototypes.py (Eq. 1-7), losses.py (Eq. 8-10) and copypaste.py (Eq. 9, 11):
+
+  1. copy-paste onto the batch (once the memory bank is full)             copypaste.py
+  2. student forward (train.py) and teacher forward (no grad)             model.py
+  3. pseudo masks from the teacher: M_S (Eq. 1), M_I (Eq. 6),
+     M_prob (Eq. 7), then M_hat and the ignore weight W                    pseudo_masks()
+  4. L_pseudo (Eq. 8) on the positives, L_paste (Eq. 9) on pasted ones     sim_losses()
+  5. after the step: prototype update (Eq. 2-5), bank push (Eq. 11),
+     teacher EMA                                                            after_step()
+
+Choices where sim.md leaves them open (see the comments where they are made):
+  - M_I comes from the TEACHER's mask predictions at the student's selected positives.
+  - outside the box M_hat = 0 and W = 0 (no pseudo supervision; the projection loss covers it).
+  - pasted objects take part in the FCOS and BoxInst losses as ordinary GT boxes, and get
+    L_paste (against the mask they were pasted with) instead of L_pseudo.
+  - the teacher is copied from the student at teacher_start_iter (before the SIM losses start),
+    and the prototypes learn from then on, so both are warm when L_pseudo is switched on.
+"""
+
+import torch
+
+import copypaste
+import losses
+import prototypes
+from model import make_teacher, update_teacher
+
+
+class SIMState:
+    """What SIM keeps across iterations: the momentum teacher, the prototypes and the memory bank.
+    Not an nn.Module of the student: none of it is trained by the optimizer."""
+
+    def __init__(self, cfg, device, rank=0):
+        self.cfg = cfg
+        self.teacher = None  # made at teacher_start_iter
+        # identical initial prototypes on every rank: a generator seeded with the run's seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"])
+            self.protos = prototypes.PrototypeMemory(cfg["num_classes"], cfg["num_subcenters"], cfg["mask_out_channels"],
+                                                     cfg["proto_momentum"], cfg["tau"], cfg["sinkhorn_eps"],
+                                                     cfg["sinkhorn_iters"]).to(device)
+        self.bank = copypaste.MemoryBank(cfg["bank_size"])
+        # copy-paste draws (CPU), different on every rank like the rest of the randomness
+        self.generator = torch.Generator().manual_seed(cfg["seed"] + 1 + rank)
+
+    def start_teacher(self, model):
+        self.teacher = make_teacher(model)
+
+    def state_dict(self):
+        return {"teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "prototypes": self.protos.state_dict(), "bank": self.bank.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, sd, model):
+        if sd["teacher"] is not None:
+            self.start_teacher(model)
+            self.teacher.load_state_dict(sd["teacher"])
+        self.protos.load_state_dict(sd["prototypes"])
+        self.bank.load_state_dict(sd["bank"])
+        self.generator.set_state(sd["generator"])
+
+
+# -----------------------------------------------------------------------------
+
+
+def objects(targets, padded_hw):
+    """Every GT object of the batch, in the global order of gt_inds: boxes (G, 4), classes (G,),
+    image (G,), pasted (G,) bool, box masks (G, Hp/4, Wp/4), pasted pseudo masks (G, Hp/4, Wp/4),
+    and the image-valid masks (B, Hp/4, Wp/4) (0 on padding)."""
+    dev = targets[0]["boxes"].device
+    boxes = torch.cat([t["boxes"] for t in targets])                                    # (G, 4)
+    img = torch.cat([torch.full((len(t["boxes"]),), i, device=dev, dtype=torch.long) for i, t in enumerate(targets)])
+    pasted = torch.cat([t.get("pasted", torch.zeros(len(t["boxes"]), dtype=torch.bool, device=dev)) for t in targets])
+    paste = [losses.gt_mask_targets(t["paste_masks"], padded_hw) for t in targets if "paste_masks" in t]
+    valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw,
+                                     bottom_pixels_removed=0, device=dev)               # (B, Hp/4, Wp/4)
+    return dict(valid=valid, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
+                box_mask=losses.box_masks(boxes, padded_hw),                            # (G, Hp/4, Wp/4)
+                paste_mask=torch.cat(paste) if len(paste) == len(targets) else None)
+
+
+@torch.no_grad()
+def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
+    """Eq. (1), (6), (7) and the two thresholds, for every GT object of the batch.
+
+    out: the student's training output (its selected positives out['inst']); t_out: the
+    teacher's dense outputs on the same images. Returns stride-4 maps (G, Hp/4, Wp/4):
+    M_S, M_I, M_prob, M_hat, W, and M_mean (plain mean of the teacher's masks over the object's
+    positives, for the prototype update and the bank), and has_pos (G,).
+    """
+    inst = out["inst"]
+    gi = inst["gt_inds"]                                                                # (K,)
+    G = obj["boxes"].shape[0]
+    # Eq. (1): the teacher's features against the prototypes of each object's class
+    feats = prototypes.normalize_features(t_out["mask_feats"])                          # (B, D, Hp/4, Wp/4)
+    m_s = protos.semantic_maps(feats, obj["img"], obj["cls"])                           # (G, Hp/4, Wp/4)
+    # Eq. (6): the teacher's mask at each positive, weighted by exp(mu * IoU(its box, the GT box))
+    probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/4, Wp/4)
+    stride = t_out["locations"].new_tensor(teacher.strides)[t_out["loc_level"][inst["loc_inds"]]]  # (K,)
+    xy = t_out["locations"][inst["loc_inds"]]                                           # (K, 2)
+    ltrb = t_out["reg"][inst["im_inds"], inst["loc_inds"]].float() * stride[:, None]   # (K, 4)
+    pred_boxes = torch.cat([xy - ltrb[:, :2], xy + ltrb[:, 2:]], 1)                     # (K, 4)
+    ious = prototypes.box_iou_pairs(pred_boxes, obj["boxes"][gi])                       # (K,)
+    w = prototypes.positive_weights(ious, gi, G, cfg["mu"])                             # (K,)
+    m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/4, Wp/4)
+    m_mean = prototypes.instance_map(probs, prototypes.positive_weights(ious, gi, G, 0.0), gi, G)
+    # Eq. (7) and the thresholds: confident fg / bg, an ignored band between, nothing outside the box
+    m_prob = prototypes.rectified_map(m_s, m_i, cfg["alpha"], obj["box_mask"])          # (G, Hp/4, Wp/4)
+    m_hat, weight = prototypes.pseudo_labels(m_prob, obj["box_mask"], cfg["tau_low"], cfg["tau_high"])
+    has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
+    return dict(M_S=m_s * obj["box_mask"], M_I=m_i, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
+                has_pos=has_pos)
+
+
+def sim_losses(out, pm, obj):
+    """L_pseudo (Eq. 8) on the positives of ordinary objects, L_paste (Eq. 9) on those of pasted
+    objects (against the pseudo mask they were pasted with; padding excluded)."""
+    inst = out["inst"]
+    gi = inst["gt_inds"]                                                                # (K,)
+    logits = out["mask_logits"][:, 0]                                                   # (K, Hp/4, Wp/4)
+    pasted = obj["pasted"][gi]                                                          # (K,)
+    keep = ~pasted
+    terms = {"loss_pseudo": losses.pseudo_mask_loss(logits[keep], pm["M_hat"][gi][keep], pm["W"][gi][keep])}
+    if obj["paste_mask"] is not None:
+        terms["loss_paste"] = losses.paste_loss(logits, obj["paste_mask"][gi], pasted, obj["valid"][inst["im_inds"]])
+    return terms
+
+
+@torch.no_grad()
+def after_step(state, model, out, pm, obj, images, targets, it):
+    """Prototype update (Eq. 2-5) from the student's features at confident in-box pixels, the
+    memory-bank push (Eq. 11) of this batch's ordinary objects, and the teacher's EMA."""
+    cfg = state.cfg
+    feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
+    # confident pixels: inside the box where the teacher's mean mask over the positives > 0.7
+    fg = (pm["M_mean"] > cfg["proto_conf_thresh"]) & (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]
+    state.protos.update(feats, obj["img"], obj["cls"], fg)
+    start = 0
+    for b, t in enumerate(targets):
+        n = len(t["boxes"])
+        sel = torch.arange(start, start + n, device=images.device)
+        sel = sel[pm["has_pos"][sel] & ~obj["pasted"][sel]]
+        start += n
+        h, w = t["size"]
+        entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
+                                                  pm["M_mean"][sel], (h, w), cfg["bank_thresh"])
+        state.bank.push(**entry)
+    update_teacher(state.teacher, model, cfg["teacher_momentum"])
+
+
+@torch.no_grad()
+def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
+    """The paper's Fig. 1/6 for the first n objects with positives: image and box, then
+    M_S (Eq. 1), M_I (Eq. 6), M_prob (Eq. 7) and M_hat (white fg, black bg, grey = ignored)."""
+    import os
+    import eval as evaluation  # the module, not the builtin
+    was_training = model.training
+    model.eval()
+    out = model(images, targets)
+    t_out = state.teacher.features(images)
+    obj = objects(targets, images.shape[-2:])
+    pm = pseudo_masks(out, t_out, state.teacher, state.protos, obj, state.cfg)
+    model.train(was_training)
+    up = lambda m: m.repeat_interleave(4, 0).repeat_interleave(4, 1)                    # stride 4 -> 1
+    paths = []
+    for g in pm["has_pos"].nonzero().squeeze(1)[:n].tolist():
+        b = int(obj["img"][g])
+        h, w = targets[b]["size"]
+        shown = pm["M_hat"][g] * pm["W"][g] + 0.5 * (1 - pm["W"][g]) * obj["box_mask"][g]
+        maps = {k: up(v)[:h, :w] for k, v in dict(M_S=pm["M_S"][g], M_I=pm["M_I"][g], M_prob=pm["M_prob"][g],
+                                                   M_hat=shown).items()}
+        path = os.path.join(out_dir, f"pseudo_{len(paths)}.png")
+        evaluation.save_map_panel(images[b, :, :h, :w], maps, path, boxes=obj["boxes"][g:g + 1])
+        paths.append(path)
+    return paths

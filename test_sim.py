@@ -1,0 +1,547 @@
+"""Tests of sim.py, SIM's training-step wiring: the batch's objects, the pseudo masks of Eq. (1), (6),
+(7) and their thresholds (including a constructed Eq. 6 example with hand-computed IoU weights), the
+L_pseudo / L_paste split, the after-step updates (prototypes, memory bank, teacher EMA), the state
+round trip, the pictures, and 2 gloo processes ending with identical prototypes."""
+
+import io
+import math
+import os
+import socket
+import types
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+torch.set_num_threads(1)  # 2 cores, shared with other work
+
+import copypaste
+import eval as evaluation  # the module, not the builtin
+import losses
+import prototypes
+import sim
+import train  # only defines its defaults when imported
+from model import build_model, compute_locations
+from test_model import scene, tiny_cfg
+
+
+def sim_cfg(**kw):
+    """train.py's SIM defaults on the tiny network of test_model."""
+    cfg = dict(train.config)
+    cfg.update(tiny_cfg(method="sim"))
+    cfg.update(seed=0, num_classes=3)
+    cfg.update(kw)
+    return cfg
+
+
+def setup(cfg, n_images=2):
+    """Tiny student, its SIM state with a teacher, and scene(n_images)."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    state = sim.SIMState(cfg, torch.device("cpu"))
+    state.start_teacher(model)
+    images, targets = scene(n_images)
+    return model, state, images, targets
+
+
+def forward_pm(model, state, images, targets, cfg):
+    out = model(images, targets)
+    t_out = state.teacher.features(images)
+    obj = sim.objects(targets, images.shape[-2:])
+    return out, t_out, obj, sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, cfg)
+
+
+# -----------------------------------------------------------------------------
+# objects
+
+
+def test_objects_hand_targets():
+    # image 0: 32 x 28 (4 padded columns), two boxes; image 1: 24 x 32 (8 padded rows), one box
+    t0 = dict(boxes=torch.tensor([[4.0, 4.0, 12.0, 8.0], [0.0, 0.0, 27.5, 31.0]]), labels=torch.tensor([2, 0]),
+              size=(32, 28), orig_size=(32, 28))
+    t1 = dict(boxes=torch.tensor([[16.0, 8.0, 30.0, 20.0]]), labels=torch.tensor([1]), size=(24, 32),
+              orig_size=(48, 64))
+    obj = sim.objects([t0, t1], (32, 32))
+    assert torch.equal(obj["boxes"], torch.cat([t0["boxes"], t1["boxes"]]))
+    assert obj["cls"].tolist() == [2, 0, 1]
+    assert obj["img"].tolist() == [0, 0, 1]
+    assert obj["pasted"].dtype == torch.bool and obj["pasted"].tolist() == [False, False, False]
+    assert obj["box_mask"].shape == (3, 8, 8)
+    # box [4, 4, 12, 8]: rows 4..8, cols 4..12 (inclusive); the stride-4 grid samples pixels 2, 6, 10, ...
+    expect = torch.zeros(8, 8)
+    expect[1, 1:3] = 1
+    assert torch.equal(obj["box_mask"][0], expect)
+    # box [16, 8, 30, 20]: rows 8..20 -> grid rows 10, 14, 18 (2..4); cols 16..30 -> grid 18..30 (4..7)
+    expect = torch.zeros(8, 8)
+    expect[2:5, 4:8] = 1
+    assert torch.equal(obj["box_mask"][2], expect)
+    assert obj["paste_mask"] is None  # targets without 'paste_masks'
+    # valid: image 0 has 7 real columns on the grid (2..26 < 28), image 1 has 6 real rows (2..22 < 24)
+    assert obj["valid"].shape == (2, 8, 8)
+    expect = torch.zeros(2, 8, 8)
+    expect[0, :, :7] = 1
+    expect[1, :6, :] = 1
+    assert torch.equal(obj["valid"], expect)
+
+
+def test_objects_paste_fields():
+    t0 = dict(boxes=torch.tensor([[4.0, 4.0, 12.0, 8.0], [0.0, 0.0, 20.0, 20.0]]), labels=torch.tensor([2, 0]),
+              size=(32, 28), orig_size=(32, 28), pasted=torch.tensor([False, True]))
+    t1 = dict(boxes=torch.tensor([[16.0, 8.0, 30.0, 20.0]]), labels=torch.tensor([1]), size=(24, 32),
+              orig_size=(24, 32), pasted=torch.tensor([True]))
+    t0["paste_masks"] = torch.zeros(2, 32, 28)
+    t0["paste_masks"][1, 6, 10] = 1    # on the grid: (6 - 2) / 4 = 1, (10 - 2) / 4 = 2
+    t0["paste_masks"][1, 5, 10] = 1    # between grid rows: never sampled
+    t1["paste_masks"] = torch.zeros(1, 24, 32)
+    t1["paste_masks"][0, 22, 30] = 1   # last real grid row and column
+    obj = sim.objects([t0, t1], (32, 32))
+    assert obj["pasted"].tolist() == [False, True, True]
+    pm = obj["paste_mask"]
+    assert pm.shape == (3, 8, 8) and pm.dtype == torch.float32
+    assert pm.sum() == 2 and pm[1, 1, 2] == 1 and pm[2, 5, 7] == 1
+    # one target without paste masks: no paste masks for the batch
+    del t1["paste_masks"]
+    assert sim.objects([t0, t1], (32, 32))["paste_mask"] is None
+
+
+# -----------------------------------------------------------------------------
+# pseudo masks (Eq. 1, 6, 7 and the thresholds)
+
+
+def test_pseudo_masks_shapes_box_and_positives():
+    cfg = sim_cfg()
+    model, state, images, targets = setup(cfg)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    G, H4, W4 = 4, 16, 16
+    for k in ("M_S", "M_I", "M_prob", "M_hat", "W", "M_mean"):
+        assert pm[k].shape == (G, H4, W4), k
+    outside = obj["box_mask"] == 0
+    assert outside.any() and (obj["box_mask"] == 1).any()
+    for k in ("M_S", "M_prob", "M_hat", "W"):
+        assert (pm[k][outside] == 0).all(), k
+    gi = out["inst"]["gt_inds"]
+    assert torch.equal(pm["has_pos"], torch.bincount(gi, minlength=G) > 0)
+    assert pm["has_pos"].all()  # scene(): every object gets positives
+
+
+def test_pseudo_masks_M_S_from_teacher_features():
+    """Eq. (1) on the teacher's features (which differ from the student's here), inside the box."""
+    cfg = sim_cfg()
+    model, state, images, targets = setup(cfg)
+    with torch.no_grad():
+        for p in state.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+
+    def m_s(mask_feats):
+        z = F.normalize(F.interpolate(mask_feats, scale_factor=2, mode="bilinear", align_corners=False), dim=1)
+        sims = torch.einsum("gdhw,gld->glhw", z[obj["img"]], state.protos.protos[obj["cls"]])  # (G, L, H4, W4)
+        return torch.sigmoid(sims.amax(1) / cfg["tau"]) * obj["box_mask"]                      # (G, H4, W4)
+
+    assert torch.allclose(pm["M_S"], m_s(t_out["mask_feats"]), atol=1e-5)
+    assert not torch.allclose(pm["M_S"], m_s(out["mask_feats"].detach()), atol=1e-3)
+
+
+def test_pseudo_masks_thresholds():
+    cfg = sim_cfg()
+    model, state, images, targets = setup(cfg)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    inside = obj["box_mask"] > 0
+    # thresholds set at values M_prob takes, so the >= / <= boundaries are exercised; M_prob does not
+    # depend on them
+    vals = pm["M_prob"][inside].sort().values
+    lo, hi = vals[len(vals) // 3].item(), vals[2 * len(vals) // 3].item()
+    assert lo < hi
+    pm = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, tau_low=lo, tau_high=hi))
+    m = pm["M_prob"]
+    fg, bg, band = inside & (m >= hi), inside & (m <= lo), inside & (m > lo) & (m < hi)
+    assert fg.any() and bg.any() and band.any()
+    assert torch.equal(pm["M_hat"] == 1, fg)
+    assert torch.equal(pm["W"] == 1, fg | bg)
+    assert torch.equal(pm["W"] == 0, band | ~inside)
+    assert ((m == hi) & inside).any() and ((m == lo) & inside).any()  # the boundary pixels themselves
+
+
+def test_pseudo_masks_alpha_mu_and_convexity():
+    cfg = sim_cfg()
+    model, state, images, targets = setup(cfg)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    box = obj["box_mask"]
+    pm0 = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, alpha=0.0))
+    pm1 = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, alpha=1.0))
+    assert torch.equal(pm0["M_prob"], pm0["M_S"])
+    assert torch.equal(pm1["M_prob"], pm1["M_I"] * box)
+    assert torch.allclose(pm["M_prob"], 0.5 * pm["M_S"] + 0.5 * pm["M_I"] * box, atol=1e-6)
+    # mu = 0: Eq. (6) is the plain mean over the positives
+    pmu = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, mu=0.0))
+    assert torch.equal(pmu["M_I"], pmu["M_mean"])
+    assert not torch.allclose(pm["M_I"], pm["M_mean"], atol=1e-7)  # mu = 5 weighs the positives unequally
+    # M_I is a convex combination of the teacher's probabilities at the object's positives
+    gi = out["inst"]["gt_inds"]
+    probs = state.teacher.mask_logits(t_out, out["inst"])[:, 0].sigmoid()  # (K, H4, W4)
+    for g in range(len(obj["boxes"])):
+        p = probs[gi == g]
+        assert len(p) >= 2
+        assert (pm["M_I"][g] >= p.amin(0) - 1e-6).all() and (pm["M_I"][g] <= p.amax(0) + 1e-6).all()
+        assert torch.allclose(pm["M_mean"][g], p.mean(0), atol=1e-6)
+
+
+def test_pseudo_masks_eq6_constructed():
+    """One 32 x 32 image, object 0 (box [0,0,16,16]) with two positives whose decoded teacher boxes
+    have IoU 1 and 0.5, object 1 (box [16,16,32,32]) with one positive. Known teacher masks and
+    prototypes give M_S, M_I, M_prob by hand."""
+    target = dict(boxes=torch.tensor([[0.0, 0.0, 16.0, 16.0], [16.0, 16.0, 32.0, 32.0]]),
+                  labels=torch.tensor([0, 1]), size=(32, 32), orig_size=(32, 32))
+    obj = sim.objects([target], (32, 32))
+    locations, loc_level = compute_locations([(4, 4)], (8,), "cpu")  # P3 only: (4, 4), (12, 4), ...
+    reg = torch.zeros(1, 16, 4)
+    reg[0, 0] = torch.tensor([0.5, 0.5, 1.5, 1.5])   # at (4, 4):   box [0, 0, 16, 16], IoU 1
+    reg[0, 1] = torch.tensor([1.5, 0.5, 0.5, 0.5])   # at (12, 4):  box [0, 0, 16, 8],  IoU 0.5
+    reg[0, 10] = torch.tensor([0.5, 0.5, 1.5, 1.5])  # at (20, 20): box [16, 16, 32, 32], IoU 1
+    mask_feats = torch.zeros(1, 16, 4, 4)
+    mask_feats[0, 0] = 3.0                            # every unit pixel feature is e_0
+    t_out = dict(locations=locations, loc_level=loc_level, reg=reg, mask_feats=mask_feats)
+    inst = dict(im_inds=torch.tensor([0, 0, 0]), loc_inds=torch.tensor([0, 1, 10]), gt_inds=torch.tensor([0, 0, 1]))
+    # object 1's positive: logit by row; in the box (rows 4..7) -4, -1, 0, 2
+    rows = torch.tensor([-4.0, -4, -4, -4, -4, -1, 0, 2])[:, None].expand(8, 8)
+
+    def mask_logits(t, i):
+        assert i is inst and t is t_out  # the student's positives on the teacher's outputs
+        return torch.stack([torch.full((8, 8), math.log(4)), torch.full((8, 8), -math.log(4)), rows])[:, None]
+
+    teacher = types.SimpleNamespace(strides=(8, 16, 32, 64, 128), mask_logits=mask_logits)
+    protos = prototypes.PrototypeMemory(3, L=2, D=16)
+    p = torch.zeros(3, 2, 16)
+    p[0, :, 1] = 1.0                  # class 0 orthogonal to e_0: M_S = sigmoid(0) = 0.5
+    p[1, 0, 0], p[1, 1, 0] = -1, 1    # class 1: best sub-centre is e_0: M_S = sigmoid(1 / 0.1)
+    p[2, :, 2] = 1.0
+    protos.protos.copy_(p)
+    cfg = dict(mu=5.0, alpha=0.5, tau_low=0.55, tau_high=0.7)
+    pm = sim.pseudo_masks(dict(inst=inst), t_out, teacher, protos, obj, cfg)
+
+    box0 = torch.zeros(8, 8)
+    box0[:4, :4] = 1      # [0, 16] sampled at 2, 6, 10, 14
+    box1 = torch.zeros(8, 8)
+    box1[4:, 4:] = 1      # [16, 32] sampled at 18, 22, 26, 30
+    # Eq. (6): weights exp(5 * 1), exp(5 * 0.5), normalised -> sigmoid(2.5), sigmoid(-2.5)
+    w_a = 1 / (1 + math.exp(-2.5))
+    m_i0 = w_a * 0.8 + (1 - w_a) * 0.2  # = 0.75449
+    assert torch.allclose(pm["M_I"][0], torch.full((8, 8), m_i0), atol=1e-6)
+    assert torch.allclose(pm["M_mean"][0], torch.full((8, 8), 0.5), atol=1e-6)
+    assert torch.allclose(pm["M_I"][1], rows.sigmoid(), atol=1e-6)  # one positive: weight 1
+    assert torch.allclose(pm["M_S"][0], 0.5 * box0, atol=1e-6)
+    ms1 = 1 / (1 + math.exp(-10))
+    assert torch.allclose(pm["M_S"][1], ms1 * box1, atol=1e-6)
+    # Eq. (7), alpha = 0.5: object 0 sits at 0.25 + 0.5 * 0.7545 = 0.6272, inside the band (0.55, 0.7)
+    assert torch.allclose(pm["M_prob"][0], (0.25 + 0.5 * m_i0) * box0, atol=1e-6)
+    assert pm["M_hat"][0].sum() == 0 and pm["W"][0].sum() == 0
+    assert torch.allclose(pm["M_prob"][1], (0.5 * ms1 + 0.5 * rows.sigmoid()) * box1, atol=1e-6)
+    # object 1's box rows: 0.5 + 0.5 sigmoid(logit) = 0.509 (bg), 0.634 (band), 0.75, 0.94 (fg)
+    m_hat1, w1 = torch.zeros(8, 8), torch.zeros(8, 8)
+    m_hat1[6:, 4:] = 1
+    w1[4, 4:] = w1[6:, 4:] = 1
+    assert torch.equal(pm["M_hat"][1], m_hat1) and torch.equal(pm["W"][1], w1)
+    assert pm["has_pos"].tolist() == [True, True]
+
+
+# -----------------------------------------------------------------------------
+# L_pseudo (Eq. 8) and L_paste (Eq. 9)
+
+
+def loss_setup(pasted):
+    """scene(2) with image 1 only 60 px wide (its last stride-4 column is padding); pasted objects
+    carry their GT masks as paste masks. W = the box (tau_low = tau_high) so every positive learns."""
+    cfg = sim_cfg(tau_low=0.5, tau_high=0.5)
+    model, state, images, targets = setup(cfg)
+    targets[1]["size"] = targets[1]["orig_size"] = (64, 60)
+    for t, flags in zip(targets, pasted):
+        t["pasted"] = torch.tensor(flags)
+        w = t["size"][1]
+        t["paste_masks"] = t["masks"][:, :, :w].float() * t["pasted"][:, None, None]
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    return model, targets, out, obj, pm
+
+
+def test_sim_losses_split_between_pseudo_and_paste():
+    model, _, out, obj, pm = loss_setup([[True, False], [False, True]])
+    gi, im = out["inst"]["gt_inds"], out["inst"]["im_inds"]
+    logits = out["mask_logits"]
+    is_pasted = obj["pasted"][gi]                                                     # (K,)
+    assert is_pasted.any() and (~is_pasted).any()
+    terms = sim.sim_losses(out, pm, obj)
+    assert set(terms) == {"loss_pseudo", "loss_paste"}
+    ref_pseudo = losses.weighted_bce_dice(logits[~is_pasted, 0], pm["M_hat"][gi][~is_pasted],
+                                          pm["W"][gi][~is_pasted]).mean()
+    assert torch.allclose(terms["loss_pseudo"], ref_pseudo, atol=1e-6)
+    # L_paste by hand: BCE over the image's real pixels + dice, averaged over the pasted positives
+    per = []
+    for k in is_pasted.nonzero().squeeze(1).tolist():
+        x, t, v = logits[k, 0], obj["paste_mask"][gi[k]], obj["valid"][im[k]]
+        bce = (F.binary_cross_entropy_with_logits(x, t, reduction="none") * v).sum() / v.sum()
+        s, tv = x.sigmoid() * v, t * v
+        per.append(bce + 1 - 2 * (s * tv).sum() / ((s * s).sum() + (tv * tv).sum() + 1e-5))
+    assert torch.allclose(terms["loss_paste"], torch.stack(per).mean(), atol=1e-5)
+
+    # gradients: L_pseudo reaches only ordinary positives, L_paste only pasted ones (and not the padding)
+    g_pseudo, = torch.autograd.grad(terms["loss_pseudo"], logits, retain_graph=True)
+    g_paste, = torch.autograd.grad(terms["loss_paste"], logits, retain_graph=True)
+    nz = lambda g: g.flatten(1).ne(0).any(1)                                          # (K,)
+    assert torch.equal(nz(g_pseudo), ~is_pasted)
+    assert torch.equal(nz(g_paste), is_pasted)
+    in_img1 = is_pasted & (im == 1)
+    assert in_img1.any()
+    assert (g_paste[in_img1, 0, :, 15] == 0).all() and (g_paste[in_img1, 0, :, 14] != 0).any()
+    # ... and on to the student's parameters (controller and mask branch)
+    params = [next(model.mask_branch.parameters()), *model.head.parameters()]
+    for name in ("loss_pseudo", "loss_paste"):
+        grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
+        assert grads[0] is not None and grads[0].abs().sum() > 0, name
+        assert any(g is not None and g.abs().sum() > 0 for g in grads[1:]), name
+
+
+def test_sim_losses_all_or_none_pasted():
+    _, _, out, obj, pm = loss_setup([[True, True], [True, True]])
+    terms = sim.sim_losses(out, pm, obj)
+    assert terms["loss_pseudo"].item() == 0 and terms["loss_pseudo"].requires_grad  # the empty case
+    assert terms["loss_paste"].item() > 0
+    _, targets, out, obj, pm = loss_setup([[False, False], [False, False]])
+    terms = sim.sim_losses(out, pm, obj)
+    assert terms["loss_paste"].item() == 0 and terms["loss_pseudo"].item() > 0
+    # before copy-paste starts (targets without paste masks) there is no L_paste term
+    obj = sim.objects([{k: v for k, v in t.items() if k != "paste_masks"} for t in targets], (64, 64))
+    assert set(sim.sim_losses(out, pm, obj)) == {"loss_pseudo"}
+
+
+# -----------------------------------------------------------------------------
+# after the step: prototypes, memory bank, teacher EMA
+
+
+def test_after_step_prototypes_bank_teacher():
+    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0, teacher_momentum=0.9)
+    model, state, images, targets = setup(cfg)
+    targets[1]["pasted"] = torch.tensor([True, True])  # image 1's objects were pasted: not for the bank
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    # the class-2 objects (one per image) and image 0's class-0 object lose their positives
+    pm["has_pos"] = torch.tensor([False, False, True, False])
+    before = state.protos.protos.clone()
+    ref = prototypes.PrototypeMemory(3, cfg["num_subcenters"], 16, cfg["proto_momentum"], cfg["tau"],
+                                     cfg["sinkhorn_eps"], cfg["sinkhorn_iters"])
+    ref.protos.copy_(before)
+    ref.update(prototypes.normalize_features(out["mask_feats"].detach()), obj["img"], obj["cls"],
+               (obj["box_mask"] > 0) & pm["has_pos"][:, None, None])
+    # the student takes a (pretend) optimizer step
+    teacher_before = {k: v.clone() for k, v in state.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(1.0)
+    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+
+    # prototypes: Eq. (2)-(5) from the student's features at the in-box pixels of objects with positives;
+    # only class 0 (image 1's object) had such pixels
+    after = state.protos.protos
+    assert torch.equal(after, ref.protos)
+    assert not torch.equal(after[0], before[0])
+    assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])
+    # bank: image 1 had only pasted objects, image 0 only its class-0 object without positives
+    assert len(state.bank) == 0
+    # teacher: theta_t <- 0.9 theta_t + 0.1 theta_s; buffers copied
+    student = model.state_dict()
+    params = dict(state.teacher.named_parameters())
+    for k, v in state.teacher.state_dict().items():
+        if k in params:
+            assert torch.allclose(v, 0.9 * teacher_before[k] + 0.1 * student[k], atol=1e-6), k
+            assert not torch.equal(v, teacher_before[k]), k
+        else:
+            assert torch.equal(v, student[k]), k
+
+
+def test_after_step_bank_entries():
+    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
+    model, state, images, targets = setup(cfg)
+    targets[0]["size"] = (64, 60)   # the bank keeps the unpadded image
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    pm["has_pos"] = torch.tensor([True, True, False, True])
+    targets[0]["pasted"] = torch.tensor([False, True])
+    obj = sim.objects(targets, images.shape[-2:])
+    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    # one entry per image with ordinary objects that have positives, each with an all-box pseudo mask
+    assert len(state.bank) == 2
+    e0, e1 = state.bank.entries
+    assert torch.equal(e0["image"], images[0, :, :, :60])
+    assert torch.equal(e0["boxes"], targets[0]["boxes"][:1]) and e0["labels"].tolist() == [0]
+    assert torch.equal(e0["masks"], copypaste.box_masks(e0["boxes"], 64, 60))
+    assert torch.equal(e1["image"], images[1])
+    assert torch.equal(e1["boxes"], targets[1]["boxes"][1:]) and e1["labels"].tolist() == [2]
+    assert torch.equal(e1["masks"], copypaste.box_masks(e1["boxes"], 64, 64))
+    assert ((e0["scores"] > 0) & (e0["scores"] < 1)).all()
+
+
+def test_image_without_objects():
+    """A batch image with no GT object: the other image's objects get everything, nothing breaks."""
+    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
+    model, state, images, targets = setup(cfg)
+    t = targets[0]
+    t["boxes"], t["labels"], t["masks"] = t["boxes"][:0], t["labels"][:0], t["masks"][:0]
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    assert obj["img"].tolist() == [1, 1] and pm["M_prob"].shape == (2, 16, 16) and pm["has_pos"].all()
+    terms = sim.sim_losses(out, pm, obj)
+    assert torch.isfinite(terms["loss_pseudo"]) and terms["loss_pseudo"] > 0
+    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    assert len(state.bank) == 1 and torch.equal(state.bank.entries[0]["image"], images[1])
+
+
+def test_after_step_nothing_confident():
+    cfg = sim_cfg(proto_conf_thresh=2.0, bank_thresh=2.0)  # probabilities never exceed 1
+    model, state, images, targets = setup(cfg)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    before = state.protos.protos.clone()
+    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    assert torch.equal(state.protos.protos, before)
+    assert len(state.bank) == 0
+
+
+# -----------------------------------------------------------------------------
+# state
+
+
+def test_sim_state_same_prototypes_whatever_the_global_rng():
+    cfg = sim_cfg()
+    torch.manual_seed(1)
+    a = sim.SIMState(cfg, torch.device("cpu"))
+    x = torch.rand(3)
+    torch.manual_seed(2)
+    b = sim.SIMState(cfg, torch.device("cpu"))
+    assert torch.equal(a.protos.protos, b.protos.protos)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), x)  # the global RNG is left as it was
+    c = sim.SIMState(dict(cfg, seed=1), torch.device("cpu"))
+    assert not torch.equal(a.protos.protos, c.protos.protos)
+    norms = a.protos.protos.norm(dim=-1)
+    assert a.protos.protos.shape == (3, cfg["num_subcenters"], 16)
+    assert torch.allclose(norms, torch.ones_like(norms))
+
+
+def test_sim_state_round_trip():
+    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
+    model, state, images, targets = setup(cfg)
+    with torch.no_grad():
+        for p in state.teacher.parameters():
+            p.mul_(0.5)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    torch.rand(7, generator=state.generator)  # the copy-paste draws have advanced
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)  # as in the checkpoint
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=False)
+
+    new = sim.SIMState(cfg, torch.device("cpu"))
+    assert new.teacher is None and len(new.bank) == 0
+    assert not torch.equal(new.protos.protos, state.protos.protos)
+    new.load_state_dict(sd, model)
+    a, b = state.teacher.state_dict(), new.teacher.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(b[k], v) for k, v in model.state_dict().items())  # the teacher, not the student
+    assert not new.teacher.training and not any(p.requires_grad for p in new.teacher.parameters())
+    assert torch.equal(new.protos.protos, state.protos.protos)
+    assert len(new.bank) == len(state.bank) == 2
+    for e, f in zip(state.bank.entries, new.bank.entries):
+        assert e.keys() == f.keys() and all(torch.equal(e[k], f[k]) for k in e)
+    assert torch.equal(torch.rand(5, generator=new.generator), torch.rand(5, generator=state.generator))
+    # before the teacher starts, the state has none and loading keeps it so
+    fresh = sim.SIMState(cfg, torch.device("cpu"))
+    other = sim.SIMState(cfg, torch.device("cpu"))
+    other.load_state_dict(fresh.state_dict(), model)
+    assert other.teacher is None
+
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def test_save_pseudo_mask_pictures(tmp_path):
+    cfg = sim_cfg()
+    model, state, images, targets = setup(cfg)
+    model.train()
+    paths = sim.save_pseudo_mask_pictures(state, model, images, targets, str(tmp_path), n=3)
+    assert model.training  # restored
+    assert len(paths) == 3 and sorted(os.listdir(tmp_path)) == ["pseudo_0.png", "pseudo_1.png", "pseudo_2.png"]
+    s = evaluation.upscale_factor(64, 64)
+    for p in paths:
+        with Image.open(p) as im:
+            # image, M_S, M_I, M_prob, M_hat side by side
+            assert im.width == 5 * 64 * s + 4 * evaluation.PANEL_GAP
+            assert im.height == 64 * s + evaluation.TITLE_H
+
+
+# -----------------------------------------------------------------------------
+# DDP: 2 gloo processes on different images end with identical prototypes
+
+
+N_STEPS = 3
+
+
+def proto_steps(model, state, images, targets, cfg, n):
+    """n iterations of student forward -> teacher features -> pseudo masks -> after_step (no optimizer:
+    the student, in eval mode, stays fixed, so only the prototypes move)."""
+    for it in range(n):
+        with torch.no_grad():
+            out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+        sim.after_step(state, model, out, pm, obj, images, targets, it)
+
+
+def ddp_setup(cfg):
+    model, state, images, targets = setup(cfg, n_images=4)
+    model.eval()
+    return model, state, images, targets
+
+
+def _ddp_worker(rank, port, cfg, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model, state, images, targets = ddp_setup(cfg)
+    sl = slice(2 * rank, 2 * rank + 2)  # different images per rank
+    proto_steps(model, state, images[sl], targets[sl], cfg, N_STEPS)
+    q.put((rank, state.protos.protos.numpy().copy()))  # by value: tensors die with the child
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_prototypes_identical_on_both_ranks():
+    cfg = sim_cfg(proto_conf_thresh=-1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, cfg, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in range(2))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    p0, p1 = torch.from_numpy(got[0]), torch.from_numpy(got[1])
+    assert torch.equal(p0, p1)
+
+    # the same in one process: each step, each half's local update from the shared prototypes, then
+    # their average, re-normalised (what the all-reduce does)
+    model, state, images, targets = ddp_setup(cfg)
+    init = state.protos.protos.clone()
+    assert not torch.equal(p0, init)
+    protos = init
+    for it in range(N_STEPS):
+        local = []
+        for sl in (slice(0, 2), slice(2, 4)):
+            state.protos.protos.copy_(protos)
+            proto_steps(model, state, images[sl], targets[sl], cfg, 1)
+            local.append(state.protos.protos.clone())
+        assert not torch.equal(local[0], local[1])  # the ranks alone would drift apart
+        protos = F.normalize((local[0] + local[1]) / 2, dim=-1)
+    assert torch.allclose(p0, protos, atol=1e-6)
