@@ -168,9 +168,14 @@ def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
         b = int(obj["img"][g])
         h, w = targets[b]["size"]
         shown = pm["M_hat"][g] * pm["W"][g] + 0.5 * (1 - pm["W"][g]) * obj["box_mask"][g]
-        maps = {k: up(v)[:h, :w] for k, v in dict(M_S=pm["M_S"][g], M_I=pm["M_I"][g], M_prob=pm["M_prob"][g],
-                                                   M_hat=shown).items()}
+        # a crop around the object (its box plus half its size on each side), as the paper's figures
+        box = obj["boxes"][g]
+        m = 0.5 * float((box[2:] - box[:2]).max())
+        x0, y0 = max(int(box[0] - m), 0), max(int(box[1] - m), 0)
+        x1, y1 = min(int(box[2] + m) + 1, w), min(int(box[3] + m) + 1, h)
+        maps = {k: up(v)[y0:y1, x0:x1] for k, v in dict(M_S=pm["M_S"][g], M_I=pm["M_I"][g], M_prob=pm["M_prob"][g],
+                                                         M_hat=shown).items()}
         path = os.path.join(out_dir, f"pseudo_{len(paths)}.png")
-        evaluation.save_map_panel(images[b, :, :h, :w], maps, path, boxes=obj["boxes"][g:g + 1])
+        evaluation.save_map_panel(images[b, :, y0:y1, x0:x1], maps, path, boxes=(box - box.new_tensor([x0, y0, x0, y0]))[None])
         paths.append(path)
     return paths

@@ -1,0 +1,119 @@
+"""Tests of train.py's pieces: the configurator, the lr schedule, weight-decay groups, atomic
+checkpoints, the COCO config files, and bad input reported as one clear line."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from model import build_model
+from test_model import tiny_cfg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_configure_types_and_errors(tmp_path):
+    cfg = dict(train.config)
+    train.configure(["--lr=0.5", "--max_iters=7", "--min_size_train=(100,120)", "--resume", "--device=cpu",
+                     "--pretrained=''", "--lr_steps=3"], cfg)
+    assert cfg["lr"] == 0.5 and cfg["max_iters"] == 7 and cfg["min_size_train"] == (100, 120)
+    assert cfg["resume"] is True and cfg["device"] == "cpu" and cfg["pretrained"] == "" and cfg["lr_steps"] == (3,)
+    train.configure(["--lr=1"], cfg)  # an int where a float is expected is fine
+    assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
+    with pytest.raises(SystemExit, match="unknown option --lrr"):
+        train.configure(["--lrr=1"], cfg)
+    with pytest.raises(SystemExit, match="should be a int"):
+        train.configure(["--max_iters=abc"], cfg)
+    with pytest.raises(SystemExit, match="not found"):
+        train.configure([str(tmp_path / "nope.py")], cfg)
+    f = tmp_path / "c.py"
+    f.write_text("max_iters = 11\nmethod = 'sim'\n")
+    train.configure([str(f), "--max_iters=12"], cfg)  # later arguments win
+    assert cfg["max_iters"] == 12 and cfg["method"] == "sim"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(HERE, "configs", "*.py"))))
+def test_config_files_load(path, monkeypatch):
+    monkeypatch.chdir(HERE)  # configs exec each other by relative path, as train.py is run from the repo
+    cfg = dict(train.config)
+    train.configure([path], cfg)
+    assert set(cfg) == set(train.config)
+    assert cfg["train_json"].endswith(".json") and cfg["pretrained"] == "imagenet"
+    assert cfg["method"] in ("boxinst", "full", "sim") and cfg["max_iters"] > max(cfg["lr_steps"])
+    if "sim_r50_1x" in path:
+        assert (cfg["sim_start_iter"], cfg["teacher_momentum"], cfg["proto_momentum"]) == (10000, 0.9999, 0.999)
+        assert (cfg["lambda1"], cfg["lambda2"], cfg["alpha"], cfg["mu"], cfg["tau"]) == (0.5, 1.0, 0.5, 5.0, 0.1)
+
+
+def test_lr_schedule(monkeypatch):
+    monkeypatch.setattr(train, "lr", 0.01)
+    monkeypatch.setattr(train, "warmup_iters", 1000)
+    monkeypatch.setattr(train, "warmup_factor", 0.001)
+    monkeypatch.setattr(train, "lr_steps", (60000, 80000))
+    assert train.get_lr(0) == pytest.approx(1e-5)
+    assert train.get_lr(500) == pytest.approx(0.01 * (0.001 * 0.5 + 0.5))
+    assert train.get_lr(1000) == pytest.approx(0.01)
+    assert train.get_lr(60000) == pytest.approx(0.001)
+    assert train.get_lr(89999) == pytest.approx(0.0001)
+
+
+def test_no_weight_decay_on_norm_layers():
+    model = build_model(tiny_cfg())
+    decay, no_decay = train.param_groups(model)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == train.weight_decay
+    gn = model.head.cls_tower[1]
+    assert any(p is gn.weight for p in no_decay["params"]) and not any(p is gn.weight for p in decay["params"])
+    assert any(p is model.head.scales[0].scale for p in decay["params"])  # FCOS scales: decayed, as the reference
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_save_atomic_keeps_old_checkpoint_on_failure(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_atomic({"iter": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError):
+        train.save_atomic({"iter": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path)["iter"] == 1  # the previous checkpoint survived
+
+
+def run_train(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_coco(tmp_path, annotations, categories=({"id": 1, "name": "a"},), make_image=True):
+    from PIL import Image
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    if make_image:
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(img_dir / "a.jpg")
+    js = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+          "annotations": annotations, "categories": list(categories)}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(js))
+    return str(path), str(img_dir)
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    """An unknown category id and a missing json: exit non-zero with one line naming the file and the fix."""
+    ann = [{"id": 17, "image_id": 1, "category_id": 9, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0}]
+    js, img = write_coco(tmp_path, ann)
+    r = run_train(f"--train_json={js}", f"--train_images={img}", f"--val_json={js}", f"--val_images={img}",
+                  f"--out_dir={tmp_path / 'out'}", "--max_iters=1", "--device=cpu", cwd=tmp_path)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "train.json" in last and "17" in last and "fix" in last and "Traceback" not in r.stderr
+    r = run_train(f"--train_json={tmp_path / 'missing.json'}", f"--train_images={img}", f"--val_json={js}",
+                  f"--val_images={img}", "--max_iters=1", cwd=tmp_path)
+    assert r.returncode != 0 and "missing.json" in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr
