@@ -471,12 +471,13 @@ def test_save_pseudo_mask_pictures(tmp_path):
     paths = sim.save_pseudo_mask_pictures(state, model, images, targets, str(tmp_path), n=3)
     assert model.training  # restored
     assert len(paths) == 3 and sorted(os.listdir(tmp_path)) == ["pseudo_0.png", "pseudo_1.png", "pseudo_2.png"]
-    s = evaluation.upscale_factor(64, 64)
     for p in paths:
         with Image.open(p) as im:
-            # image, M_S, M_I, M_prob, M_hat side by side
-            assert im.width == 5 * 64 * s + 4 * evaluation.PANEL_GAP
-            assert im.height == 64 * s + evaluation.TITLE_H
+            # image, M_S, M_I, M_prob, M_hat side by side: 5 equal panels, each a crop around the
+            # object (smaller than the 64 px image) upscaled until its short side reaches MIN_SIDE
+            panel_w, rem = divmod(im.width - 4 * evaluation.PANEL_GAP, 5)
+            panel_h = im.height - evaluation.TITLE_H
+            assert rem == 0 and min(panel_w, panel_h) >= evaluation.MIN_SIDE
 
 
 # -----------------------------------------------------------------------------
