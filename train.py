@@ -247,7 +247,7 @@ def main():
 
     # data (the master generates the synthetic dataset first, the others wait for it)
     if master:
-        paths = dataset_paths()
+        dataset_paths()  # generates the synthetic dataset on first use
     if ddp:
         dist.barrier()
     paths = dataset_paths()
@@ -257,7 +257,7 @@ def main():
                                  max_size=max_size_test, with_masks=False)
     if num_classes == 0:
         num_classes = train_ds.num_classes
-    config.update(num_classes=num_classes, **{k: v for k, v in paths.items()})
+    config.update(num_classes=num_classes, **paths)
     train_loader = data.make_loader(train_ds, batch_size, train=True, num_workers=num_workers, distributed=ddp, seed=seed)
     batches = data.infinite(train_loader)
 
