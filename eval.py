@@ -301,9 +301,9 @@ def save_overlays(model, dataset, device, out_dir, n=8, score_thresh=0.3):
 def save_map_panel(image_uint8, maps, path, boxes=None):
     """
     Writes one PNG row: the image (3,H,W) then each map of maps {name: (H,W) float in [0,1]} as a heat map
-    titled with its name (ASCII: the default font has no combining marks, so M_hat not M̂; e.g. SIM's M_S, M_I).
-    A map of another size is resized (bilinear) to the
-    image. boxes (N,4) xyxy in the image frame, if given, are outlined on every panel.
+    titled with its name (SIM's M_S, M_I, M_hat; keep names ASCII: the default font has no combining marks).
+    A map of another size is resized (bilinear) to the image. boxes (N,4) xyxy in the image frame, if given,
+    are outlined on every panel.
     """
     image = image_uint8.detach().cpu()
     H, W = image.shape[1:]
@@ -403,7 +403,7 @@ def main(argv):
     val_images = cfg["val_images"] or config["val_images"]
     if not val_json:  # the run trained on the embedded synthetic data set
         from data import ensure_synthetic
-        paths = ensure_synthetic()
+        paths = ensure_synthetic(config.get("synthetic_root", "data/synthetic"))  # train.py's key and default
         val_json, val_images = paths["val_json"], paths["val_images"]
     if not os.path.isfile(val_json):
         return fail(f"{val_json} not found — fix: --val_json=PATH of a COCO annotation file")
