@@ -40,6 +40,11 @@ def aligned_bilinear(x, factor):
     return x[:, :, : factor * h, : factor * w]                         # (N, C, f*h, f*w)
 
 
+def decode_boxes(locations, ltrb):
+    """FCOS boxes from locations (N, 2) (x, y) and distances ltrb (N, 4) in pixels -> (N, 4) xyxy."""
+    return torch.cat([locations - ltrb[:, :2], locations + ltrb[:, 2:]], 1)
+
+
 def compute_locations(feature_sizes, strides, device):
     """Pixel coordinates of every feature cell, all levels concatenated (level-major, row-major).
 
@@ -405,7 +410,7 @@ class CondInst(nn.Module):
                 cand_p.append(s)
             loc, cls, score = torch.cat(cand_loc), torch.cat(cand_cls), torch.cat(cand_p).sqrt()
             xy, ltrb = out["locations"][loc], out["reg"][b, loc] * strides[loc, None]       # (n, 2), (n, 4)
-            boxes = torch.cat([xy - ltrb[:, :2], xy + ltrb[:, 2:]], 1)                       # (n, 4)
+            boxes = decode_boxes(xy, ltrb)                                                  # (n, 4)
             keep = batched_nms(boxes, score, cls, c["nms_thresh"])[: c["max_dets"]]
             loc, cls, score, boxes = loc[keep], cls[keep], score[keep], boxes[keep]
             results.append(self.postprocess(out, b, loc, cls, score, boxes, targets[b]))

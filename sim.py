@@ -24,7 +24,7 @@ import torch
 import copypaste
 import losses
 import prototypes
-from model import make_teacher, update_teacher
+from model import decode_boxes, make_teacher, update_teacher
 
 
 class SIMState:
@@ -100,7 +100,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     stride = t_out["locations"].new_tensor(teacher.strides)[t_out["loc_level"][inst["loc_inds"]]]  # (K,)
     xy = t_out["locations"][inst["loc_inds"]]                                           # (K, 2)
     ltrb = t_out["reg"][inst["im_inds"], inst["loc_inds"]].float() * stride[:, None]   # (K, 4)
-    pred_boxes = torch.cat([xy - ltrb[:, :2], xy + ltrb[:, 2:]], 1)                     # (K, 4)
+    pred_boxes = decode_boxes(xy, ltrb)                                                 # (K, 4)
     ious = prototypes.box_iou_pairs(pred_boxes, obj["boxes"][gi])                       # (K,)
     w = prototypes.positive_weights(ious, gi, G, cfg["mu"])                             # (K,)
     m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/4, Wp/4)
@@ -128,7 +128,7 @@ def sim_losses(out, pm, obj):
 
 
 @torch.no_grad()
-def after_step(state, model, out, pm, obj, images, targets, it):
+def after_step(state, model, out, pm, obj, images, targets):
     """Prototype update (Eq. 2-5) from the student's features at confident in-box pixels, the
     memory-bank push (Eq. 11) of this batch's ordinary objects, and the teacher's EMA."""
     cfg = state.cfg
@@ -136,12 +136,8 @@ def after_step(state, model, out, pm, obj, images, targets, it):
     # confident pixels: inside the box where the teacher's mean mask over the positives > 0.7
     fg = (pm["M_mean"] > cfg["proto_conf_thresh"]) & (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]
     state.protos.update(feats, obj["img"], obj["cls"], fg)
-    start = 0
     for b, t in enumerate(targets):
-        n = len(t["boxes"])
-        sel = torch.arange(start, start + n, device=images.device)
-        sel = sel[pm["has_pos"][sel] & ~obj["pasted"][sel]]
-        start += n
+        sel = ((obj["img"] == b) & pm["has_pos"] & ~obj["pasted"]).nonzero().squeeze(1)  # this image's ordinary objects
         h, w = t["size"]
         entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
                                                   pm["M_mean"][sel], (h, w), cfg["bank_thresh"])

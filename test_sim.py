@@ -339,7 +339,7 @@ def test_after_step_prototypes_bank_teacher():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.add_(1.0)
-    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    sim.after_step(state, model, out, pm, obj, images, targets)
 
     # prototypes: Eq. (2)-(5) from the student's features at the in-box pixels of objects with positives;
     # only class 0 (image 1's object) had such pixels
@@ -368,7 +368,7 @@ def test_after_step_bank_entries():
     pm["has_pos"] = torch.tensor([True, True, False, True])
     targets[0]["pasted"] = torch.tensor([False, True])
     obj = sim.objects(targets, images.shape[-2:])
-    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    sim.after_step(state, model, out, pm, obj, images, targets)
     # one entry per image with ordinary objects that have positives, each with an all-box pseudo mask
     assert len(state.bank) == 2
     e0, e1 = state.bank.entries
@@ -391,7 +391,7 @@ def test_image_without_objects():
     assert obj["img"].tolist() == [1, 1] and pm["M_prob"].shape == (2, 16, 16) and pm["has_pos"].all()
     terms = sim.sim_losses(out, pm, obj)
     assert torch.isfinite(terms["loss_pseudo"]) and terms["loss_pseudo"] > 0
-    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    sim.after_step(state, model, out, pm, obj, images, targets)
     assert len(state.bank) == 1 and torch.equal(state.bank.entries[0]["image"], images[1])
 
 
@@ -400,7 +400,7 @@ def test_after_step_nothing_confident():
     model, state, images, targets = setup(cfg)
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     before = state.protos.protos.clone()
-    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    sim.after_step(state, model, out, pm, obj, images, targets)
     assert torch.equal(state.protos.protos, before)
     assert len(state.bank) == 0
 
@@ -433,7 +433,7 @@ def test_sim_state_round_trip():
         for p in state.teacher.parameters():
             p.mul_(0.5)
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
-    sim.after_step(state, model, out, pm, obj, images, targets, it=0)
+    sim.after_step(state, model, out, pm, obj, images, targets)
     torch.rand(7, generator=state.generator)  # the copy-paste draws have advanced
     buf = io.BytesIO()
     torch.save(state.state_dict(), buf)  # as in the checkpoint
@@ -493,7 +493,7 @@ def proto_steps(model, state, images, targets, cfg, n):
     for it in range(n):
         with torch.no_grad():
             out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
-        sim.after_step(state, model, out, pm, obj, images, targets, it)
+        sim.after_step(state, model, out, pm, obj, images, targets)
 
 
 def ddp_setup(cfg):

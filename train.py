@@ -217,7 +217,7 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if teacher_on:
-        sim.after_step(sim_state, raw_model, out, pm, obj, images, targets, it)
+        sim.after_step(sim_state, raw_model, out, pm, obj, images, targets)
     return loss, logs
 
 
