@@ -312,7 +312,7 @@ def color_similarity(images_uint8, valid, stride=4, kernel_size=3, dilation=2):
     pooled = F.avg_pool2d(images_uint8.float(), kernel_size=stride, stride=stride).floor()  # (B, 3, h, w)
     lab = rgb_to_lab(pooled)  # (B, 3, h, w)
     diff = lab[:, :, None] - unfold_wo_center(lab, kernel_size, dilation)  # (B, 3, 8, h, w)
-    sim = torch.exp(-diff.norm(dim=1) * 0.5)  # (B, 8, h, w)
+    sim = torch.exp(-diff.pow(2).sum(1).sqrt() * 0.5)  # (B, 8, h, w); = ||diff||_2, faster than .norm on CPU
     nb_valid = unfold_wo_center(valid[:, None].to(sim.dtype), kernel_size, dilation)[:, 0]  # (B, 8, h, w)
     return sim * nb_valid
 

@@ -65,7 +65,16 @@ def compute_locations(feature_sizes, strides, device):
 # Backbone and FPN
 
 
-RESNETS = {
+def resnet10(weights=None, **kwargs):
+    """torchvision's ResNet with one BasicBlock per stage: half of ResNet-18's compute. There are no
+    ImageNet weights for it; it exists for the from-scratch CPU demo, where iterations per minute
+    matter more than depth."""
+    assert weights is None, "resnet10 has no pretrained weights"
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
+RESNETS = {  # name -> (builder, torchvision weights enum, channels of C3, C4, C5)
+    "resnet10": (resnet10, None, (128, 256, 512)),
     "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", (128, 256, 512)),
     "resnet34": (torchvision.models.resnet34, "ResNet34_Weights", (128, 256, 512)),
     "resnet50": (torchvision.models.resnet50, "ResNet50_Weights", (512, 1024, 2048)),
@@ -77,6 +86,9 @@ def load_backbone_weights(name, pretrained):
     """State dict for a torchvision ResNet: 'imagenet' (torchvision's weights API, cached in
     $TORCH_HOME/hub/checkpoints) or a path to a .pth file. Offline without a cache -> one clear line."""
     if pretrained == "imagenet":
+        if RESNETS[name][1] is None:
+            raise SystemExit(f"model.py: {name} has no ImageNet weights — fix: --pretrained='' (random init) "
+                             f"or a deeper ResNet (resnet18/34/50/101)")
         weights = getattr(torchvision.models, RESNETS[name][1]).IMAGENET1K_V1
         try:
             return weights.get_state_dict(progress=True)
@@ -321,6 +333,8 @@ class CondInst(nn.Module):
     def features(self, images):
         """images uint8 (B, 3, Hp, Wp) -> dict of the network's dense outputs."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
+        if self.cfg["channels_last"]:  # NHWC convolutions: faster on CPU (oneDNN) and on tensor cores
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.fpn(self.backbone(x))
         cls, reg, ctr, params = self.head(feats)
         mask_feats = self.mask_branch(feats[:3])                       # (B, D, Hp/8, Wp/8)
@@ -452,7 +466,7 @@ MODEL_KEYS = dict(  # what build_model reads from the config, with the reference
     head_channels=256, head_convs=4, num_classes=80, mask_branch_channels=128, mask_branch_convs=4,
     mask_out_channels=16, mask_head_channels=8, mask_head_layers=3, sizes_of_interest=(64, 128, 256, 512),
     center_radius=1.5, topk_proposals_per_im=64, max_proposals=-1, method="boxinst", score_thresh=0.05,
-    pre_nms_topk=1000, nms_thresh=0.6, max_dets=100, mask_thresh=0.5,
+    pre_nms_topk=1000, nms_thresh=0.6, max_dets=100, mask_thresh=0.5, channels_last=False,
 )
 
 
@@ -464,7 +478,8 @@ def build_model(cfg):
     cfg = {k: cfg[k] for k in MODEL_KEYS}
     if cfg["fpn_channels"] != cfg["head_channels"]:
         raise SystemExit("model.py: head_channels must equal fpn_channels (the head is shared over FPN levels)")
-    return CondInst(cfg)
+    model = CondInst(cfg)
+    return model.to(memory_format=torch.channels_last) if cfg["channels_last"] else model
 
 
 # -----------------------------------------------------------------------------

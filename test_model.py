@@ -182,6 +182,28 @@ def test_imagenet_weights_through_torchvision_api(tmp_path, monkeypatch):
     assert os.path.basename(weights.url) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_resnet10_and_channels_last():
+    """The demo's backbone: one BasicBlock per stage, no ImageNet weights (one clear line); the
+    channels_last model computes the same outputs and gradients as the NCHW one."""
+    model = build_model(tiny_cfg(backbone="resnet10"))
+    assert [len(l) for l in (model.backbone.layer1, model.backbone.layer4)] == [1, 1]
+    with pytest.raises(SystemExit) as e:
+        build_model(tiny_cfg(backbone="resnet10", pretrained="imagenet"))
+    assert "resnet10" in str(e.value) and "fix" in str(e.value) and "\n" not in str(e.value)
+    images, targets = scene()
+    outs = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(backbone="resnet10", channels_last=cl)).eval()
+        w = model.backbone.stem[0].weight
+        assert w.is_contiguous(memory_format=torch.channels_last) == cl
+        out = model.features(images)
+        out["cls_logits"].sum().backward()
+        outs.append((out["cls_logits"], out["mask_feats"], w.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_teacher_ema():
     model = build_model(tiny_cfg())
     teacher = make_teacher(model)

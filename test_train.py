@@ -45,6 +45,9 @@ def test_config_files_load(path, monkeypatch):
     assert set(cfg) == set(train.config)
     assert cfg["train_json"].endswith(".json") and cfg["pretrained"] == "imagenet"
     assert cfg["method"] in ("boxinst", "full", "sim") and cfg["max_iters"] > max(cfg["lr_steps"])
+    # the reference's solver and FPN size ranges, not the CPU demo's AdamW and scaled ranges
+    assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
+    assert cfg["sizes_of_interest"] == (64, 128, 256, 512) and cfg["backbone"] in ("resnet50", "resnet101")
     if "sim_r50_1x" in path:
         assert (cfg["sim_start_iter"], cfg["teacher_momentum"], cfg["proto_momentum"]) == (10000, 0.9999, 0.999)
         assert (cfg["lambda1"], cfg["lambda2"], cfg["alpha"], cfg["mu"], cfg["tau"]) == (0.5, 1.0, 0.5, 5.0, 0.1)

@@ -21,14 +21,20 @@ backbone = "resnet50"
 pretrained = "imagenet"
 backbone_norm = "frozen"
 freeze_at = 2
+channels_last = False
+sizes_of_interest = (64, 128, 256, 512)
 fpn_channels = 256
 head_channels = 256
 head_convs = 4
 mask_branch_channels = 128
 mask_branch_convs = 4
-# schedule
+# schedule: the reference's SGD
 pairwise_warmup_iters = 10000
+solver = "sgd"
 lr = 0.01
+momentum = 0.9
+weight_decay = 1e-4
+warmup_factor = 0.001
 warmup_iters = 1000
 lr_steps = (60000, 80000)
 max_iters = 90000
