@@ -100,6 +100,35 @@ def test_synthetic_shapes_rings_have_holes_discs_do_not():
     assert len(disc_fills) >= 5 and np.mean(disc_fills) > 0.7
 
 
+def test_synthetic_objects_are_mostly_colour_connected_and_class_coloured():
+    """The generator's two properties the demo relies on: most neighbour pairs inside an object pass
+    BoxInst's colour threshold (as on real objects at stride 4; the inner two-tone edges and the
+    low-contrast objects are the exceptions), almost none across an object's boundary; and each class
+    has its own hue family (measured on the non-low-contrast objects: mean hue distance to the
+    class hue < 25 degrees)."""
+    import colorsys
+    import losses
+    inside, across, hue_err = [], [], []
+    for i in range(20):
+        image, masks, labels = data.render_synthetic_image(np.random.default_rng([0, 0, i]), 160, 192)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        sim = losses.color_similarity(x, torch.ones(1, 40, 48))[0]  # (8, 40, 48)
+        m = torch.from_numpy(masks).float()[:, 2::4, 2::4]  # (K, 40, 48) on the stride-4 grid
+        nb = losses.unfold_wo_center(m[:, None], 3, 2)[:, 0]  # (K, 8, 40, 48): the neighbour's mask
+        in_img = losses.unfold_wo_center(torch.ones(1, 1, 40, 48), 3, 2)[0, 0] > 0
+        for k in range(len(m)):
+            inside.append(sim[(m[k] > 0) & (nb[k] > 0)])
+            across.append(sim[(m[k] > 0) & (nb[k] == 0) & in_img])
+            rgb = image[masks[k]].astype(float).mean(0) / 255
+            h, s, v = colorsys.rgb_to_hsv(*rgb)
+            if s > 0.35:  # the low-contrast objects take most of their colour from the background
+                d = abs(h * 360 - data.CLASS_HUES[labels[k]]) % 360
+                hue_err.append(min(d, 360 - d))
+    assert (torch.cat(inside) >= 0.3).float().mean() > 0.55
+    assert (torch.cat(across) >= 0.3).float().mean() < 0.02
+    assert len(hue_err) > 40 and np.median(hue_err) < 25
+
+
 # -----------------------------------------------------------------------------
 # resize, flip, masks
 
