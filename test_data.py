@@ -109,13 +109,13 @@ def test_synthetic_objects_are_mostly_colour_connected_and_class_coloured():
     import colorsys
     import losses
     inside, across, hue_err = [], [], []
+    in_img = losses.unfold_wo_center(torch.ones(1, 1, 40, 48), 3, 2)[0, 0] > 0  # (8, 40, 48): neighbour in the image
     for i in range(20):
         image, masks, labels = data.render_synthetic_image(np.random.default_rng([0, 0, i]), 160, 192)
         x = torch.from_numpy(image).permute(2, 0, 1)[None]
         sim = losses.color_similarity(x, torch.ones(1, 40, 48))[0]  # (8, 40, 48)
         m = torch.from_numpy(masks).float()[:, 2::4, 2::4]  # (K, 40, 48) on the stride-4 grid
         nb = losses.unfold_wo_center(m[:, None], 3, 2)[:, 0]  # (K, 8, 40, 48): the neighbour's mask
-        in_img = losses.unfold_wo_center(torch.ones(1, 1, 40, 48), 3, 2)[0, 0] > 0
         for k in range(len(m)):
             inside.append(sim[(m[k] > 0) & (nb[k] > 0)])
             across.append(sim[(m[k] > 0) & (nb[k] == 0) & in_img])
