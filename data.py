@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """Bad input data. The message is one line: '<file>: <what is wrong> (<entry>) — fix: <what to do>'."""
 
 
@@ -227,8 +227,9 @@ def make_loader(dataset, batch_size, train, num_workers=2, distributed=False, se
         sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed) if distributed else
                    torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)))
         if len(sampler) < batch_size:
-            raise ValueError(f"training set has {len(sampler)} images per rank, fewer than batch_size "
-                             f"{batch_size}: no full batch (drop_last) — lower batch_size or add images")
+            raise _error(getattr(dataset, "json_path", "training set"),
+                         f"{len(sampler)} images per rank, fewer than batch_size {batch_size}",
+                         "no full batch with drop_last", "lower --batch_size or add images")
     else:
         sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed else
                    torch.utils.data.SequentialSampler(dataset))

@@ -120,3 +120,15 @@ def test_bad_input_is_one_clear_line(tmp_path):
                   f"--val_images={img}", "--max_iters=1", cwd=tmp_path)
     assert r.returncode != 0 and "missing.json" in r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr
+    # a valid dataset of one image: batch_size 4 has no full batch; then an unknown solver
+    ann = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0}]
+    js, img = write_coco(tmp_path, ann)
+    args = [f"--train_json={js}", f"--train_images={img}", f"--val_json={js}", f"--val_images={img}",
+            f"--out_dir={tmp_path / 'out'}", "--max_iters=1", "--device=cpu"]
+    r = run_train(*args, "--batch_size=4", cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "train.json" in last and "batch_size 4" in last and "fix" in last
+    assert "Traceback" not in r.stderr
+    r = run_train(*args, "--batch_size=1", "--solver=adam", cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "--solver='adam'" in last and "fix" in last and "Traceback" not in r.stderr

@@ -269,8 +269,10 @@ def main():
     model = build_model(config).to(dev)
     if solver == "adamw":
         optimizer = torch.optim.AdamW(param_groups(model), lr=lr)
-    else:
+    elif solver == "sgd":
         optimizer = torch.optim.SGD(param_groups(model), lr=lr, momentum=momentum)
+    else:
+        sys.exit(f"train.py: --solver={solver!r} is not a solver — fix: --solver=sgd or --solver=adamw")
     sim_state = sim.SIMState(config, dev, rank) if method == "sim" else None  # teacher, prototypes, bank
     start_iter = 0
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -352,12 +354,8 @@ def run_eval(raw_model, val_ds, dev, master, ddp, final):
         dist.barrier()
 
 
-def run():
+if __name__ == "__main__":
     try:
         main()
     except data.DataError as e:  # bad input: one clear line, not a traceback from a worker process
         sys.exit(f"train.py: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
-
-
-if __name__ == "__main__":
-    run()
