@@ -73,12 +73,12 @@ def resnet10(weights=None, **kwargs):
     return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
-RESNETS = {  # name -> (builder, torchvision weights enum, channels of C3, C4, C5)
-    "resnet10": (resnet10, None, (128, 256, 512)),
-    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", (128, 256, 512)),
-    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights", (128, 256, 512)),
-    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights", (512, 1024, 2048)),
-    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", (512, 1024, 2048)),
+RESNETS = {  # name -> (builder, torchvision weights enum, channels of C2, C3, C4, C5)
+    "resnet10": (resnet10, None, (64, 128, 256, 512)),
+    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", (64, 128, 256, 512)),
+    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights", (64, 128, 256, 512)),
+    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights", (256, 512, 1024, 2048)),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", (256, 512, 1024, 2048)),
 }
 
 
@@ -106,7 +106,7 @@ def load_backbone_weights(name, pretrained):
 
 
 class Backbone(nn.Module):
-    """ResNet trunk returning C3, C4, C5 (strides 8, 16, 32).
+    """ResNet trunk returning C2, C3, C4, C5 (strides 4, 8, 16, 32; C2 only feeds a stride-2 mask output).
 
     norm='frozen' is the reference (FrozenBatchNorm2d with ImageNet statistics); norm='bn' trains
     BatchNorm, which is what a from-scratch run (the embedded demo, no ImageNet weights) needs.
@@ -134,36 +134,46 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x):
-        x = self.layer1(self.stem(x))   # (B, C2, H/4, W/4)
-        c3 = self.layer2(x)             # (B, C3, H/8, W/8)
+        c2 = self.layer1(self.stem(x))  # (B, C2, H/4, W/4)
+        c3 = self.layer2(c2)            # (B, C3, H/8, W/8)
         c4 = self.layer3(c3)            # (B, C4, H/16, W/16)
         c5 = self.layer4(c4)            # (B, C5, H/32, W/32)
-        return [c3, c4, c5]
+        return [c2, c3, c4, c5]
 
 
 class FPN(nn.Module):
-    """Feature pyramid P3-P7: lateral 1x1 + output 3x3 on C3-C5, nearest top-down, P6 from P5, P7 from ReLU(P6)."""
+    """Feature pyramid P3-P7: lateral 1x1 + output 3x3 on C3-C5, nearest top-down, P6 from P5, P7 from ReLU(P6).
 
-    def __init__(self, in_channels, channels=256):
+    with_p2 adds a stride-4 level for a mask branch at stride 4 (mask_out_stride 2, the small-image
+    demo): P2 = lateral(C2) + up(P3's top-down sum), without a 3x3 output conv: the mask branch's own
+    3x3 refine conv comes right after it, and the head never sees P2.
+    """
+
+    def __init__(self, in_channels, channels=256, with_p2=False):
         super().__init__()
+        c2, *in_channels = in_channels
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
         self.p6 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
         self.p7 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.lateral_p2 = nn.Conv2d(c2, channels, 1) if with_p2 else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # detectron2's "c2_xavier_fill"
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.zeros_(m.bias)
 
     def forward(self, feats):
-        c3, c4, c5 = feats
+        c2, c3, c4, c5 = feats
         l5 = self.lateral[2](c5)
         l4 = self.lateral[1](c4) + F.interpolate(l5, size=c4.shape[-2:], mode="nearest")
         l3 = self.lateral[0](c3) + F.interpolate(l4, size=c3.shape[-2:], mode="nearest")
         p3, p4, p5 = self.output[0](l3), self.output[1](l4), self.output[2](l5)
         p6 = self.p6(p5)
         p7 = self.p7(F.relu(p6))
-        return [p3, p4, p5, p6, p7]   # strides 8, 16, 32, 64, 128
+        if self.lateral_p2 is None:
+            return [p3, p4, p5, p6, p7]   # strides 8, 16, 32, 64, 128
+        p2 = self.lateral_p2(c2) + F.interpolate(l3, size=c2.shape[-2:], mode="nearest")
+        return [p2, p3, p4, p5, p6, p7]   # strides 4, 8, ..., 128
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +195,14 @@ def conv_gn_relu(cin, cout):
 
 class FCOSHead(nn.Module):
     """Shared over levels: cls tower -> class logits; box tower -> ltrb, centerness and the
-    controller, which emits the dynamic mask head's parameters at every location (CondInst)."""
+    controller, which emits the dynamic mask head's parameters at a location (CondInst).
+
+    The controller is a 3x3 conv on the box tower like the other outputs, but only the few
+    locations that get a mask (training positives, kept detections) ever use its output, so
+    forward() returns the box tower's features and controller_at() evaluates the conv at those
+    locations alone: the same numbers as the dense conv (test_model checks it), without the
+    dense map's cost (P = 233 output channels: 11% of the demo model's FLOPs).
+    """
 
     def __init__(self, channels, num_classes, num_params, num_convs=4, num_levels=5, prior_prob=0.01):
         super().__init__()
@@ -203,9 +220,10 @@ class FCOSHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats):
-        """feats: list of (B, Ch, H_l, W_l). Returns flattened (B, L, .) tensors over all levels."""
+        """feats: list of (B, Ch, H_l, W_l). Returns flattened (B, L, .) tensors over all levels,
+        and the box tower's output per level (for controller_at)."""
         flat = lambda t: t.flatten(2).transpose(1, 2)    # (B, K, H, W) -> (B, H*W, K)
-        cls, reg, ctr, params = [], [], [], []
+        cls, reg, ctr, box_feats = [], [], [], []
         for lvl, x in enumerate(feats):
             c = self.cls_tower(x)
             b = self.box_tower(x)
@@ -213,11 +231,30 @@ class FCOSHead(nn.Module):
             # ReLU(scale * x): distances in stride units (the reference's norm_reg_targets)
             reg.append(flat(F.relu(self.scales[lvl](self.bbox_pred(b)))))
             ctr.append(flat(self.ctrness(b)))
-            params.append(flat(self.controller(b)))
+            box_feats.append(b)                 # (B, Ch, H_l, W_l)
         return (torch.cat(cls, 1),              # (B, L, C)
                 torch.cat(reg, 1),              # (B, L, 4)
                 torch.cat(ctr, 1).squeeze(2),   # (B, L)
-                torch.cat(params, 1))           # (B, L, P)
+                box_feats)
+
+    def controller_at(self, box_feats, im_inds, loc_inds):
+        """The controller's 3x3 conv (zero padding 1) at K locations only -> params (K, P).
+        im_inds (K,) image, loc_inds (K,) flat index over all levels (level-major, row-major)."""
+        sizes = [f.shape[-2:] for f in box_feats]
+        padded = torch.cat([F.pad(f, (1, 1, 1, 1)).flatten(2) for f in box_feats], 2)  # (B, Ch, sum (H+2)(W+2))
+        # for every location, the flat indices of its 3x3 neighbourhood in `padded`, row-major (dy, dx)
+        nbrs, offset = [], 0
+        for h, w in sizes:
+            r = torch.arange(h, device=padded.device)[:, None, None, None]              # (h, 1, 1, 1)
+            c = torch.arange(w, device=padded.device)[None, :, None, None]              # (1, w, 1, 1)
+            d = torch.arange(3, device=padded.device)
+            nb = offset + (r + d[:, None]) * (w + 2) + c + d[None, :]                    # (h, w, 3, 3)
+            nbrs.append(nb.reshape(h * w, 9))
+            offset += (h + 2) * (w + 2)
+        nb = torch.cat(nbrs)[loc_inds]                                                   # (K, 9)
+        patches = padded[im_inds[:, None], :, nb]                                        # (K, 9, Ch)
+        weight = self.controller.weight.permute(0, 2, 3, 1).flatten(1)                   # (P, 9*Ch), same order
+        return F.linear(patches.flatten(1), weight, self.controller.bias)                # (K, P)
 
 
 def conv_bn_relu(cin, cout):
@@ -228,20 +265,21 @@ def conv_bn_relu(cin, cout):
 
 class MaskBranch(nn.Module):
     """CondInst's bottom module: P3-P5 refined, fused at stride 8, a conv tower, then out_channels
-    (16 for BoxInst/SIM) mask features shared by every instance of the image."""
+    (16 for BoxInst/SIM) mask features shared by every instance of the image. With num_levels=4 it
+    reads P2-P5 and works at stride 4 instead (mask_out_stride 2)."""
 
-    def __init__(self, in_channels, channels=128, out_channels=16, num_convs=4):
+    def __init__(self, in_channels, channels=128, out_channels=16, num_convs=4, num_levels=3):
         super().__init__()
-        self.refine = nn.ModuleList(nn.Sequential(*conv_bn_relu(in_channels, channels)) for _ in range(3))
+        self.refine = nn.ModuleList(nn.Sequential(*conv_bn_relu(in_channels, channels)) for _ in range(num_levels))
         self.tower = nn.Sequential(*sum([conv_bn_relu(channels, channels) for _ in range(num_convs)], []),
                                    nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, feats):
-        x = self.refine[0](feats[0])                                   # (B, Cb, H/8, W/8)
-        for i in (1, 2):
-            y = self.refine[i](feats[i])                               # (B, Cb, H/2^(3+i), ...)
+        x = self.refine[0](feats[0])                                   # (B, Cb, H/s, W/s), s = 8 (or 4)
+        for i in range(1, len(self.refine)):
+            y = self.refine[i](feats[i])                               # (B, Cb, H/(s 2^i), W/(s 2^i))
             x = x + aligned_bilinear(y, x.shape[-2] // y.shape[-2])
-        return self.tower(x)                                           # (B, D, H/8, W/8)
+        return self.tower(x)                                           # (B, D, H/s, W/s)
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +304,7 @@ def dynamic_mask_head(mask_feats, params, im_inds, inst_locations, inst_levels, 
     mask_feats (B, D, H, W) at `stride`; params (K, P) laid out [W1|W2|W3|b1|b2|b3];
     im_inds (K,) image of each instance; inst_locations (K, 2) its FCOS location (x, y);
     inst_levels (K,) its FPN level; sizes_of_interest per level normalise the relative coords.
-    Returns mask logits (K, 1, 2H, 2W) at stride 4 (aligned bilinear x2).
+    Returns mask logits (K, 1, 2H, 2W) at stride/2, the mask-out stride (aligned bilinear x2).
     """
     B, D, H, W = mask_feats.shape
     K = params.shape[0]
@@ -315,11 +353,14 @@ class CondInst(nn.Module):
         self.cfg = dict(cfg)
         self.num_classes = cfg["num_classes"]
         self.backbone = Backbone(cfg["backbone"], cfg["pretrained"], cfg["backbone_norm"], cfg["freeze_at"])
-        self.fpn = FPN(self.backbone.out_channels, cfg["fpn_channels"])
+        # mask_out_stride 4 (reference): mask branch on P3-P5 at stride 8; 2: on P2-P5 at stride 4
+        self.mask_out_stride = cfg["mask_out_stride"]
+        self.fpn = FPN(self.backbone.out_channels, cfg["fpn_channels"], with_p2=self.mask_out_stride == 2)
         D = cfg["mask_out_channels"]
         self.num_params = num_dynamic_params(D, cfg["mask_head_channels"], cfg["mask_head_layers"])
         self.head = FCOSHead(cfg["fpn_channels"], self.num_classes, self.num_params, cfg["head_convs"])
-        self.mask_branch = MaskBranch(cfg["fpn_channels"], cfg["mask_branch_channels"], D, cfg["mask_branch_convs"])
+        self.mask_branch = MaskBranch(cfg["fpn_channels"], cfg["mask_branch_channels"], D, cfg["mask_branch_convs"],
+                                      num_levels=4 if self.mask_out_stride == 2 else 3)
         # ImageNet statistics in the 0-255 range: images arrive as raw uint8 RGB
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255, persistent=False)
@@ -335,19 +376,20 @@ class CondInst(nn.Module):
         x = (images.float() - self.pixel_mean) / self.pixel_std
         if self.cfg["channels_last"]:  # NHWC convolutions: faster on CPU (oneDNN) and on tensor cores
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.fpn(self.backbone(x))
-        cls, reg, ctr, params = self.head(feats)
-        mask_feats = self.mask_branch(feats[:3])                       # (B, D, Hp/8, Wp/8)
+        pyramid = self.fpn(self.backbone(x))                           # [P2,] P3, ..., P7
+        feats = pyramid[-5:]                                           # P3-P7: the FCOS levels
+        cls, reg, ctr, box_feats = self.head(feats)
+        mask_feats = self.mask_branch(pyramid[:-2])                    # (B, D, Hp/2s, Wp/2s), s = mask_out_stride
         locations, loc_level = compute_locations([f.shape[-2:] for f in feats], self.strides, images.device)
-        return dict(cls_logits=cls, reg=reg, ctr_logits=ctr, params=params, mask_feats=mask_feats,
+        return dict(cls_logits=cls, reg=reg, ctr_logits=ctr, box_feats=box_feats, mask_feats=mask_feats,
                     locations=locations, loc_level=loc_level)
 
     def mask_logits(self, out, inst):
-        """Dynamic mask head on the instances `inst` (im_inds, loc_inds) -> (K, 1, Hp/4, Wp/4)."""
-        params = out["params"][inst["im_inds"], inst["loc_inds"]]      # (K, P)
+        """Dynamic mask head on the instances `inst` (im_inds, loc_inds) -> (K, 1, Hp/s, Wp/s), s = mask_out_stride."""
+        params = self.head.controller_at(out["box_feats"], inst["im_inds"], inst["loc_inds"])  # (K, P)
         return dynamic_mask_head(out["mask_feats"], params, inst["im_inds"], out["locations"][inst["loc_inds"]],
                                  out["loc_level"][inst["loc_inds"]], self.soi_levels,
-                                 self.cfg["mask_head_channels"], self.cfg["mask_head_layers"])
+                                 self.cfg["mask_head_channels"], self.cfg["mask_head_layers"], 2 * self.mask_out_stride)
 
     def forward(self, images, targets):
         """Training forward: dense outputs, FCOS targets, selected positives and their mask logits."""
@@ -363,7 +405,7 @@ class CondInst(nn.Module):
                                                  self.cfg["sizes_of_interest"], self.cfg["center_radius"], centers)
             out["targets"]["num_gts"] = torch.tensor([len(b) for b in gt_boxes], device=images.device)
             out["inst"] = self.select_instances(out)
-        out["mask_logits"] = self.mask_logits(out, out["inst"])          # (K, 1, Hp/4, Wp/4)
+        out["mask_logits"] = self.mask_logits(out, out["inst"])          # (K, 1, Hp/s, Wp/s)
         return out
 
     def select_instances(self, out):
@@ -435,8 +477,8 @@ class CondInst(nn.Module):
         (h, w), (H0, W0) = target["size"], target["orig_size"]
         inst = dict(im_inds=torch.full_like(loc, b), loc_inds=loc)
         if loc.numel():
-            m = self.mask_logits(out, inst).sigmoid()                                        # (K, 1, Hp/4, Wp/4)
-            m = aligned_bilinear(m, 4)[:, :, :h, :w]                                         # (K, 1, h, w)
+            m = self.mask_logits(out, inst).sigmoid()                                        # (K, 1, Hp/s, Wp/s)
+            m = aligned_bilinear(m, self.mask_out_stride)[:, :, :h, :w]                      # (K, 1, h, w)
             m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]   # (K, H0, W0)
             masks = m > self.cfg["mask_thresh"]
         else:
@@ -464,7 +506,7 @@ def mask_centers(masks):
 MODEL_KEYS = dict(  # what build_model reads from the config, with the reference's values
     backbone="resnet50", pretrained="imagenet", backbone_norm="frozen", freeze_at=2, fpn_channels=256,
     head_channels=256, head_convs=4, num_classes=80, mask_branch_channels=128, mask_branch_convs=4,
-    mask_out_channels=16, mask_head_channels=8, mask_head_layers=3, sizes_of_interest=(64, 128, 256, 512),
+    mask_out_channels=16, mask_out_stride=4, mask_head_channels=8, mask_head_layers=3, sizes_of_interest=(64, 128, 256, 512),
     center_radius=1.5, topk_proposals_per_im=64, max_proposals=-1, method="boxinst", score_thresh=0.05,
     pre_nms_topk=1000, nms_thresh=0.6, max_dets=100, mask_thresh=0.5, channels_last=False,
 )
@@ -476,6 +518,8 @@ def build_model(cfg):
     if missing:
         raise SystemExit(f"model.py: config lacks {missing} — fix: use a checkpoint written by this train.py")
     cfg = {k: cfg[k] for k in MODEL_KEYS}
+    if cfg["mask_out_stride"] not in (2, 4):
+        raise SystemExit(f"model.py: mask_out_stride={cfg['mask_out_stride']} — fix: 4 (reference) or 2 (small images)")
     if cfg["fpn_channels"] != cfg["head_channels"]:
         raise SystemExit("model.py: head_channels must equal fpn_channels (the head is shared over FPN levels)")
     model = CondInst(cfg)

@@ -28,7 +28,8 @@ def normalize_features(mask_feats):
     Choice: plain bilinear x2 with align_corners=False. The model puts stride-8 cell j at pixel
     8j + 4 (compute_locations), so output i samples input i/2 - 1/4, i.e. pixel 4i + 2: exactly the
     [2::4] grid on which BoxInst's stride-4 box masks are sampled (border rows are replicated).
-    model.aligned_bilinear would land on pixel 4i instead, 2 px off that grid. Returned in float32
+    model.aligned_bilinear would land on pixel 4i instead, 2 px off that grid. The same holds one
+    octave down (mask_out_stride 2: stride-4 features -> the [1::2] grid). Returned in float32
     because the prototypes are a float32 buffer (no dtype mixing outside autocast).
     """
     z = F.interpolate(mask_feats.float(), scale_factor=2, mode="bilinear", align_corners=False)  # (B, D, H4, W4)

@@ -64,19 +64,20 @@ class SIMState:
 # -----------------------------------------------------------------------------
 
 
-def objects(targets, padded_hw):
+def objects(targets, padded_hw, stride=4):
     """Every GT object of the batch, in the global order of gt_inds: boxes (G, 4), classes (G,),
-    image (G,), pasted (G,) bool, box masks (G, Hp/4, Wp/4), pasted pseudo masks (G, Hp/4, Wp/4),
-    and the image-valid masks (B, Hp/4, Wp/4) (0 on padding)."""
+    image (G,), pasted (G,) bool, and on the mask-out grid (stride s = 4 in the reference; all maps
+    below are "Hp/4" for s = 4): box masks (G, Hp/s, Wp/s), pasted pseudo masks (G, Hp/s, Wp/s),
+    and the image-valid masks (B, Hp/s, Wp/s) (0 on padding)."""
     dev = targets[0]["boxes"].device
     boxes = torch.cat([t["boxes"] for t in targets])                                    # (G, 4)
     img = torch.cat([torch.full((len(t["boxes"]),), i, device=dev, dtype=torch.long) for i, t in enumerate(targets)])
     pasted = torch.cat([t.get("pasted", torch.zeros(len(t["boxes"]), dtype=torch.bool, device=dev)) for t in targets])
-    paste = [losses.gt_mask_targets(t["paste_masks"], padded_hw) for t in targets if "paste_masks" in t]
+    paste = [losses.gt_mask_targets(t["paste_masks"], padded_hw, stride) for t in targets if "paste_masks" in t]
     valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw,
-                                     bottom_pixels_removed=0, device=dev)               # (B, Hp/4, Wp/4)
+                                     stride, bottom_pixels_removed=0, device=dev)       # (B, Hp/4, Wp/4)
     return dict(valid=valid, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
-                box_mask=losses.box_masks(boxes, padded_hw),                            # (G, Hp/4, Wp/4)
+                box_mask=losses.box_masks(boxes, padded_hw, stride),                    # (G, Hp/4, Wp/4)
                 paste_mask=torch.cat(paste) if len(paste) == len(targets) else None)
 
 
@@ -140,7 +141,8 @@ def after_step(state, model, out, pm, obj, images, targets):
         sel = ((obj["img"] == b) & pm["has_pos"] & ~obj["pasted"]).nonzero().squeeze(1)  # this image's ordinary objects
         h, w = t["size"]
         entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
-                                                  pm["M_mean"][sel], (h, w), cfg["bank_thresh"])
+                                                  pm["M_mean"][sel], (h, w), cfg["bank_thresh"],
+                                                  cfg.get("mask_out_stride", 4))
         state.bank.push(**entry)
     update_teacher(state.teacher, model, cfg["teacher_momentum"])
 
@@ -155,10 +157,11 @@ def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
     model.eval()
     out = model(images, targets)
     t_out = state.teacher.features(images)
-    obj = objects(targets, images.shape[-2:])
+    s = state.cfg.get("mask_out_stride", 4)
+    obj = objects(targets, images.shape[-2:], s)
     pm = pseudo_masks(out, t_out, state.teacher, state.protos, obj, state.cfg)
     model.train(was_training)
-    up = lambda m: m.repeat_interleave(4, 0).repeat_interleave(4, 1)                    # stride 4 -> 1
+    up = lambda m: m.repeat_interleave(s, 0).repeat_interleave(s, 1)                    # stride s -> 1
     paths = []
     for g in pm["has_pos"].nonzero().squeeze(1)[:n].tolist():
         b = int(obj["img"][g])

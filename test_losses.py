@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import losses as L
 
@@ -360,6 +361,31 @@ def test_pairwise_loss_hand_case_and_gradient():
     assert logits.grad[0, 0, 0, 0] != 0 and logits.grad[0, 0, 0, 2] != 0 and logits.grad[0, 0, 0, 1] == 0
     # nothing weighted: normaliser clamps at 1, loss 0
     assert L.pairwise_loss(logits, torch.zeros_like(S), box).item() == 0
+
+
+def test_pairwise_loss_on_box_windows_equals_the_whole_map_formula():
+    """The windowed computation = the reference's whole-map -logsumexp formula, value and gradient,
+    for boxes at the borders, an empty box mask and a non-rectangular mask."""
+    g = torch.Generator().manual_seed(0)
+    N, H, W = 5, 13, 17
+    logits = (3 * torch.randn(N, 1, H, W, generator=g)).requires_grad_(True)
+    S = torch.rand(N, 8, H, W, generator=g) * L.unfold_wo_center(torch.ones(1, 1, H, W))[:, 0]  # 0 off the map, as color_similarity
+    box = torch.zeros(N, 1, H, W)
+    box[0, :, 2:6, 3:11] = 1
+    box[1, :, 0:13, 0:4] = 1    # touches three borders
+    box[2, :, 9:13, 12:17] = 1  # bottom-right corner
+    box[4, :, 4:9, 5:8] = 1
+    box[4, :, 6, 9] = 1         # not a rectangle: its bounding rectangle is windowed
+    # box 3: empty (a box between grid points)
+    got = L.pairwise_loss(logits, S, box)
+    (g_got,) = torch.autograd.grad(got, logits)
+    lf, lb = F.logsigmoid(logits), F.logsigmoid(-logits)
+    l = -torch.logaddexp(lf[:, :, None] + L.unfold_wo_center(lf), lb[:, :, None] + L.unfold_wo_center(lb))[:, 0]
+    w = (S >= 0.3).float() * box
+    want = (l * w).sum() / w.sum()
+    (g_want,) = torch.autograd.grad(want, logits)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(g_got, g_want, atol=1e-7)
 
 
 def test_pairwise_warmup():

@@ -117,13 +117,50 @@ def test_select_instances_topk_per_gt():
     assert sorted(model.select_instances(out)["loc_inds"].tolist()) == [0, 1, 2, 3, 5]
 
 
+def test_controller_at_equals_the_dense_conv():
+    """The controller evaluated at chosen locations = the dense 3x3 conv read at those cells,
+    on every level, at borders and corners, for any image of the batch."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    sizes = [(5, 7), (3, 4), (2, 2), (1, 1)]
+    box_feats = [torch.randn(2, 32, h, w) for h, w in sizes]
+    dense = torch.cat([model.head.controller(f).flatten(2).transpose(1, 2) for f in box_feats], 1)  # (2, L, 233)
+    L = dense.shape[1]
+    im_inds = torch.tensor([0, 1, 1, 0, 1, 0, 1, 0])
+    loc_inds = torch.tensor([0, 6, 34, 35, 36, 46, 50, L - 1])  # corners of P3, P4's first and last, P6
+    got = model.head.controller_at(box_feats, im_inds, loc_inds)
+    assert got.shape == (8, 233)
+    assert torch.allclose(got, dense[im_inds, loc_inds], atol=1e-6)
+    assert model.head.controller_at(box_feats, im_inds[:0], loc_inds[:0]).shape == (0, 233)
+
+
+def test_mask_out_stride_2_gives_stride_2_masks():
+    """mask_out_stride=2 (small images): mask branch on P2-P5 at stride 4, logits at stride 2,
+    and the BoxInst losses run on that grid; predictions still come back at the original size."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(mask_out_stride=2))
+    images, targets = scene()
+    out = model(images, targets)
+    assert out["mask_feats"].shape == (2, 16, 16, 16)
+    assert out["mask_logits"].shape[1:] == (1, 32, 32)
+    loss, logs = losses.compute_losses(out, images, targets, dict(model.cfg, bottom_pixels_removed=0, color_thresh=0.3,
+                                                                   pairwise_warmup_iters=1), it=1)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["loss_pairwise"] > 0
+    assert model.fpn.lateral_p2.weight.grad.abs().sum() > 0
+    model.eval()
+    preds = model.predict(images, [dict(t, orig_size=(96, 128)) for t in targets])
+    assert all(p["masks"].shape[1:] == (96, 128) for p in preds)
+
+
 def test_forward_shapes_and_postprocess_to_original_size():
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
     images, targets = scene()
     out = model(images, targets)
     L = 8 * 8 + 4 * 4 + 2 * 2 + 1 + 1
-    assert out["cls_logits"].shape == (2, L, 3) and out["params"].shape == (2, L, 233)
+    assert out["cls_logits"].shape == (2, L, 3) and [f.shape[-2:] for f in out["box_feats"]] == [
+        (8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
     assert out["mask_feats"].shape == (2, 16, 8, 8)
     assert out["mask_logits"].shape[1:] == (1, 16, 16)
     assert out["mask_logits"].shape[0] == out["inst"]["gt_inds"].numel() > 0

@@ -48,6 +48,7 @@ def test_config_files_load(path, monkeypatch):
     # the reference's solver and FPN size ranges, not the CPU demo's AdamW and scaled ranges
     assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
     assert cfg["sizes_of_interest"] == (64, 128, 256, 512) and cfg["backbone"] in ("resnet50", "resnet101")
+    assert cfg["mask_out_stride"] == 4  # the reference's, not the small-image demo's 2
     if "sim_r50_1x" in path:
         assert (cfg["sim_start_iter"], cfg["teacher_momentum"], cfg["proto_momentum"]) == (10000, 0.9999, 0.999)
         assert (cfg["lambda1"], cfg["lambda2"], cfg["alpha"], cfg["mu"], cfg["tau"]) == (0.5, 1.0, 0.5, 5.0, 0.1)

@@ -6,7 +6,7 @@ Train BoxInst (box supervision), CondInst (--method=full, GT masks: the upper bo
     torchrun --nproc_per_node=8 train.py configs/coco_boxinst_r50_1x.py --max_iters=1000
 
 Every default below can be overridden with --key=value (type-checked against the default).
-The defaults are the embedded demo: a narrow ResNet-18 FPN trained from scratch on 160 px images.
+The defaults are the embedded demo: a narrow ResNet-10 FPN trained from scratch on 160 px images.
 The reference (COCO R50 1x) values are in configs/.
 """
 
@@ -64,6 +64,8 @@ num_classes = 0              # 0 = from the training json
 mask_branch_channels = 64
 mask_branch_convs = 2
 mask_out_channels = 16       # D: mask-feature channels (16 for BoxInst/SIM)
+mask_out_stride = 2          # mask logits at stride 2 (reference 4, made for 800-px images): on the
+                             # 160-px demo images a stride-4 mask has 4 cells across a 16-px object
 mask_head_channels = 8
 mask_head_layers = 3
 sizes_of_interest = (16, 32, 64, 128)  # FPN size ranges; the reference's (64, 128, 256, 512) is for
@@ -211,7 +213,7 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
     extra = {}
     if teacher_on:
-        obj = sim.objects(targets, images.shape[-2:])
+        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"])
         pm = sim.pseudo_masks(out, t_out, sim_state.teacher, sim_state.protos, obj, cfg)
         if it + 1 > cfg["sim_start_iter"]:
             extra = sim.sim_losses(out, pm, obj)

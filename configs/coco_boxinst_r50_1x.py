@@ -28,6 +28,7 @@ head_channels = 256
 head_convs = 4
 mask_branch_channels = 128
 mask_branch_convs = 4
+mask_out_stride = 4                 # mask branch at stride 8 (P3-P5), logits and BoxInst losses at stride 4
 # schedule: the reference's SGD
 pairwise_warmup_iters = 10000
 solver = "sgd"
