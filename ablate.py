@@ -7,6 +7,12 @@ arguments go to every train.py run):
 
     python ablate.py                          # the demo schedule, 5 runs one after another
     python ablate.py --max_iters=300          # shorter, e.g. for a quick look
+    python ablate.py --ms_stats=out/ablation/+pseudo+paste/ckpt.pt   # how separable M_S is
+
+--ms_stats: Eq. (1)'s M_S from a SIM checkpoint's teacher and prototypes on the val images, inside
+each GT box, split by the GT mask: how much of the object (fg) and of the in-box background (bg)
+M_S calls foreground (> tau_high) at the checkpoint's tau and at the official tau = 1, and the AUC of
+the cosine (the chance that a random fg pixel scores above a random bg pixel: 0.5 = no separation).
 
 Each run writes out/ablation/<name>/metrics.json; a run whose metrics.json exists is not repeated,
 so an interrupted ablation resumes. Prints both tables (mask AP, box AP) at the end.
@@ -16,6 +22,10 @@ import json
 import os
 import subprocess
 import sys
+
+import torch
+
+import losses
 
 RUNS = {  # name: train.py arguments
     "baseline": ["--method=boxinst"],
@@ -28,6 +38,44 @@ TABLES = [
     ("Tab. 3 (paper, COCO R50 1x mask AP: 30.7 / 31.9 / 32.2)", ["baseline", "+pseudo", "+pseudo+paste"]),
     ("Tab. 4 (paper, COCO R50 1x mask AP: 30.5 / 32.2 / 31.4)", ["alpha=0", "+pseudo+paste", "alpha=1"]),
 ]
+
+
+@torch.no_grad()
+def ms_stats(ckpt_path, n_images=100):
+    """Separability of M_S (Eq. 1) on the val split, from a SIM checkpoint (see the module doc)."""
+    import data
+    import prototypes
+    import sim
+    from model import build_model
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cfg = ckpt["config"]
+    teacher = build_model(cfg).eval()
+    teacher.load_state_dict(ckpt["sim"]["teacher"])
+    protos = ckpt["sim"]["prototypes"]["protos"]                                    # (C, L, D)
+    ds = data.CocoBoxDataset(cfg["val_json"], cfg["val_images"], train=False, min_sizes=(cfg["min_size_test"],),
+                             max_size=cfg["max_size_test"], with_masks=True)
+    s = cfg["mask_out_stride"]
+    cos_fg, cos_bg = [], []
+    for i in range(min(n_images, len(ds))):
+        images, targets = data.collate([ds[i]])
+        feats = prototypes.normalize_features(teacher.features(images)["mask_feats"])   # (1, D, Hp/s, Wp/s)
+        obj = sim.objects(targets, images.shape[-2:], s)
+        gt = losses.gt_mask_targets(targets[0]["masks"], images.shape[-2:], s)       # (G, Hp/s, Wp/s)
+        cos = (protos[obj["cls"]] @ feats[0].flatten(1)).amax(1).view_as(gt)        # (G, Hp/s, Wp/s) best sub-centre
+        inbox = obj["box_mask"] > 0
+        cos_fg.append(cos[inbox & (gt > 0)])
+        cos_bg.append(cos[inbox & (gt == 0)])
+    fg, bg = torch.cat(cos_fg), torch.cat(cos_bg)
+    # AUC = P(fg > bg) from the ranks of all values (Mann-Whitney)
+    ranks = torch.cat([fg, bg]).argsort().argsort().double() + 1
+    auc = (ranks[:len(fg)].sum() - len(fg) * (len(fg) + 1) / 2) / (len(fg) * len(bg))
+    print(f"{ckpt_path}: {len(fg)} object / {len(bg)} in-box background pixels (stride {s}), "
+          f"cosine AUC {auc:.3f}; mean cosine fg {fg.mean():.3f} bg {bg.mean():.3f}")
+    print("| tau | M_S mean fg | M_S mean bg | fg with M_S > tau_high | bg with M_S > tau_high |\n|---|---|---|---|---|")
+    for tau in sorted({cfg["tau"], 1.0}):
+        mf, mb = (fg / tau).sigmoid(), (bg / tau).sigmoid()
+        th = cfg["tau_high"]
+        print(f"| {tau} | {mf.mean():.2f} | {mb.mean():.2f} | {(mf > th).float().mean():.0%} | {(mb > th).float().mean():.0%} |")
 
 
 def main(extra):
@@ -50,4 +98,7 @@ def main(extra):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if len(sys.argv) == 2 and sys.argv[1].startswith("--ms_stats="):
+        ms_stats(sys.argv[1].split("=", 1)[1])
+    else:
+        main(sys.argv[1:])

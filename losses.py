@@ -317,28 +317,37 @@ def color_similarity(images_uint8, valid, stride=4, kernel_size=3, dilation=2):
     return sim * nb_valid
 
 
-def box_windows(x, top, left, hc, wc, pad):
-    """Windows of (hc, wc) cells from the per-instance maps x (N, C, H, W), window k starting at
-    row top[k] - pad, column left[k] - pad; cells beyond the map read 0 (as unfold's padding).
-    -> (N, C, hc, wc). Index arithmetic on the flattened map: one gather, differentiable."""
-    N, C, H, W = x.shape
-    xp = F.pad(x, (pad, wc, pad, hc))  # (N, C, H + pad + hc, W + pad + wc): no window reads past it
-    Wp = W + pad + wc
-    rows = top[:, None] + torch.arange(hc, device=x.device)  # (N, hc), rows of xp
-    cols = left[:, None] + torch.arange(wc, device=x.device)  # (N, wc)
-    idx = (rows[:, :, None] * Wp + cols[:, None, :]).flatten(1)  # (N, hc*wc)
-    return xp.flatten(2).gather(2, idx[:, None].expand(N, C, -1)).view(N, C, hc, wc)
+def box_windows(x, top, left, hc, wc, index=None):
+    """Windows of (hc, wc) cells from the maps x (B, C, H, W): window k starts at row top[k], column
+    left[k] (either may be negative) of map index[k] (default k). Cells off the map read the nearest
+    map cell (clamped); box_window_valid says which are real. -> (N, C, hc, wc). One gather, by index
+    arithmetic on the flattened maps, differentiable."""
+    B, C, H, W = x.shape
+    rows = (top[:, None] + torch.arange(hc, device=x.device)).clamp(0, H - 1)  # (N, hc)
+    cols = (left[:, None] + torch.arange(wc, device=x.device)).clamp(0, W - 1)  # (N, wc)
+    idx = (rows[:, :, None] * W + cols[:, None, :]).flatten(1)  # (N, hc*wc)
+    src = x.flatten(2) if index is None else x.flatten(2)[index]  # (N, C, H*W)
+    return src.gather(2, idx[:, None].expand(-1, C, -1)).view(-1, C, hc, wc)
 
 
-def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_size=3, dilation=2):
+def box_window_valid(top, left, hc, wc, H, W):
+    """(N, 1, hc, wc) float: 1 where the window cell lies on the (H, W) map, 0 off it."""
+    r = top[:, None] + torch.arange(hc, device=top.device)  # (N, hc)
+    c = left[:, None] + torch.arange(wc, device=top.device)  # (N, wc)
+    ok = ((r >= 0) & (r < H))[:, :, None] & ((c >= 0) & (c < W))[:, None, :]  # (N, hc, wc)
+    return ok[:, None].float()
+
+
+def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_size=3, dilation=2, im_inds=None):
     """BoxInst pairwise term: l_ij = -log( p_i p_j + (1 - p_i)(1 - p_j) ), computed stably as
     -(logsig(m_i) + logsig(m_j) + softplus(-(m_i + m_j))) (the same as the reference's
     -logsumexp(logsig(m_i) + logsig(m_j), logsig(-m_i) + logsig(-m_j))); weights
     w_ij = [S_ij >= color_thresh] * B(i) (box mask at the centre pixel only);
     loss = sum w l / max(sum w, 1), normalised over all instances at once (and, like the
     FCOS normalisers, over all ranks: sum w is averaged with reduce_mean).
-    mask_logits (N, 1, H, W), similarity (N, 8, H, W) (the image's S for each instance),
-    box_masks (N, 1, H, W) -> scalar. S must be 0 for neighbours off the map (color_similarity's is).
+    mask_logits (N, 1, H, W), similarity (N, 8, H, W) (the image's S for each instance) or, with
+    im_inds (N,) (each instance's image), the images' S (B, 8, H, W); box_masks (N, 1, H, W) -> scalar.
+    S must be 0 for neighbours off the map (color_similarity's is).
 
     Speed, not maths: w = 0 wherever B(i) = 0, so the sums only need the cells of each
     instance's box plus the neighbours' reach (dilation * (kernel_size // 2)). They are taken on
@@ -347,20 +356,24 @@ def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_s
     The window size is one host read per step (a device sync on CUDA)."""
     mask_logits = mask_logits.float()  # fp32 even under autocast
     pad = dilation * (kernel_size // 2)
+    H, W = mask_logits.shape[-2:]
     rows = box_masks[:, 0].amax(2) > 0  # (N, H) rows where the box mask has a 1
     cols = box_masks[:, 0].amax(1) > 0  # (N, W)
     first = lambda a: a.int().argmax(1)  # (N,) index of the first True (0 if none)
     top, left = first(rows), first(cols)
-    bottom, right = rows.shape[1] - 1 - first(rows.flip(1)), cols.shape[1] - 1 - first(cols.flip(1))
+    bottom, right = H - 1 - first(rows.flip(1)), W - 1 - first(cols.flip(1))
     extent = torch.stack([bottom - top, right - left], 1) + 1  # (N, 2) bounding rows/cols of each mask
     hc, wc = (extent.amax(0) + 2 * pad).tolist() if len(extent) else (0, 0)
-    window = lambda x: box_windows(x, top, left, hc, wc, pad)
+    top, left = top - pad, left - pad  # windows reach `pad` cells beyond the box on every side
+    window = lambda x, index=None: box_windows(x, top, left, hc, wc, index)
+    # cells off the map: their S and box mask read 0 (so w = 0), their logits any finite value
+    on_map = box_window_valid(top, left, hc, wc, H, W)  # (N, 1, hc, wc)
     m = window(mask_logits)  # (N, 1, hc, wc)
     log_fg = F.logsigmoid(m)  # (N, 1, hc, wc)
     nbr_m = unfold_wo_center(m, kernel_size, dilation)[:, 0]  # (N, 8, hc, wc)
     nbr_log_fg = unfold_wo_center(log_fg, kernel_size, dilation)[:, 0]  # (N, 8, hc, wc)
     loss = -(log_fg + nbr_log_fg + F.softplus(-(m + nbr_m)))  # (N, 8, hc, wc)
-    w = (window(similarity) >= color_thresh).to(loss.dtype) * window(box_masks.to(loss.dtype))  # (N, 8, hc, wc)
+    w = (window(similarity, im_inds) >= color_thresh).to(loss.dtype) * window(box_masks.to(loss.dtype)) * on_map
     return (loss * w).sum() / reduce_mean(w.sum()).clamp(min=1.0)
 
 
@@ -474,7 +487,7 @@ def compute_losses(out, images, targets, cfg, it, extra=None):
                                   bottom_pixels_removed=cfg['bottom_pixels_removed'], device=images.device)
         sim = color_similarity(images, valid, s)  # (B, 8, Hp/s, Wp/s)
         terms['loss_prj'] = projection_loss(logits, bmask)
-        terms['loss_pairwise'] = pairwise_loss(logits, sim[inst['im_inds']], bmask, cfg['color_thresh'])
+        terms['loss_pairwise'] = pairwise_loss(logits, sim, bmask, cfg['color_thresh'], im_inds=inst['im_inds'])
     terms.update(extra or {})
     return total_loss(terms, it, cfg.get('lambda1', 0.5), cfg.get('lambda2', 1.0), cfg.get('sim_start_iter', 0),
                       cfg['pairwise_warmup_iters'])

@@ -379,6 +379,8 @@ def test_pairwise_loss_on_box_windows_equals_the_whole_map_formula():
     # box 3: empty (a box between grid points)
     got = L.pairwise_loss(logits, S, box)
     (g_got,) = torch.autograd.grad(got, logits)
+    # per-image S with im_inds: the same
+    assert L.pairwise_loss(logits, S[[0, 1, 2, 3, 4]].flip(0), box, im_inds=torch.arange(N).flip(0)).item() == got.item()
     lf, lb = F.logsigmoid(logits), F.logsigmoid(-logits)
     l = -torch.logaddexp(lf[:, :, None] + L.unfold_wo_center(lf), lb[:, :, None] + L.unfold_wo_center(lb))[:, 0]
     w = (S >= 0.3).float() * box

@@ -61,7 +61,7 @@ fpn_channels = 64
 head_channels = 64
 head_convs = 2
 num_classes = 0              # 0 = from the training json
-mask_branch_channels = 64
+mask_branch_channels = 32     # at stride 4 (mask_out_stride 2) its convs cost 4x those at stride 8
 mask_branch_convs = 2
 mask_out_channels = 16       # D: mask-feature channels (16 for BoxInst/SIM)
 mask_out_stride = 2          # mask logits at stride 2 (reference 4, made for 800-px images): on the
