@@ -8,6 +8,11 @@ arguments go to every train.py run):
     python ablate.py                          # the demo schedule, 5 runs one after another
     python ablate.py --max_iters=300          # shorter, e.g. for a quick look
     python ablate.py --ms_stats=out/ablation/+pseudo+paste/ckpt.pt   # how separable M_S is
+    python ablate.py --grid_oracle            # mask AP of perfect masks seen through a stride-s grid
+
+--grid_oracle: every val GT mask, average-pooled onto a stride-s grid and brought back by the model's
+own up-sampling (aligned_bilinear) and the 0.5 threshold, scored as a detection with its GT box and
+class: the mask AP a network whose mask logits live on that grid could reach at best.
 
 --ms_stats: Eq. (1)'s M_S from a SIM checkpoint's teacher and prototypes on the val images, inside
 each GT box, split by the GT mask: how much of the object (fg) and of the in-box background (bg)
@@ -78,6 +83,36 @@ def ms_stats(ckpt_path, n_images=100):
         print(f"| {tau} | {mf.mean():.2f} | {mb.mean():.2f} | {(mf > th).float().mean():.0%} | {(mb > th).float().mean():.0%} |")
 
 
+def grid_oracle(strides=(8, 4, 2)):
+    """Mask AP ceiling of stride-s mask logits on the val split (see the module doc)."""
+    import contextlib
+    import io
+    import numpy as np
+    import torch.nn.functional as F
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    import data
+    from model import aligned_bilinear
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(data.ensure_synthetic()["val_json"])
+    print("| mask-logit stride | mask AP | AP75 | APs | APm |\n|---|---|---|---|---|")
+    for s in strides:
+        results = []
+        for ann in gt.loadAnns(gt.getAnnIds()):
+            m = torch.from_numpy(gt.annToMask(ann)).float()[None, None]            # (1, 1, H, W)
+            H, W = m.shape[-2:]
+            m = F.pad(m, (0, -W % s, 0, -H % s))                                    # to a multiple of s
+            up = aligned_bilinear(F.avg_pool2d(m, s), s)[0, 0, :H, :W]              # (H, W) in [0, 1]
+            rle = mask_util.encode(np.asfortranarray((up >= 0.5).numpy().astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            results.append(dict(image_id=ann["image_id"], category_id=ann["category_id"], segmentation=rle, score=1.0))
+        with contextlib.redirect_stdout(io.StringIO()):
+            E = COCOeval(gt, gt.loadRes(results), "segm")
+            E.evaluate(), E.accumulate(), E.summarize()
+        print(f"| {s} | {E.stats[0] * 100:.1f} | {E.stats[2] * 100:.1f} | {E.stats[3] * 100:.1f} | {E.stats[4] * 100:.1f} |")
+
+
 def main(extra):
     root = "out/ablation"
     results = {}
@@ -100,5 +135,7 @@ def main(extra):
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1].startswith("--ms_stats="):
         ms_stats(sys.argv[1].split("=", 1)[1])
+    elif sys.argv[1:] == ["--grid_oracle"]:
+        grid_oracle()
     else:
         main(sys.argv[1:])

@@ -219,20 +219,21 @@ class FCOSHead(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, feats):
+    def forward(self, feats, classify=True):
         """feats: list of (B, Ch, H_l, W_l). Returns flattened (B, L, .) tensors over all levels,
-        and the box tower's output per level (for controller_at)."""
+        and the box tower's output per level (for controller_at). classify=False skips the class
+        branch (cls logits None): SIM's teacher needs boxes and masks, not classes."""
         flat = lambda t: t.flatten(2).transpose(1, 2)    # (B, K, H, W) -> (B, H*W, K)
         cls, reg, ctr, box_feats = [], [], [], []
         for lvl, x in enumerate(feats):
-            c = self.cls_tower(x)
             b = self.box_tower(x)
-            cls.append(flat(self.cls_logits(c)))
+            if classify:
+                cls.append(flat(self.cls_logits(self.cls_tower(x))))
             # ReLU(scale * x): distances in stride units (the reference's norm_reg_targets)
             reg.append(flat(F.relu(self.scales[lvl](self.bbox_pred(b)))))
             ctr.append(flat(self.ctrness(b)))
             box_feats.append(b)                 # (B, Ch, H_l, W_l)
-        return (torch.cat(cls, 1),              # (B, L, C)
+        return (torch.cat(cls, 1) if classify else None,  # (B, L, C)
                 torch.cat(reg, 1),              # (B, L, 4)
                 torch.cat(ctr, 1).squeeze(2),   # (B, L)
                 box_feats)
@@ -371,14 +372,15 @@ class CondInst(nn.Module):
         soi = list(self.cfg["sizes_of_interest"])
         return soi + [soi[-1] * 2]
 
-    def features(self, images):
-        """images uint8 (B, 3, Hp, Wp) -> dict of the network's dense outputs."""
+    def features(self, images, classify=True):
+        """images uint8 (B, 3, Hp, Wp) -> dict of the network's dense outputs (cls_logits None
+        without classify)."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
         if self.cfg["channels_last"]:  # NHWC convolutions: faster on CPU (oneDNN) and on tensor cores
             x = x.contiguous(memory_format=torch.channels_last)
         pyramid = self.fpn(self.backbone(x))                           # [P2,] P3, ..., P7
         feats = pyramid[-5:]                                           # P3-P7: the FCOS levels
-        cls, reg, ctr, box_feats = self.head(feats)
+        cls, reg, ctr, box_feats = self.head(feats, classify)
         mask_feats = self.mask_branch(pyramid[:-2])                    # (B, D, Hp/2s, Wp/2s), s = mask_out_stride
         locations, loc_level = compute_locations([f.shape[-2:] for f in feats], self.strides, images.device)
         return dict(cls_logits=cls, reg=reg, ctr_logits=ctr, box_feats=box_feats, mask_feats=mask_feats,
@@ -542,8 +544,7 @@ def make_teacher(model):
 
 @torch.no_grad()
 def update_teacher(teacher, model, momentum=0.9999):
-    """theta_t <- m * theta_t + (1 - m) * theta_s for parameters; buffers copied from the student."""
-    for pt, ps in zip(teacher.parameters(), model.parameters()):
-        pt.lerp_(ps.detach(), 1 - momentum)
-    for bt, bs in zip(teacher.buffers(), model.buffers()):
-        bt.copy_(bs)
+    """theta_t <- m * theta_t + (1 - m) * theta_s for parameters; buffers copied from the student.
+    One fused (foreach) kernel per group instead of ~200 small ones: the same arithmetic."""
+    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in model.parameters()], 1 - momentum)
+    torch._foreach_copy_(list(teacher.buffers()), list(model.buffers()))

@@ -156,7 +156,7 @@ def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
     was_training = model.training
     model.eval()
     out = model(images, targets)
-    t_out = state.teacher.features(images)
+    t_out = state.teacher.features(images, classify=False)
     s = state.cfg.get("mask_out_stride", 4)
     obj = objects(targets, images.shape[-2:], s)
     pm = pseudo_masks(out, t_out, state.teacher, state.protos, obj, state.cfg)

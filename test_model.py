@@ -134,6 +134,18 @@ def test_controller_at_equals_the_dense_conv():
     assert model.head.controller_at(box_feats, im_inds[:0], loc_inds[:0]).shape == (0, 233)
 
 
+def test_features_without_the_class_branch():
+    """classify=False (SIM's teacher) skips the class tower and leaves every other output unchanged."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    images, _ = scene()
+    full, lean = model.features(images), model.features(images, classify=False)
+    assert lean["cls_logits"] is None and full["cls_logits"] is not None
+    for k in ("reg", "ctr_logits", "mask_feats"):
+        assert torch.equal(full[k], lean[k])
+    assert all(torch.equal(a, b) for a, b in zip(full["box_feats"], lean["box_feats"]))
+
+
 def test_mask_out_stride_2_gives_stride_2_masks():
     """mask_out_stride=2 (small images): mask branch on P2-P5 at stride 4, logits at stride 2,
     and the BoxInst losses run on that grid; predictions still come back at the original size."""
@@ -248,9 +260,12 @@ def test_teacher_ema():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    p_t0 = next(teacher.parameters()).clone()
+        for b in model.buffers():
+            b.add_(3)
+    p_t0 = [p.clone() for p in teacher.parameters()]
     update_teacher(teacher, model, momentum=0.75)
-    assert torch.allclose(next(teacher.parameters()), p_t0 + 0.25)
+    assert all(torch.allclose(pt, p0 + 0.25) for pt, p0 in zip(teacher.parameters(), p_t0))  # every parameter
+    assert all(torch.equal(bt, bs) for bt, bs in zip(teacher.buffers(), model.buffers()))  # BN statistics copied
 
 
 # -----------------------------------------------------------------------------

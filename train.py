@@ -209,7 +209,7 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
         out = model(images, targets)
         if teacher_on:
             with torch.no_grad():
-                t_out = sim_state.teacher.features(images)
+                t_out = sim_state.teacher.features(images, classify=False)  # boxes and masks only
     # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
     extra = {}
     if teacher_on:
