@@ -69,19 +69,20 @@ def object_scores(mask_probs, pseudo_masks):
     return (mask_probs.float() * m).flatten(1).sum(1) / (m.flatten(1).sum(1) + 1)  # (N,)
 
 
-def bank_entry_from_teacher(image, boxes, labels, mask_probs_stride4, size, thresh=0.7, stride=4):
+def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, stride=4):
     """Bank entry of one image from the teacher: dict(image, boxes, labels, masks, scores).
 
-    image uint8 (3, h, w) unpadded; boxes (N, 4); labels (N,); mask_probs_stride4 (N, H4, W4) the
-    teacher's mean mask probability per object on the padded stride-4 frame (stride-s for another
-    mask_out_stride s); size (h, w). Pseudo mask = [prob upsampled x4 > thresh] restricted to the box, cropped to (h, w); score by
+    image uint8 (3, h, w) unpadded; boxes (N, 4); labels (N,); mask_probs (N, Hp/s, Wp/s) the
+    teacher's mean mask probability per object on the padded frame at the mask-out stride s
+    (4 in the reference); size (h, w). Pseudo mask = [prob upsampled x s > thresh] restricted to
+    the box, cropped to (h, w); score by
     Eq. (11) on the upsampled probability. Objects with an empty pseudo mask are dropped (they can
     never be pasted). The result is ready for `bank.push(**entry)`.
     """
     h, w = size
     # bilinear (align_corners=False) then threshold, as the official code: a smooth outline rather
-    # than the 4x4 blocks of nearest up-sampling; the stride-4 cell i covers pixels 4i..4i+3
-    probs = F.interpolate(mask_probs_stride4[:, None].float(), scale_factor=stride, mode='bilinear',
+    # than the s x s blocks of nearest up-sampling; the stride-s cell i covers pixels s*i..s*i+s-1
+    probs = F.interpolate(mask_probs[:, None].float(), scale_factor=stride, mode='bilinear',
                           align_corners=False)[:, 0, :h, :w]  # (N, h, w)
     masks = (probs > thresh) & box_masks(boxes, h, w)  # (N, h, w)
     scores = object_scores(probs, masks)  # (N,)

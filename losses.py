@@ -7,14 +7,16 @@ All losses of nanoSIM, as pure functions, in the order a training step meets the
      fully supervised dice loss of CondInst),
   4. SIM: pseudo-mask loss (Eq. 8), copy-paste loss (Eq. 9) and the total loss (Eq. 10).
 
-Everything is batched (no Python loops over GTs or locations), never syncs with the host,
-and runs on whatever device its inputs live on. Behaviours follow
+Everything is batched (no Python loops over GTs or locations), syncs with the host only for the
+pairwise loss's window size (one read per step), and runs on whatever device its inputs live on. Behaviours follow
 shared/spec/boxinst_reference.md (AdelaiDet) and shared/spec/sim.md.
 """
 
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
+
+from copypaste import masks_to_boxes
 
 # -----------------------------------------------------------------------------
 # FCOS target assignment
@@ -357,14 +359,10 @@ def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_s
     mask_logits = mask_logits.float()  # fp32 even under autocast
     pad = dilation * (kernel_size // 2)
     H, W = mask_logits.shape[-2:]
-    rows = box_masks[:, 0].amax(2) > 0  # (N, H) rows where the box mask has a 1
-    cols = box_masks[:, 0].amax(1) > 0  # (N, W)
-    first = lambda a: a.int().argmax(1)  # (N,) index of the first True (0 if none)
-    top, left = first(rows), first(cols)
-    bottom, right = H - 1 - first(rows.flip(1)), W - 1 - first(cols.flip(1))
-    extent = torch.stack([bottom - top, right - left], 1) + 1  # (N, 2) bounding rows/cols of each mask
-    hc, wc = (extent.amax(0) + 2 * pad).tolist() if len(extent) else (0, 0)
-    top, left = top - pad, left - pad  # windows reach `pad` cells beyond the box on every side
+    # each box mask's bounding cells (all zeros for an empty mask, so it never widens the windows)
+    x0, y0, x1, y1 = masks_to_boxes(box_masks[:, 0] > 0).long().unbind(1)  # (N,) each; x1, y1 exclusive
+    hc, wc = ((torch.stack([y1 - y0, x1 - x0], 1).amax(0) + 2 * pad).tolist() if len(x0) else (0, 0))
+    top, left = y0 - pad, x0 - pad  # windows reach `pad` cells beyond the box on every side
     window = lambda x, index=None: box_windows(x, top, left, hc, wc, index)
     # cells off the map: their S and box mask read 0 (so w = 0), their logits any finite value
     on_map = box_window_valid(top, left, hc, wc, H, W)  # (N, 1, hc, wc)

@@ -86,7 +86,8 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     """Eq. (1), (6), (7) and the two thresholds, for every GT object of the batch.
 
     out: the student's training output (its selected positives out['inst']); t_out: the
-    teacher's dense outputs on the same images. Returns stride-4 maps (G, Hp/4, Wp/4):
+    teacher's dense outputs on the same images. Returns maps on the mask-out grid (G, Hp/s, Wp/s),
+    written Hp/4 below (the reference's s = 4):
     M_S, M_I, M_prob, M_hat, W, and M_mean (plain mean of the teacher's masks over the object's
     positives, for the prototype update and the bank), and has_pos (G,).
     """
@@ -142,7 +143,7 @@ def after_step(state, model, out, pm, obj, images, targets):
         h, w = t["size"]
         entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
                                                   pm["M_mean"][sel], (h, w), cfg["bank_thresh"],
-                                                  cfg.get("mask_out_stride", 4))
+                                                  cfg["mask_out_stride"])
         state.bank.push(**entry)
     update_teacher(state.teacher, model, cfg["teacher_momentum"])
 
@@ -157,7 +158,7 @@ def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
     model.eval()
     out = model(images, targets)
     t_out = state.teacher.features(images, classify=False)
-    s = state.cfg.get("mask_out_stride", 4)
+    s = state.cfg["mask_out_stride"]
     obj = objects(targets, images.shape[-2:], s)
     pm = pseudo_masks(out, t_out, state.teacher, state.protos, obj, state.cfg)
     model.train(was_training)
