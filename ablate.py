@@ -9,10 +9,17 @@ arguments go to every train.py run):
     python ablate.py --max_iters=300          # shorter, e.g. for a quick look
     python ablate.py --ms_stats=out/ablation/+pseudo+paste/ckpt.pt   # how separable M_S is
     python ablate.py --grid_oracle            # mask AP of perfect masks seen through a stride-s grid
+    python ablate.py --pair_stats             # how many neighbour pairs BoxInst's colour affinity links
 
 --grid_oracle: every val GT mask, average-pooled onto a stride-s grid and brought back by the model's
 own up-sampling (aligned_bilinear) and the 0.5 threshold, scored as a detection with its GT box and
 class: the mask AP a network whose mask logits live on that grid could reach at best.
+
+--pair_stats: on the val images, the share of BoxInst's neighbour pairs (8 dilated neighbours on the
+stride-s grid) whose colour similarity passes color_thresh = 0.3, split by where the pair lies: inside
+one object, on background inside a GT box, on background outside every box, across an object edge.
+The pairwise loss only acts on pairs that pass, so in-box background that is rarely linked is learnt
+from the projection loss alone.
 
 --ms_stats: Eq. (1)'s M_S from a SIM checkpoint's teacher and prototypes on the val images, inside
 each GT box, split by the GT mask: how much of the object (fg) and of the in-box background (bg)
@@ -113,6 +120,35 @@ def grid_oracle(strides=(8, 4, 2)):
         print(f"| {s} | {E.stats[0] * 100:.1f} | {E.stats[2] * 100:.1f} | {E.stats[3] * 100:.1f} | {E.stats[4] * 100:.1f} |")
 
 
+def pair_stats(strides=(4, 2), color_thresh=0.3):
+    """Share of colour-linked neighbour pairs by region, on the val split (see the module doc)."""
+    import data
+    paths = data.ensure_synthetic()
+    ds = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(160,), max_size=320,
+                             with_masks=True)
+    names = ("inside one object", "background in a box", "background outside boxes", "across an object edge")
+    print("| stride | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
+    for s in strides:
+        counts = torch.zeros(len(names), 2)  # (pairs, linked pairs) per region
+        for i in range(len(ds)):
+            images, (t,) = data.collate([ds[i]])
+            hw = images.shape[-2:]
+            valid = losses.image_valid_masks([t["size"]], [t["orig_size"]], hw, s, bottom_pixels_removed=0)
+            linked = losses.color_similarity(images, valid, s)[0] >= color_thresh          # (8, h, w)
+            gt = losses.gt_mask_targets(t["masks"], hw, s) > 0.5                            # (G, h, w)
+            owner = (gt * torch.arange(1, len(gt) + 1)[:, None, None]).amax(0)             # (h, w), 0 = background
+            nb_owner = losses.unfold_wo_center(owner[None, None].float(), 3, 2)[0, 0]       # (8, h, w)
+            nb_valid = losses.unfold_wo_center(valid[:, None].float(), 3, 2)[0, 0] > 0      # (8, h, w)
+            in_box = (losses.box_masks(t["boxes"], hw, s).amax(0) > 0).expand_as(linked)  # (8, h, w)
+            o = owner.expand_as(linked)
+            regions = ((o > 0) & (o == nb_owner), (o == 0) & (nb_owner == 0) & in_box,
+                       (o == 0) & (nb_owner == 0) & ~in_box, o != nb_owner)
+            for r, m in enumerate(regions):
+                m = m & nb_valid
+                counts[r] += torch.tensor([m.sum(), (m & linked).sum()])
+        print(f"| {s} | " + " | ".join(f"{l / n:.0%}" for n, l in counts.tolist()) + " |")
+
+
 def main(extra):
     root = "out/ablation"
     results = {}
@@ -137,5 +173,7 @@ if __name__ == "__main__":
         ms_stats(sys.argv[1].split("=", 1)[1])
     elif sys.argv[1:] == ["--grid_oracle"]:
         grid_oracle()
+    elif sys.argv[1:] == ["--pair_stats"]:
+        pair_stats()
     else:
         main(sys.argv[1:])

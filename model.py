@@ -453,7 +453,7 @@ class CondInst(nn.Module):
         out = self.features(images)
         B = images.shape[0]
         strides = images.new_tensor(self.strides, dtype=torch.float32)[out["loc_level"]]     # (L,)
-        results = []
+        dets = []  # per image: (locations, classes, scores, boxes) after NMS
         for b in range(B):
             p = out["cls_logits"][b].sigmoid() * out["ctr_logits"][b].sigmoid()[:, None]     # (L, C)
             cand_loc, cand_cls, cand_p = [], [], []
@@ -472,17 +472,19 @@ class CondInst(nn.Module):
             xy, ltrb = out["locations"][loc], out["reg"][b, loc] * strides[loc, None]       # (n, 2), (n, 4)
             boxes = decode_boxes(xy, ltrb)                                                  # (n, 4)
             keep = batched_nms(boxes, score, cls, c["nms_thresh"])[: c["max_dets"]]
-            loc, cls, score, boxes = loc[keep], cls[keep], score[keep], boxes[keep]
-            results.append(self.postprocess(out, b, loc, cls, score, boxes, targets[b]))
-        return results
+            dets.append((loc[keep], cls[keep], score[keep], boxes[keep]))
+        # the masks of all kept detections of the batch in one dynamic-head call
+        locs = [d[0] for d in dets]
+        inst = dict(im_inds=torch.cat([torch.full_like(l, b) for b, l in enumerate(locs)]), loc_inds=torch.cat(locs))
+        probs = self.mask_logits(out, inst).sigmoid().split([l.numel() for l in locs])       # B x (K_b, 1, Hp/s, Wp/s)
+        return [self.postprocess(m, cls, score, boxes, t) for m, (_, cls, score, boxes), t in zip(probs, dets, targets)]
 
-    def postprocess(self, out, b, loc, cls, score, boxes, target):
-        """Masks for the kept detections, back to the original image size; boxes likewise."""
+    def postprocess(self, mask_probs, cls, score, boxes, target):
+        """One image's detections back to its original size: mask_probs (K, 1, Hp/s, Wp/s) at the
+        mask-out stride, boxes (K, 4) in the resized frame -> boxes, scores, labels, masks (K, H0, W0)."""
         (h, w), (H0, W0) = target["size"], target["orig_size"]
-        inst = dict(im_inds=torch.full_like(loc, b), loc_inds=loc)
-        if loc.numel():
-            m = self.mask_logits(out, inst).sigmoid()                                        # (K, 1, Hp/s, Wp/s)
-            m = aligned_bilinear(m, self.mask_out_stride)[:, :, :h, :w]                      # (K, 1, h, w)
+        if len(boxes):
+            m = aligned_bilinear(mask_probs, self.mask_out_stride)[:, :, :h, :w]             # (K, 1, h, w)
             m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]   # (K, H0, W0)
             masks = m > self.cfg["mask_thresh"]
         else:

@@ -180,17 +180,26 @@ def test_forward_shapes_and_postprocess_to_original_size():
     model.eval()
     out = model.features(images)
     loc = torch.tensor([27])  # P3 cell (3, 3): location (28, 28)
-    out["reg"][0, 27] = torch.tensor([1.0, 2.0, 0.5, 1.0])  # stride units: (8, 16, 4, 8) px
-    res = model.postprocess(out, 0, loc, torch.tensor([1]), torch.tensor([0.9]),
+    probs = model.mask_logits(out, dict(im_inds=torch.tensor([0]), loc_inds=loc)).sigmoid()  # (1, 1, 16, 16)
+    probs[0, 0, :8, :4] = 1.0  # top-left quarter-by-half of the 64x64 resized frame (stride 4) is the object
+    probs[0, 0, 8:] = probs[0, 0, :, 4:] = 0.0
+    res = model.postprocess(probs, torch.tensor([1]), torch.tensor([0.9]),
                             torch.tensor([[20.0, 12.0, 32.0, 36.0]]), dict(size=(64, 64), orig_size=(96, 128)))
     assert res["masks"].shape == (1, 96, 128) and res["masks"].dtype == torch.bool
     assert torch.allclose(res["boxes"], torch.tensor([[40.0, 18.0, 64.0, 54.0]]))
-    # predict end to end: boxes clipped to the original frame
-    preds = model.predict(images, [dict(t, orig_size=(96, 128)) for t in targets])
-    for p in preds:
-        assert p["masks"].shape[1:] == (96, 128)
-        if len(p["boxes"]):
-            assert p["boxes"][:, 2].max() <= 128 and p["boxes"][:, 3].max() <= 96
+    assert res["masks"][0, :44, :28].all() and not res["masks"][0, 52:].any() and not res["masks"][0, :, 36:].any()
+    # predict end to end: boxes clipped to the original frame; an image's results do not depend on
+    # its place in the batch (the masks of the whole batch come from one dynamic-head call)
+    sized = [dict(t, orig_size=(96, 128)) for t in targets]
+    model.cfg["score_thresh"] = 0.0  # the untrained model's scores are low: keep max_dets detections
+    preds = model.predict(images, sized)
+    flipped = model.predict(images.flip(0), sized[::-1])[::-1]
+    for p, q in zip(preds, flipped):
+        assert p["masks"].shape[1:] == (96, 128) and len(p["boxes"]) > 0
+        assert p["boxes"][:, 2].max() <= 128 and p["boxes"][:, 3].max() <= 96
+        assert torch.allclose(p["boxes"], q["boxes"]) and torch.equal(p["labels"], q["labels"])
+        assert torch.equal(p["masks"], q["masks"])
+    assert not torch.equal(preds[0]["masks"], preds[1]["masks"])
 
 
 def test_backbone_freezing():
