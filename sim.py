@@ -151,7 +151,7 @@ def after_step(state, model, out, pm, obj, images, targets):
 @torch.no_grad()
 def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
     """The paper's Fig. 1/6 for the first n objects with positives: image and box, then
-    M_S (Eq. 1), M_I (Eq. 6), M_prob (Eq. 7) and M_hat (white fg, black bg, grey = ignored)."""
+    M_S (Eq. 1), M_I (Eq. 6), M_prob (Eq. 7) and M_hat (white fg, black bg, orange = ignored: 0.5 on the heat map)."""
     import os
     import eval as evaluation  # the module, not the builtin
     was_training = model.training
