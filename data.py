@@ -289,12 +289,12 @@ def _background(rng, H, W):
     """Textured background: a smooth gradient, large blotches and medium mottling.
 
     The amplitudes are set so that the background is locally smooth at the mask grid the way a
-    natural image's is: about 40% of BoxInst's neighbour pairs on the background have colour
-    similarity >= 0.3 (objects: 64%, pairs across an object edge: 1%). Version 4 of the generator
-    had a 3x steeper background (+-35 blotches, +-12 fine mottling on a 24x30 grid): only 14% of
-    background pairs were similar, so BoxInst's pairwise loss saw almost no background inside a
-    box, a failure that has nothing to do with the paper's cases (the objects themselves keep
-    their internal edges and low-contrast colours)."""
+    natural image's is: at stride 2, 38-44% of BoxInst's neighbour pairs on the background have
+    colour similarity >= 0.3 (objects: 60%, pairs across an object edge: 0%; `python ablate.py
+    --pair_stats`). Version 4 of the generator had a 3x steeper background (+-35 blotches, +-12 fine
+    mottling on a 24x30 grid): only 14-15% of background pairs were similar, so BoxInst's pairwise
+    loss saw almost no background inside a box, a failure that has nothing to do with the paper's
+    cases (the objects themselves keep their internal edges and low-contrast colours)."""
     bg = _smooth_field(rng, 2, 2, H, W, 30, 225)  # (H, W, 3)
     bg += _smooth_field(rng, 4, 5, H, W, -20, 20)
     bg += _smooth_field(rng, 12, 15, H, W, -6, 6)

@@ -320,7 +320,7 @@ def dynamic_mask_head(mask_feats, params, im_inds, inst_locations, inst_levels, 
     rel_y = (inst_locations[:, 1, None] - ys[None]) / soi[:, None]                      # (K, H)
     rel = torch.stack([rel_x[:, None, :].expand(K, H, W), rel_y[:, :, None].expand(K, H, W)], 1)  # (K, 2, H, W)
     # index_select, not mask_feats[im_inds]: same values, but its backward is an index_add instead
-    # of an accumulating index_put, ~4x faster on CPU (200 instances of 16x48x56: 23 vs 100 ms)
+    # of an accumulating index_put, ~4x faster on CPU (BENCHMARKS.md)
     x = torch.cat([rel.to(mask_feats.dtype), mask_feats.index_select(0, im_inds)], 1)  # (K, D+2, H, W)
     x = x.reshape(1, K * (D + 2), H, W)
     # split the parameter vector: all weights first, then all biases
