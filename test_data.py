@@ -83,21 +83,52 @@ def test_synthetic_annotations_are_the_rendered_visible_masks(tmp_path):
         assert np.abs(on_disk - image).mean() < 4.0  # JPEG q95 of the rendered image (another image: ~50)
 
 
-def test_synthetic_shapes_rings_have_holes_discs_do_not():
-    ring_holes, disc_fills = [], []
-    for i in range(30):
-        _, masks, labels = data.render_synthetic_image(np.random.default_rng(i), 160, 160)
-        for m, lab in zip(masks, labels):
-            if m.sum() < 150:
-                continue
-            ys, xs = np.nonzero(m)
-            centre = m[(ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2]
-            if data.SHAPES[lab] == "ring":
-                ring_holes.append(not centre)
-            elif data.SHAPES[lab] == "disc":
-                disc_fills.append(bool(centre))
-    assert len(ring_holes) >= 5 and np.mean(ring_holes) > 0.7
-    assert len(disc_fills) >= 5 and np.mean(disc_fills) > 0.7
+def _enclosed_background(m):
+    """Pixels outside the mask m (H, W) that no path of outside pixels links to the frame's border."""
+    out = ~m
+    reach = np.zeros_like(m)
+    reach[0], reach[-1], reach[:, 0], reach[:, -1] = out[0], out[-1], out[:, 0], out[:, -1]
+    while True:  # grow the border region through outside pixels (4-neighbours) until it stops
+        grown = reach.copy()
+        grown[1:] |= reach[:-1]
+        grown[:-1] |= reach[1:]
+        grown[:, 1:] |= reach[:, :-1]
+        grown[:, :-1] |= reach[:, 1:]
+        grown &= out
+        if (grown == reach).all():
+            return out & ~reach
+        reach = grown
+
+
+def test_enclosed_background_helper():
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert _enclosed_background(ring).sum() == 1
+    ring[4, 2] = False  # a notch in the ring's left side: (4, 3) still closes the hole
+    assert _enclosed_background(ring).sum() == 1
+    ring[4, 3] = False  # now a channel joins the hole to the outside
+    assert _enclosed_background(ring).sum() == 0
+
+
+def test_synthetic_shapes_have_no_holes_and_crescents_are_concave():
+    """Every class is a shape without an enclosed hole (box supervision cannot see one: no colour pair
+    links it to the outside of the box); the crescent's bite makes it concave; the disc is filled."""
+    rng = np.random.default_rng(0)
+    fill = {c: [] for c in data.SHAPES}
+    for _ in range(100):
+        o = data._sample_object(rng, 96, 96, 160, [])
+        o["cx"] = o["cy"] = 48.0  # the whole object inside the frame, with a margin
+        u, v, sl = data._object_frame(o, 96, 96)
+        m = np.zeros((96, 96), bool)
+        m[sl] = data._shape_mask(o, u, v)
+        assert m.sum() > 0 and _enclosed_background(m).sum() == 0, o["cls"]
+        ys, xs = np.nonzero(m)
+        # share of the mask's bounding box that the mask fills
+        fill[o["cls"]].append(m.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+    assert all(len(f) >= 8 for f in fill.values())
+    assert np.mean(fill["disc"]) > 0.7  # an ellipse fills pi/4 of its axis-aligned box, less when rotated
+    assert np.mean(fill["crescent"]) < np.mean(fill["disc"]) - 0.2
 
 
 def test_synthetic_objects_are_mostly_colour_connected_and_class_coloured():
