@@ -88,7 +88,21 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
     E.evaluate()
     E.accumulate()
     E.summarize()
+    print(f"{iou_type} AP per class: " + " | ".join(f"{n} {ap:.1f}" for n, ap in per_class_ap(E).items()))
     return {name: (100.0 * float(v) if v >= 0 else -1.0) for name, v in zip(STAT_NAMES, E.stats)}
+
+
+def per_class_ap(E):
+    """{class name: AP in percent} from an accumulated COCOeval, as detectron2's per-category table:
+    E.eval['precision'] is (T IoU thresholds, R recall points, K classes, A area ranges, M max dets);
+    a class's AP is the mean over T and R of its defined entries (-1: no GT of that class) at area
+    'all' and the largest max-dets, the same average that gives the overall AP."""
+    precision = E.eval["precision"][:, :, :, 0, -1]  # (T, R, K)
+    out = {}
+    for k, cat_id in enumerate(E.params.catIds):
+        p = precision[:, :, k]
+        out[E.cocoGt.cats[cat_id]["name"]] = 100.0 * float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    return out
 
 # -----------------------------------------------------------------------------
 # file writing: atomic, so an interrupted run never leaves a half-written file behind

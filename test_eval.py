@@ -137,6 +137,22 @@ def test_shift_of_4px_gives_hand_computed_ap(ds):
         assert stats[iou_type]["AP75"] == pytest.approx(0.0)
 
 
+def test_per_class_ap_is_printed(ds, capsys):
+    # the cat is found exactly (AP 100), the two dogs 4 px off (AP 40, as in the test above);
+    # the overall AP is the mean of the two classes' APs: 70
+    preds = gt_preds(ds)
+    shifted = gt_preds(ds, shift=4)
+    for image_id, p in preds.items():
+        dog = p["labels"] == 1
+        for key in ("boxes", "masks"):
+            p[key][dog] = shifted[image_id][key][dog]
+    stats = ev.evaluate(FakeModel(preds), loader_of(ds), ds, torch.device("cpu"))
+    out = capsys.readouterr().out
+    for iou_type in ("bbox", "segm"):
+        assert f"{iou_type} AP per class: cat 100.0 | dog 40.0\n" in out
+        assert stats[iou_type]["AP"] == pytest.approx(70.0)
+
+
 def test_empty_predictions_give_zeros(ds, tmp_path):
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
              "masks": torch.zeros(0, H, W, dtype=torch.bool)}
