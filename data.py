@@ -16,9 +16,8 @@ cases the paper is about are there: same-class objects that touch and occlude ea
 objects, two-tone objects whose inner edge breaks colour affinity, and ~20% of objects coloured close
 to the background under them. What is not there on purpose: shapes with an enclosed hole. Box
 supervision cannot see one (no colour pair links a hole to the outside of the box, so BoxInst fills
-it; generator version 5 had rings: 9.0 mask AP against 25.3 with GT masks, predicted masks 1.55x the
-true area, BENCHMARKS.md), and a class that no box-supervised method can learn would say nothing
-about the implementation.
+it; with the rings of generator version 5: 9.0 mask AP against 25.2 with GT masks, BENCHMARKS.md),
+and a class that no box-supervised method can learn would say nothing about the implementation.
 """
 import contextlib
 import io
