@@ -399,13 +399,13 @@ def _texture(o, u, v):
 
 def render_synthetic_image(rng, height, width, size=160, min_visible=20, n_objects=(4, 9)):
     """One synthetic image: returns (image (H, W, 3) uint8, masks (K, H, W) bool of the VISIBLE parts,
-    labels (K,) int indices into SHAPES). n_objects[0]..n_objects[1] objects are drawn (about 6.4 per
+    labels (K,) int indices into SHAPES). n_objects[0]..n_objects[1] objects are drawn (about 6.3 per
     image survive); they are painted in order, later ones occlude earlier ones; objects with fewer than
     min_visible visible pixels are removed before painting.
 
     Why this many: the CPU demo is bound by compute, and most of a sparse image's compute goes to
-    background. Generator version 5 drew 2-6 objects (3.9 per image); with 4-9 the same 600-iteration
-    probe learns 25.7 box / 14.5 mask AP instead of 19.3 / 7.8 at the same images per second, while
+    background. Generator version 5 drew 2-6 objects (3.9 per image); with 4-9 (probed while the
+    crescents were still rings) the same 600-iteration probe learns 25.7 box / 14.5 mask AP instead of 19.3 / 7.8 at the same images per second, while
     6-13 objects (9.2 per image, crowded) give no more (25.4 / 12.9) (BENCHMARKS.md, section 1)."""
     H, W = height, width
     for _ in range(50):  # redraw the layout until at least two objects are visible (almost always at once)
