@@ -10,6 +10,8 @@ arguments go to every train.py run):
     python ablate.py --ms_stats=out/ablation/+pseudo+paste/ckpt.pt   # how separable M_S is
     python ablate.py --grid_oracle            # mask AP of perfect masks seen through a stride-s grid
     python ablate.py --pair_stats             # how many neighbour pairs BoxInst's colour affinity links
+    python ablate.py --attr_ap=out/demo       # a finished run's AP on low-contrast / occluded objects
+                                              # (several --attr_ap=RUN; --val_json=J for older runs' data)
 
 --grid_oracle: every val GT mask, average-pooled onto a stride-s grid and brought back by the model's
 own up-sampling (aligned_bilinear) and the 0.5 threshold, scored as a detection with its GT box and
@@ -20,6 +22,10 @@ stride-s grid) whose colour similarity passes color_thresh = 0.3, split by where
 one object, on background inside a GT box, on background outside every box, across an object edge.
 The pairwise loss only acts on pairs that pass, so in-box background that is rarely linked is learnt
 from the projection loss alone.
+
+--attr_ap: box and mask AP of a finished run (its results_*.json) on subsets of the val objects, by
+the tags the synthetic generator writes into the json: low-contrast or not, occluded or not. The
+objects outside a subset are scored as crowd regions (ignored).
 
 --ms_stats: Eq. (1)'s M_S from a SIM checkpoint's teacher and prototypes on the val images, inside
 each GT box, split by the GT mask: how much of the object (fg) and of the in-box background (bg)
@@ -149,6 +155,54 @@ def pair_stats(strides=(4, 2), color_thresh=0.3):
         print(f"| {s} | " + " | ".join(f"{l / n:.0%}" for n, l in counts.tolist()) + " |")
 
 
+def subset_ap(gt, results, keep, iou_type):
+    """COCO AP (percent) on the GT objects for which keep(annotation) holds: the others become crowd
+    regions, so detections on them are neither true nor false positives (COCO's way of not caring)."""
+    import contextlib
+    import copy
+    import io
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    d = copy.deepcopy(gt)
+    for a in d["annotations"]:
+        a["iscrowd"] = int(a.get("iscrowd", 0) or not keep(a))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco = COCO()
+        coco.dataset = d
+        coco.createIndex()
+        E = COCOeval(coco, coco.loadRes(copy.deepcopy(results)), iou_type)  # loadRes changes its input
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    return 100.0 * E.stats[0]
+
+
+def attr_ap(run_dir, val_json=""):
+    """Box and mask AP of a finished run by object attribute: the synthetic val json (the run's own, or
+    val_json: the same images) tags each object with low_contrast and visible_frac (the share of its
+    in-image outline not occluded)."""
+    if not val_json:
+        val_json = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["config"]["val_json"]
+    with open(val_json) as f:
+        gt = json.load(f)
+    if not all("low_contrast" in a for a in gt["annotations"]):
+        sys.exit(f"ablate.py: {val_json} has no attribute tags (written by the synthetic generator since version 7) "
+                 "— fix: regenerate it with the current data.py and pass --val_json=<it>")
+    results = {}
+    for t in ("bbox", "segm"):
+        with open(os.path.join(run_dir, f"results_{t}.json")) as f:
+            results[t] = json.load(f)
+    subsets = {"all": lambda a: True,
+               "low-contrast": lambda a: a["low_contrast"], "not low-contrast": lambda a: not a["low_contrast"],
+               "occluded (visible < 0.9)": lambda a: a["visible_frac"] < 0.9,
+               "not occluded": lambda a: a["visible_frac"] >= 0.9}
+    print(f"{run_dir}\n| objects | n | box AP | mask AP |\n|---|---|---|---|")
+    for name, keep in subsets.items():
+        n = sum(map(keep, gt["annotations"]))
+        print(f"| {name} | {n} | {subset_ap(gt, results['bbox'], keep, 'bbox'):.1f} | "
+              f"{subset_ap(gt, results['segm'], keep, 'segm'):.1f} |")
+
+
 def main(extra):
     root = "out/ablation"
     results = {}
@@ -171,6 +225,11 @@ def main(extra):
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1].startswith("--ms_stats="):
         ms_stats(sys.argv[1].split("=", 1)[1])
+    elif len(sys.argv) >= 2 and sys.argv[1].startswith("--attr_ap="):
+        args = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[1:] if a.startswith("--val_json="))
+        for run in sys.argv[1:]:
+            if run.startswith("--attr_ap="):
+                attr_ap(run.split("=", 1)[1], args.get("val_json", ""))
     elif sys.argv[1:] == ["--grid_oracle"]:
         grid_oracle()
     elif sys.argv[1:] == ["--pair_stats"]:

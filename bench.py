@@ -4,10 +4,13 @@ ratio is meaningful on a noisy machine. Runs train.py's own train_step (nanoGPT'
 
     python bench.py                          # the demo model on the embedded dataset, CPU
     python bench.py --device=cuda --steps=20 # any train.py setting can be overridden
+    python bench.py --compare=scale          # BoxInst steps, one training scale per image vs per batch
 
 Prints the median step time of each method over interleaved rounds and the SIM / BoxInst ratio.
 SIM runs with everything switched on from the first step (teacher, pseudo masks, prototype
-update, memory bank full, copy-paste with p = paste_prob).
+update, memory bank full, copy-paste with p = paste_prob). The batches draw their training scales
+as train.py's loader does (scale_per_batch); --compare=scale times BoxInst on batches drawn both
+ways (the same images), the padding that a scale per image costs.
 """
 
 import statistics
@@ -22,12 +25,13 @@ import train
 from model import build_model
 
 steps = 5       # timed steps per round and method
+compare = "method"  # "method": BoxInst vs SIM; "scale": BoxInst with a scale per image vs per batch
 rounds = 4      # rounds, alternating the methods
 warmup = 2      # untimed steps per method first
 
 
 def main(argv):
-    cfg = dict(train.config, steps=steps, rounds=rounds, warmup=warmup)
+    cfg = dict(train.config, steps=steps, rounds=rounds, warmup=warmup, compare=compare)
     train.configure(argv, cfg)
     dev = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -39,12 +43,22 @@ def main(argv):
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(ds), generator=g).tolist()
     n = cfg["batch_size"]
-    batches = [data.collate([ds[i] for i in idx[k * n:(k + 1) * n]]) for k in range(cfg["steps"])]
+    scales = torch.randint(len(ds.min_sizes), (cfg["steps"], n), generator=g)  # (steps, n): scale per image
+
+    def make_batches(per_batch):
+        return [data.collate([ds[(i, ds.min_sizes[scales[k, 0 if per_batch else j]])]
+                              for j, i in enumerate(idx[k * n:(k + 1) * n])]) for k in range(cfg["steps"])]
     use_amp = cfg["amp"] and dev.type == "cuda"
     autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp)
 
+    # name: (train.py method, batches); the model, optimizer and SIM state are made below
+    if cfg["compare"] == "scale":
+        variants = {"scale per image": ("boxinst", make_batches(False)), "scale per batch": ("boxinst", make_batches(True))}
+    else:
+        batches = make_batches(cfg["scale_per_batch"])
+        variants = {"boxinst": ("boxinst", batches), "sim": ("sim", batches)}
     runners = {}
-    for method in ("boxinst", "sim"):
+    for name, (method, batches) in variants.items():
         mcfg = dict(cfg, method=method)
         torch.manual_seed(cfg["seed"])
         model = build_model(mcfg).to(dev).train()
@@ -55,10 +69,10 @@ def main(argv):
             # bank_thresh -1: every in-box pixel is a pseudo-mask pixel, so the bank fills at once
             mcfg.update(bank_size=len(batches) * n, bank_thresh=-1.0)
             state = sim.SIMState(mcfg, dev)
-        runners[method] = (model, opt, scaler, state, mcfg)
+        runners[name] = (model, opt, scaler, state, mcfg, batches)
 
-    def run(method, n_steps, it0):
-        model, opt, scaler, state, mcfg = runners[method]
+    def run(name, n_steps, it0):
+        model, opt, scaler, state, mcfg, batches = runners[name]
         times = []
         for k in range(n_steps):
             images, targets = batches[k % len(batches)]
@@ -72,19 +86,21 @@ def main(argv):
             times.append(time.perf_counter() - t)
         return times
 
-    for method in runners:  # warm-up; also fills SIM's bank
-        run(method, max(cfg["warmup"], len(batches)), 0)
-    assert runners["sim"][3].bank.full
+    for name in runners:  # warm-up; also fills SIM's bank
+        run(name, max(cfg["warmup"], cfg["steps"]), 0)
+    assert all(r[3] is None or r[3].bank.full for r in runners.values())
     times = {m: [] for m in runners}
     for r in range(cfg["rounds"]):
-        for method in (runners if r % 2 == 0 else reversed(list(runners))):
-            times[method] += run(method, cfg["steps"], 100 + r * cfg["steps"])
+        for name in (runners if r % 2 == 0 else reversed(list(runners))):
+            times[name] += run(name, cfg["steps"], 100 + r * cfg["steps"])
     med = {m: statistics.median(t) for m, t in times.items()}
     print(f"device {dev} | batch {n} | {cfg['rounds']} rounds x {cfg['steps']} steps | torch {torch.__version__}")
     for m, t in med.items():
-        print(f"{m:8s} median step {t * 1000:8.1f} ms")
-    print(f"SIM / BoxInst step time: {med['sim'] / med['boxinst']:.2f}x")
-
+        pixels = sum(b[0].shape[-2] * b[0].shape[-1] for b in runners[m][5]) / len(runners[m][5])
+        print(f"{m:16s} median step {t * 1000:8.1f} ms | padded batch {pixels:.0f} pixels per image")
+    a, b = med
+    label = "SIM / BoxInst" if cfg["compare"] != "scale" else "per image / per batch"
+    print(f"{label} step time: {med[b] / med[a] if cfg['compare'] != 'scale' else med[a] / med[b]:.2f}x")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

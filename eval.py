@@ -417,7 +417,9 @@ def main(argv):
     val_images = cfg["val_images"] or config["val_images"]
     if not val_json:  # the run trained on the embedded synthetic data set
         from data import ensure_synthetic
-        paths = ensure_synthetic(config.get("synthetic_root", "data/synthetic"))  # train.py's key and default
+        paths = ensure_synthetic(config.get("synthetic_root", "data/synthetic"),  # train.py's keys and defaults
+                                 low_contrast_bg=config.get("synthetic_low_contrast", 0.6),
+                                 min_visible_frac=config.get("synthetic_min_visible", 0.3))
         val_json, val_images = paths["val_json"], paths["val_images"]
     if not os.path.isfile(val_json):
         return fail(f"{val_json} not found — fix: --val_json=PATH of a COCO annotation file")

@@ -264,3 +264,19 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert ev.main([f"--ckpt={path}", "--device=cpu"]) == 2
     err = capsys.readouterr().err
     assert "lacks keys ['max_size_test', 'val_json', 'val_images']" in err and err.count("\n") == 1
+
+
+def test_subset_ap_ignores_the_objects_outside_the_subset():
+    # two objects of one class, one detected exactly: AP 100 on the found one, 0 on the other,
+    # and over both: precision 1 up to recall 0.5, COCO's 101-point average gives 51/101
+    import ablate
+    gt = {"images": [{"id": 1, "height": 50, "width": 50}], "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100,
+                           "iscrowd": 0, "tag": "found"},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 30, 12, 12], "area": 144,
+                           "iscrowd": 0, "tag": "missed"}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9}]
+    assert ablate.subset_ap(gt, dets, lambda a: a["tag"] == "found", "bbox") == pytest.approx(100.0)
+    assert ablate.subset_ap(gt, dets, lambda a: a["tag"] == "missed", "bbox") == pytest.approx(0.0)
+    assert ablate.subset_ap(gt, dets, lambda a: True, "bbox") == pytest.approx(100 * 51 / 101)
+    assert gt["annotations"][1]["iscrowd"] == 0 and dets[0]["bbox"] == [2, 2, 10, 10]  # inputs untouched

@@ -9,6 +9,7 @@ train_images = "datasets/coco/train2017"
 val_json = "datasets/coco/annotations/instances_val2017.json"
 val_images = "datasets/coco/val2017"
 min_size_train = (640, 672, 704, 736, 768, 800)
+scale_per_batch = False             # the reference draws a scale per image
 max_size_train = 1333
 min_size_test = 800
 max_size_test = 1333
