@@ -226,9 +226,10 @@ class ScaleBatchSampler(torch.utils.data.Sampler):
     """Training batches of (index, shorter side) pairs: one scale per batch, drawn from min_sizes.
 
     The reference draws a scale per image, and the batch is padded to its largest image: on the demo's
-    160 px images with scales (144, 160, 176) that makes 38% of the padded pixels padding, 23% with
-    one scale per batch, and a demo step 1.26x faster (BENCHMARKS.md). Each image still sees every
-    scale over the epochs. The COCO configs keep the reference's per-image draw.
+    160-200 px images with scales (144, 160, 176), a batch of 4 then holds 1.1x the pixels it holds
+    with one scale per batch, and a demo step takes 1.1x as long (`python bench.py --compare=scale`,
+    BENCHMARKS.md). Each image still sees every scale over the epochs. The COCO configs keep the
+    reference's per-image draw.
     """
 
     def __init__(self, sampler, batch_size, min_sizes, seed=0):

@@ -328,7 +328,7 @@ def box_windows(x, top, left, hc, wc, index=None):
     rows = (top[:, None] + torch.arange(hc, device=x.device)).clamp(0, H - 1)  # (N, hc)
     cols = (left[:, None] + torch.arange(wc, device=x.device)).clamp(0, W - 1)  # (N, wc)
     idx = (rows[:, :, None] * W + cols[:, None, :]).flatten(1)  # (N, hc*wc)
-    src = x.flatten(2) if index is None else x.flatten(2)[index]  # (N, C, H*W)
+    src = x.flatten(2) if index is None else x.flatten(2).index_select(0, index)  # (N, C, H*W); index_select: fast backward
     return src.gather(2, idx[:, None].expand(-1, C, -1)).view(-1, C, hc, wc)
 
 
@@ -353,26 +353,38 @@ def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_s
 
     Speed, not maths: w = 0 wherever B(i) = 0, so the sums only need the cells of each
     instance's box plus the neighbours' reach (dilation * (kernel_size // 2)). They are taken on
-    windows of the largest box's size around every box (box_windows) instead of the whole map:
-    the same sums (test_losses checks it against the whole-map formula), 4-30x fewer cells.
-    The window size is one host read per step (a device sync on CUDA)."""
+    windows around every box (box_windows) instead of the whole map, one window size per group of
+    instances: the instances sorted by box area and split in two halves, each half's windows as large
+    as its largest box (so one big object does not blow up the windows of all the small ones). The
+    same sums (test_losses checks them against the whole-map formula), 4-30x fewer cells. The box
+    sizes are one host read per step (a device sync on CUDA)."""
     mask_logits = mask_logits.float()  # fp32 even under autocast
     pad = dilation * (kernel_size // 2)
     H, W = mask_logits.shape[-2:]
     # each box mask's bounding cells (all zeros for an empty mask, so it never widens the windows)
     x0, y0, x1, y1 = masks_to_boxes(box_masks[:, 0] > 0).long().unbind(1)  # (N,) each; x1, y1 exclusive
-    hc, wc = ((torch.stack([y1 - y0, x1 - x0], 1).amax(0) + 2 * pad).tolist() if len(x0) else (0, 0))
-    top, left = y0 - pad, x0 - pad  # windows reach `pad` cells beyond the box on every side
-    window = lambda x, index=None: box_windows(x, top, left, hc, wc, index)
-    # cells off the map: their S and box mask read 0 (so w = 0), their logits any finite value
-    on_map = box_window_valid(top, left, hc, wc, H, W)  # (N, 1, hc, wc)
-    m = window(mask_logits)  # (N, 1, hc, wc)
-    log_fg = F.logsigmoid(m)  # (N, 1, hc, wc)
-    nbr_m = unfold_wo_center(m, kernel_size, dilation)[:, 0]  # (N, 8, hc, wc)
-    nbr_log_fg = unfold_wo_center(log_fg, kernel_size, dilation)[:, 0]  # (N, 8, hc, wc)
-    loss = -(log_fg + nbr_log_fg + F.softplus(-(m + nbr_m)))  # (N, 8, hc, wc)
-    w = (window(similarity, im_inds) >= color_thresh).to(loss.dtype) * window(box_masks.to(loss.dtype)) * on_map
-    return (loss * w).sum() / reduce_mean(w.sum()).clamp(min=1.0)
+    hw = torch.stack([y1 - y0, x1 - x0], 1).tolist()  # (N, 2) box sizes in cells, on the host
+    order = sorted(range(len(hw)), key=lambda k: hw[k][0] * hw[k][1])
+    total, w_sum = mask_logits.new_zeros(()), mask_logits.new_zeros(())
+    for group in (order[: len(order) // 2], order[len(order) // 2:]):
+        if not group:
+            continue
+        g = torch.tensor(group, device=mask_logits.device)  # (n,) instances of this group
+        hc, wc = (max(hw[k][d] for k in group) + 2 * pad for d in (0, 1))
+        top, left = y0[g] - pad, x0[g] - pad  # windows reach `pad` cells beyond the box on every side
+        window = lambda x, index: box_windows(x, top, left, hc, wc, index)
+        # cells off the map: their S and box mask read 0 (so w = 0), their logits any finite value
+        on_map = box_window_valid(top, left, hc, wc, H, W)  # (n, 1, hc, wc)
+        m = window(mask_logits, g)  # (n, 1, hc, wc)
+        log_fg = F.logsigmoid(m)  # (n, 1, hc, wc)
+        nbr_m = unfold_wo_center(m, kernel_size, dilation)[:, 0]  # (n, 8, hc, wc)
+        nbr_log_fg = unfold_wo_center(log_fg, kernel_size, dilation)[:, 0]  # (n, 8, hc, wc)
+        loss = -(log_fg + nbr_log_fg + F.softplus(-(m + nbr_m)))  # (n, 8, hc, wc)
+        s_index = g if im_inds is None else im_inds[g]
+        w = (window(similarity, s_index) >= color_thresh).to(loss.dtype) * window(box_masks.to(loss.dtype), g) * on_map
+        total = total + (loss * w).sum()
+        w_sum = w_sum + w.sum()
+    return total / reduce_mean(w_sum).clamp(min=1.0)
 
 
 def pairwise_warmup(it, warmup_iters=10000):

@@ -47,7 +47,7 @@ synthetic_root = "data/synthetic"
 synthetic_min_visible = 0.3  # generator: objects keep >= this share of their outline visible (v6: 0)
 synthetic_low_contrast = 0.6  # generator: low-contrast objects' colour share from the background (v6: 0.8)
 min_size_train = (144, 160, 176)  # shorter side sampled from these
-scale_per_batch = True       # one scale per batch, not per image (reference): less padding, 1.26x faster demo steps
+scale_per_batch = True       # one scale per batch, not per image (reference): less padding, 1.1x faster demo steps
 max_size_train = 320
 min_size_test = 160
 max_size_test = 320
@@ -113,8 +113,8 @@ momentum = 0.9               # SGD only
 weight_decay = 0.05          # 0 on norm layers (reference SGD: 1e-4)
 warmup_iters = 200
 warmup_factor = 0.001
-lr_steps = (1440, 1660)
-max_iters = 1750
+lr_steps = (1320, 1520)
+max_iters = 1600
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 amp = True                   # autocast on CUDA (ignored on CPU)
