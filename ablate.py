@@ -226,10 +226,10 @@ if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1].startswith("--ms_stats="):
         ms_stats(sys.argv[1].split("=", 1)[1])
     elif len(sys.argv) >= 2 and sys.argv[1].startswith("--attr_ap="):
-        args = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[1:] if a.startswith("--val_json="))
+        val_json = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--val_json=")), "")
         for run in sys.argv[1:]:
             if run.startswith("--attr_ap="):
-                attr_ap(run.split("=", 1)[1], args.get("val_json", ""))
+                attr_ap(run.split("=", 1)[1], val_json)
     elif sys.argv[1:] == ["--grid_oracle"]:
         grid_oracle()
     elif sys.argv[1:] == ["--pair_stats"]:

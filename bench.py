@@ -52,11 +52,14 @@ def main(argv):
     autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp)
 
     # name: (train.py method, batches); the model, optimizer and SIM state are made below
+    # ratio: (numerator, denominator, label) of the line printed at the end
     if cfg["compare"] == "scale":
         variants = {"scale per image": ("boxinst", make_batches(False)), "scale per batch": ("boxinst", make_batches(True))}
+        ratio = ("scale per image", "scale per batch", "per image / per batch")
     else:
         batches = make_batches(cfg["scale_per_batch"])
         variants = {"boxinst": ("boxinst", batches), "sim": ("sim", batches)}
+        ratio = ("sim", "boxinst", "SIM / BoxInst")
     runners = {}
     for name, (method, batches) in variants.items():
         mcfg = dict(cfg, method=method)
@@ -98,9 +101,9 @@ def main(argv):
     for m, t in med.items():
         pixels = sum(b[0].shape[-2] * b[0].shape[-1] for b in runners[m][5]) / len(runners[m][5])
         print(f"{m:16s} median step {t * 1000:8.1f} ms | padded batch {pixels:.0f} pixels per image")
-    a, b = med
-    label = "SIM / BoxInst" if cfg["compare"] != "scale" else "per image / per batch"
-    print(f"{label} step time: {med[b] / med[a] if cfg['compare'] != 'scale' else med[a] / med[b]:.2f}x")
+    num, den, label = ratio
+    print(f"{label} step time: {med[num] / med[den]:.2f}x")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -536,9 +536,8 @@ def ensure_synthetic(root="data/synthetic", seed=0, n_train=800, n_val=100, size
     concurrent callers (DDP ranks) end up with one complete copy.
     """
     root = os.path.abspath(root)
-    params = dict(seed=seed, n_train=n_train, n_val=n_val, size=size, version=SYNTH_VERSION,
-                  low_contrast_bg=low_contrast_bg, min_visible_frac=min_visible_frac)
     render_kw = dict(low_contrast_bg=low_contrast_bg, min_visible_frac=min_visible_frac)
+    params = dict(seed=seed, n_train=n_train, n_val=n_val, size=size, version=SYNTH_VERSION, **render_kw)
     paths = dict(train_json=os.path.join(root, "train.json"), train_images=os.path.join(root, "train"),
                  val_json=os.path.join(root, "val.json"), val_images=os.path.join(root, "val"))
     stamp = os.path.join(root, "stamp.json")

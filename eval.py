@@ -417,9 +417,10 @@ def main(argv):
     val_images = cfg["val_images"] or config["val_images"]
     if not val_json:  # the run trained on the embedded synthetic data set
         from data import ensure_synthetic
-        paths = ensure_synthetic(config.get("synthetic_root", "data/synthetic"),  # train.py's keys and defaults
-                                 low_contrast_bg=config.get("synthetic_low_contrast", 0.6),
-                                 min_visible_frac=config.get("synthetic_min_visible", 0.3))
+        # train.py's keys; ensure_synthetic's own defaults for a checkpoint that lacks them
+        knobs = {"low_contrast_bg": "synthetic_low_contrast", "min_visible_frac": "synthetic_min_visible"}
+        paths = ensure_synthetic(config.get("synthetic_root", "data/synthetic"),
+                                 **{arg: config[key] for arg, key in knobs.items() if key in config})
         val_json, val_images = paths["val_json"], paths["val_images"]
     if not os.path.isfile(val_json):
         return fail(f"{val_json} not found — fix: --val_json=PATH of a COCO annotation file")

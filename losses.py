@@ -319,16 +319,16 @@ def color_similarity(images_uint8, valid, stride=4, kernel_size=3, dilation=2):
     return sim * nb_valid
 
 
-def box_windows(x, top, left, hc, wc, index=None):
+def box_windows(x, top, left, hc, wc, index):
     """Windows of (hc, wc) cells from the maps x (B, C, H, W): window k starts at row top[k], column
-    left[k] (either may be negative) of map index[k] (default k). Cells off the map read the nearest
+    left[k] (either may be negative) of map index[k]. Cells off the map read the nearest
     map cell (clamped); box_window_valid says which are real. -> (N, C, hc, wc). One gather, by index
     arithmetic on the flattened maps, differentiable."""
     B, C, H, W = x.shape
     rows = (top[:, None] + torch.arange(hc, device=x.device)).clamp(0, H - 1)  # (N, hc)
     cols = (left[:, None] + torch.arange(wc, device=x.device)).clamp(0, W - 1)  # (N, wc)
     idx = (rows[:, :, None] * W + cols[:, None, :]).flatten(1)  # (N, hc*wc)
-    src = x.flatten(2) if index is None else x.flatten(2).index_select(0, index)  # (N, C, H*W); index_select: fast backward
+    src = x.flatten(2).index_select(0, index)  # (N, C, H*W); index_select: its backward is a fast index_add
     return src.gather(2, idx[:, None].expand(-1, C, -1)).view(-1, C, hc, wc)
 
 

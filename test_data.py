@@ -57,7 +57,7 @@ def test_synthetic_is_deterministic_and_cached(tmp_path):
     # other parameters replace the cached copy
     d = data.ensure_synthetic(tmp_path / "a", **dict(kw, n_train=2))
     assert len(json.load(open(d["train_json"]))["images"]) == 2
-    e = data.ensure_synthetic(tmp_path / "a", **dict(kw, n_train=2, low_contrast_bg=0.8))  # the generator's knobs too
+    data.ensure_synthetic(tmp_path / "a", **dict(kw, n_train=2, low_contrast_bg=0.8))  # the generator's knobs too
     assert json.load(open(os.path.join(tmp_path, "a", "stamp.json")))["low_contrast_bg"] == 0.8
 
 
