@@ -58,42 +58,101 @@ TABLES = [
 ]
 
 
+STATS_VARIANTS = [  # (label, preset, overrides): the pseudo labels --ms_stats scores
+    ("paper", "paper", {}),
+    ("official", "official", {}),
+    ("nanosim", "nanosim", {}),
+    ("nanosim, alpha=1 (M_I alone)", "nanosim", dict(alpha=1.0)),
+    ("nanosim, alpha=0 (M_S alone)", "nanosim", dict(alpha=0.0)),
+    ("nanosim, Eq. 1 map", "nanosim", dict(semantic_map="paper")),
+    ("nanosim, no proto_filter", "nanosim", dict(proto_filter=False)),
+    ("nanosim, fixed thresholds", "nanosim", dict(pseudo_thresh="fixed")),
+]
+
+
+def _auc(pos, neg):
+    """P(a random pos value > a random neg value), from ranks (Mann-Whitney); ties count half-ish."""
+    ranks = torch.cat([pos, neg]).double().argsort().argsort().double() + 1
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / max(len(pos) * len(neg), 1))
+
+
 @torch.no_grad()
-def ms_stats(ckpt_path, n_images=100):
-    """Separability of M_S (Eq. 1) on the val split, from a SIM checkpoint (see the module doc)."""
+def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
+    """Pseudo labels of every variant scored against the GT masks, on a network SIM has not touched.
+
+    The network is the checkpoint's teacher (a SIM checkpoint) or its model (a BoxInst run); use a
+    SIM checkpoint taken before L_pseudo starts (--max_iters=sim_start_iter) or a BoxInst one, so the
+    measurement cannot be circular. For each variant (STATS_VARIANTS) a fresh prototype memory is
+    built from this network's own confident pixels on the first n_build training images (no GT
+    masks; EMA momentum `momentum` so the random start is forgotten within the pass), then the
+    variant's M_S, M_prob and (M_hat, W) are computed on the val images and compared, inside the GT
+    boxes, with the GT masks (never used before this point). Prints per variant: AUC of M_S and of
+    M_prob (object vs in-box background), precision and coverage of the foreground and background
+    labels, the share of in-box pixels ignored, and the foreground growth (labelled foreground over
+    the teacher's confident area, M_I > 0.7)."""
     import data
     import prototypes
     import sim
+    import train
     from model import build_model
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    cfg = ckpt["config"]
-    teacher = build_model(cfg).eval()
-    teacher.load_state_dict(ckpt["sim"]["teacher"])
-    protos = ckpt["sim"]["prototypes"]["protos"]                                    # (C, L, D)
-    ds = data.CocoBoxDataset(cfg["val_json"], cfg["val_images"], train=False, min_sizes=(cfg["min_size_test"],),
-                             max_size=cfg["max_size_test"], with_masks=True)
-    s = cfg["mask_out_stride"]
-    cos_fg, cos_bg = [], []
-    for i in range(min(n_images, len(ds))):
-        images, targets = data.collate([ds[i]])
-        feats = prototypes.normalize_features(teacher.features(images)["mask_feats"])   # (1, D, Hp/s, Wp/s)
-        obj = sim.objects(targets, images.shape[-2:], s)
-        gt = losses.gt_mask_targets(targets[0]["masks"], images.shape[-2:], s)       # (G, Hp/s, Wp/s)
-        cos = (protos[obj["cls"]] @ feats[0].flatten(1)).amax(1).view_as(gt)        # (G, Hp/s, Wp/s) best sub-centre
-        inbox = obj["box_mask"] > 0
-        cos_fg.append(cos[inbox & (gt > 0)])
-        cos_bg.append(cos[inbox & (gt == 0)])
-    fg, bg = torch.cat(cos_fg), torch.cat(cos_bg)
-    # AUC = P(fg > bg) from the ranks of all values (Mann-Whitney)
-    ranks = torch.cat([fg, bg]).argsort().argsort().double() + 1
-    auc = (ranks[:len(fg)].sum() - len(fg) * (len(fg) + 1) / 2) / (len(fg) * len(bg))
-    print(f"{ckpt_path}: {len(fg)} object / {len(bg)} in-box background pixels (stride {s}), "
-          f"cosine AUC {auc:.3f}; mean cosine fg {fg.mean():.3f} bg {bg.mean():.3f}")
-    print("| tau | M_S mean fg | M_S mean bg | fg with M_S > tau_high | bg with M_S > tau_high |\n|---|---|---|---|---|")
-    for tau in sorted({cfg["tau"], 1.0}):
-        mf, mb = (fg / tau).sigmoid(), (bg / tau).sigmoid()
-        th = cfg["tau_high"]
-        print(f"| {tau} | {mf.mean():.2f} | {mb.mean():.2f} | {(mf > th).float().mean():.0%} | {(mb > th).float().mean():.0%} |")
+    base = dict(train.config)
+    base.update(ckpt["config"])
+    net = build_model(base).eval()
+    teacher = (ckpt.get("sim") or {}).get("teacher")
+    net.load_state_dict(teacher if teacher is not None else ckpt["model"])
+    s = base["mask_out_stride"]
+    kw = dict(train=False, min_sizes=(base["min_size_test"],), max_size=base["max_size_test"])
+    build_ds = data.CocoBoxDataset(base["train_json"], base["train_images"], with_masks=False, **kw)
+    val_ds = data.CocoBoxDataset(base["val_json"], base["val_images"], with_masks=True, **kw)
+
+    def batches(ds, n):
+        for i in range(0, min(n, len(ds)), batch):
+            images, targets = data.collate([ds[j] for j in range(i, min(i + batch, n, len(ds)))])
+            if sum(len(t["boxes"]) for t in targets):
+                yield images, targets
+
+    # the network's outputs are the same for every variant: compute them once
+    build = [(net(im, t), sim.objects(t, im.shape[-2:], s)) for im, t in batches(build_ds, n_build)]
+    val = [(net(im, t), sim.objects(t, im.shape[-2:], s), t, im.shape[-2:]) for im, t in batches(val_ds, n_images)]
+    print(f"{ckpt_path} ({'teacher' if teacher is not None else 'model'}): prototypes from {n_build} train images, "
+          f"scored on {n_images} val images inside the GT boxes (stride {s})")
+    print("| variant | AUC M_S | AUC M_prob | fg precision | fg coverage | bg precision | bg coverage | ignored | fg growth |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, preset, over in STATS_VARIANTS:
+        cfg = dict(base, sim_variant=preset)
+        sim.apply_preset(cfg)
+        cfg.update(over)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            protos = prototypes.PrototypeMemory(base["num_classes"], cfg["num_subcenters"], cfg["mask_out_channels"],
+                                                momentum, cfg["tau"], cfg["sinkhorn_eps"], cfg["sinkhorn_iters"],
+                                                cfg["proto_assign"], cfg["proto_norm"])
+            for out, obj in build:
+                pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
+                fg, bg = sim.prototype_pixels(pm, obj, cfg)
+                protos.update(prototypes.normalize_features(out["mask_feats"]), obj["img"], obj["cls"], fg, bg)
+        acc = {k: [] for k in ("ms_fg", "ms_bg", "mp_fg", "mp_bg")}
+        n = dict(lab_fg=0, lab_fg_ok=0, gt_fg=0, lab_bg=0, lab_bg_ok=0, gt_bg=0, ign=0, inbox=0, conf=0)
+        for out, obj, targets, hw in val:
+            pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
+            gt = torch.cat([losses.gt_mask_targets(t["masks"], hw, s) for t in targets]) > 0  # (G, Hp/s, Wp/s)
+            inbox = (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]
+            is_fg, is_bg = inbox & gt, inbox & ~gt
+            acc["ms_fg"].append(pm["M_S"][is_fg]), acc["ms_bg"].append(pm["M_S"][is_bg])
+            acc["mp_fg"].append(pm["M_prob"][is_fg]), acc["mp_bg"].append(pm["M_prob"][is_bg])
+            lab_fg = inbox & (pm["W"] > 0) & (pm["M_hat"] > 0)
+            lab_bg = inbox & (pm["W"] > 0) & (pm["M_hat"] == 0)
+            n["lab_fg"] += int(lab_fg.sum()); n["lab_fg_ok"] += int((lab_fg & gt).sum()); n["gt_fg"] += int(is_fg.sum())
+            n["lab_bg"] += int(lab_bg.sum()); n["lab_bg_ok"] += int((lab_bg & ~gt).sum()); n["gt_bg"] += int(is_bg.sum())
+            n["ign"] += int((inbox & (pm["W"] == 0)).sum()); n["inbox"] += int(inbox.sum())
+            n["conf"] += int((inbox & (pm["M_I"] > cfg["proto_conf_thresh"])).sum())
+        cat = {k: torch.cat(v) for k, v in acc.items()}
+        r = lambda a, b: a / max(b, 1)
+        print(f"| {label} | {_auc(cat['ms_fg'], cat['ms_bg']):.3f} | {_auc(cat['mp_fg'], cat['mp_bg']):.3f} | "
+              f"{r(n['lab_fg_ok'], n['lab_fg']):.1%} | {r(n['lab_fg_ok'], n['gt_fg']):.1%} | "
+              f"{r(n['lab_bg_ok'], n['lab_bg']):.1%} | {r(n['lab_bg_ok'], n['gt_bg']):.1%} | "
+              f"{r(n['ign'], n['inbox']):.1%} | {r(n['lab_fg'], n['conf']):.2f} |", flush=True)
 
 
 def grid_oracle(strides=(8, 4, 2)):

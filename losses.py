@@ -319,6 +319,18 @@ def color_similarity(images_uint8, valid, stride=4, kernel_size=3, dilation=2):
     return sim * nb_valid
 
 
+def feature_similarity(feats, kernel_size=3, dilation=2):
+    """The official SIM code's feature affinity (not a paper equation; `official` preset only):
+    S_feat(i, j) = exp(-||f_i - f_j||_2) between each pixel and its 8 dilated neighbours, f the
+    teacher's mask features on the mask-out grid, not normalised; 0 for neighbours off the map.
+    Multiplied into BoxInst's colour similarity, thresholded at 0.1 (sim_official.md 6.2).
+    feats (B, D, H, W) -> (B, k*k-1, H, W)."""
+    f = feats.float()
+    diff = f[:, :, None] - unfold_wo_center(f, kernel_size, dilation)  # (B, D, 8, H, W)
+    on_map = unfold_wo_center(torch.ones_like(f[:, :1]), kernel_size, dilation)[:, 0]  # (B, 8, H, W)
+    return torch.exp(-diff.pow(2).sum(1).sqrt()) * on_map
+
+
 def box_windows(x, top, left, hc, wc, index):
     """Windows of (hc, wc) cells from the maps x (B, C, H, W): window k starts at row top[k], column
     left[k] (either may be negative) of map index[k]. Cells off the map read the nearest
@@ -441,25 +453,70 @@ def paste_loss(mask_logits, paste_masks, pasted, weights=None):
     return (per_inst * ind).sum() / ind.sum().clamp(min=1.0)
 
 
+def official_focal_loss(mask_logits, target, weight):
+    """The official code's pseudo-mask loss (sim_official.md 6.3), for the `official` preset only:
+    FQ = sum w * a_t * (1 - p_t)^2 * BCEwithLogits(p, t) / (sum w + 1), p = sigmoid(logits),
+    p_t = p t + (1 - p)(1 - t), a_t = 0.25 t + 0.75 (1 - t). Its quirk is kept: the BCE receives the
+    probability p as its logit (a double sigmoid), so the CE part is bounded. Normalised by the
+    total weight of all instances (pixel level). mask_logits, target, weight (N, ...) -> scalar."""
+    p = mask_logits.float().sigmoid()  # (N, ...)
+    t = target.to(p.dtype)
+    w = weight.to(p.dtype)
+    ce = F.binary_cross_entropy_with_logits(p, t, reduction='none')  # the quirk: p, not the logits
+    p_t = p * t + (1 - p) * (1 - t)
+    a_t = 0.25 * t + 0.75 * (1 - t)
+    return (w * a_t * (1 - p_t) ** 2 * ce).sum() / (w.sum() + 1)
+
+
+def official_paste_loss(mask_logits, paste_masks, pasted, weights=None):
+    """The official code's paste loss (sim_official.md 6.4), for the `official` preset only:
+    official_focal_loss under W_p (1 on every pixel of pasted positives, 0 for the others; times
+    `weights`, e.g. the image-valid mask) plus dice(p W_p, t W_p) averaged over ALL positives (a
+    non-pasted positive adds a constant 1, no gradient). Arguments as paste_loss -> scalar."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0
+    w = pasted.to(mask_logits.dtype).view(-1, *[1] * (mask_logits.dim() - 1)).expand_as(mask_logits)
+    if weights is not None:
+        w = w * weights.to(w.dtype)
+    p = mask_logits.float().sigmoid()
+    return official_focal_loss(mask_logits, paste_masks, w) + dice_loss(p * w, paste_masks.to(p.dtype) * w).mean()
+
+
+def pseudo_loss_weight(it, lambda1=0.5, sim_start_iter=10000, ramp_iters=0, ramp_origin=-1):
+    """Eq. (10)'s weight of L_pseudo at 1-based iteration it: 0 until sim_start_iter, then lambda1,
+    or with ramp_iters > 0 lambda1 * min((it - origin) / ramp_iters, 1), origin = sim_start_iter
+    when ramp_origin < 0. The paper switches L_pseudo on at full strength; nanoSIM ramps it (the
+    pseudo labels of a young teacher arrive at peak lr otherwise, and a jump in the loss's
+    gradient follows); the official code ramps from iteration 0 over 270k (origin 0)."""
+    if it <= sim_start_iter:
+        return 0.0
+    if ramp_iters <= 0:
+        return lambda1
+    origin = sim_start_iter if ramp_origin < 0 else ramp_origin
+    return lambda1 * min(max(it - origin, 0) / ramp_iters, 1.0)
+
+
 LOSS_KEYS = ('loss_fcos_cls', 'loss_fcos_loc', 'loss_fcos_ctr',  # FCOS
              'loss_mask',  # CondInst full supervision (dice)
              'loss_prj', 'loss_pairwise',  # BoxInst
              'loss_pseudo', 'loss_paste')  # SIM, Eq. 8 and 9
 
 
-def total_loss(losses, it, lambda1=0.5, lambda2=1.0, sim_start_iter=10000, pair_warmup_iters=10000):
+def total_loss(losses, it, lambda1=0.5, lambda2=1.0, sim_start_iter=10000, pair_warmup_iters=10000,
+               lambda1_ramp_iters=0, lambda1_ramp_origin=-1):
     """Eq. (10): L = L_fcos + L_proj + w_pair(it) L_pair + lambda1 L_pseudo + lambda2 L_paste,
     L_fcos = cls + loc + ctr. `it` is 1-based. The SIM terms count from iteration
     sim_start_iter + 1 on: the first sim_start_iter iterations are the BoxInst-only warm-up
-    (official: counter > 10000). Absent keys are absent terms, so BoxInst (no SIM keys) and
-    full supervision ('loss_mask', weight 1) use the same function; an unknown key is an error.
+    (official: counter > 10000); lambda1 may ramp (pseudo_loss_weight). Absent keys are absent
+    terms, so BoxInst (no SIM keys) and full supervision ('loss_mask', weight 1) use the same
+    function; an unknown key is an error.
     Returns (total, dict of the weighted terms, detached, for logging)."""
     unknown = set(losses) - set(LOSS_KEYS)
     if unknown:
         raise KeyError(f'unknown loss terms {sorted(unknown)}')
     sim_on = 1.0 if it > sim_start_iter else 0.0
     weight = {'loss_pairwise': pairwise_warmup(it, pair_warmup_iters),
-              'loss_pseudo': lambda1 * sim_on,
+              'loss_pseudo': pseudo_loss_weight(it, lambda1, sim_start_iter, lambda1_ramp_iters, lambda1_ramp_origin),
               'loss_paste': lambda2 * sim_on}
     weighted = {k: v * weight.get(k, 1.0) for k, v in losses.items()}
     total = sum(weighted.values())
@@ -478,9 +535,28 @@ def gt_mask_targets(masks, padded_hw, stride=4):
     return F.pad(m, (0, wp - m.shape[2], 0, hp - m.shape[1]))  # (N, hp, wp)
 
 
-def compute_losses(out, images, targets, cfg, it, extra=None):
+def object_box_masks(targets, padded_hw, stride=4, occlusion_aware=True):
+    """Every object's box mask on the mask-out grid, batch order -> float (G, Hp/s, Wp/s).
+
+    occlusion_aware: pixels that copy-paste covered with ANOTHER object are taken out of the box
+    (target 'paste_area', the union of the pasted pixels, minus the object's own 'paste_masks'):
+    an occluded object's box no longer claims its occluder as foreground in the projection,
+    pairwise and pseudo-mask losses. The official code does the same (box AND NOT pasted,
+    sim_official.md 7.4). Targets without a paste keep their plain box masks."""
+    boxes = torch.cat([t['boxes'] for t in targets])  # (G, 4)
+    masks = box_masks(boxes, padded_hw, stride)  # (G, Hp/s, Wp/s)
+    if occlusion_aware and any('paste_area' in t for t in targets):
+        other = [t['paste_area'][None] & ~t['paste_masks'].bool() if 'paste_area' in t
+                 else torch.zeros(len(t['boxes']), *t['size'], dtype=torch.bool, device=boxes.device)
+                 for t in targets]  # (N_b, h_b, w_b) each
+        masks = masks * (1 - torch.cat([gt_mask_targets(o, padded_hw, stride) for o in other]))
+    return masks
+
+
+def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None):
     """All loss terms of a training step from the model's training output (model.CondInst.forward),
-    combined by Eq. (10). it is 1-based. extra: further terms (SIM's loss_pseudo, loss_paste).
+    combined by Eq. (10). it is 1-based. extra: further terms (SIM's loss_pseudo, loss_paste);
+    pair_affinity (B, 8, Hp/s, Wp/s): a factor on the colour similarity (feature_similarity).
     Returns (total, dict of the weighted terms for logging)."""
     terms = fcos_losses(out['cls_logits'], out['reg'], out['ctr_logits'], out['targets'])
     inst, logits = out['inst'], out['mask_logits']  # gt_inds (K,), (K, 1, Hp/s, Wp/s)
@@ -491,13 +567,15 @@ def compute_losses(out, images, targets, cfg, it, extra=None):
         n_inst = reduce_mean(torch.tensor(float(logits.shape[0]), device=logits.device))
         terms['loss_mask'] = dice_loss(logits.float().sigmoid(), gt[:, None]).sum() / n_inst.clamp(min=1.0)
     else:  # BoxInst: projection + pairwise from the boxes alone
-        boxes = torch.cat([t['boxes'] for t in targets])[inst['gt_inds']]  # (K, 4)
-        bmask = box_masks(boxes, padded_hw, s)[:, None]  # (K, 1, Hp/s, Wp/s)
+        bmask = object_box_masks(targets, padded_hw, s, cfg.get('occlusion_aware', True))[inst['gt_inds']][:, None]  # (K, 1, Hp/s, Wp/s)
         valid = image_valid_masks([t['size'] for t in targets], [t['orig_size'] for t in targets], padded_hw, s,
                                   bottom_pixels_removed=cfg['bottom_pixels_removed'], device=images.device)
         sim = color_similarity(images, valid, s)  # (B, 8, Hp/s, Wp/s)
         terms['loss_prj'] = projection_loss(logits, bmask)
-        terms['loss_pairwise'] = pairwise_loss(logits, sim, bmask, cfg['color_thresh'], im_inds=inst['im_inds'])
+        thresh = cfg['color_thresh']
+        if pair_affinity is not None:  # the official preset: colour x teacher-feature affinity
+            sim, thresh = sim * pair_affinity, cfg['color_feat_thresh']
+        terms['loss_pairwise'] = pairwise_loss(logits, sim, bmask, thresh, im_inds=inst['im_inds'])
     terms.update(extra or {})
     return total_loss(terms, it, cfg.get('lambda1', 0.5), cfg.get('lambda2', 1.0), cfg.get('sim_start_iter', 0),
-                      cfg['pairwise_warmup_iters'])
+                      cfg['pairwise_warmup_iters'], cfg.get('lambda1_ramp_iters', 0), cfg.get('lambda1_ramp_origin', -1))

@@ -62,6 +62,24 @@ def object_semantic_maps(feats, protos, obj_img, obj_cls, tau=0.1):
     return semantic_map(feats[obj_img], protos[obj_cls], tau)  # (K, D, H, W) x (K, L, D) -> (K, H, W)
 
 
+def calibrated_semantic_map(feats, protos, bg_protos, tau=0.1):
+    """nanoSIM's departure from Eq. (1): M_S(i) = sigmoid( (max_l <z_i, p_l^c> - max_l <z_i, b_l^c>) / tau ).
+
+    Why: Eq. (1) has no background reference. On features that rank object above in-box background
+    but keep both at positive cosine to the class prototypes (every pixel of a box looks somewhat
+    like its class), sigmoid(cos / tau) >= 0.5 for all of them at any tau, so M_S cannot call any
+    in-box pixel background (BENCHMARKS.md: 100% of in-box background > 0.7 at tau = 0.1). Scoring
+    against background sub-centres b^c (learnt from the confident background inside boxes of class
+    c) puts the decision at the midpoint between the two sets: M_S > 0.5 exactly where the pixel
+    is closer to the class than to its in-box background. Shapes as semantic_map; bg_protos like protos.
+    """
+    H, W = feats.shape[-2:]
+    z = feats.flatten(-2)                                  # (..., D, H*W)
+    fg = (protos @ z).amax(dim=-2)                         # (..., H*W) best class sub-centre
+    bg = (bg_protos @ z).amax(dim=-2)                      # (..., H*W) best background sub-centre
+    return torch.sigmoid((fg - bg) / tau).unflatten(-1, (H, W))  # (..., H, W)
+
+
 # -----------------------------------------------------------------------------
 # Eq. (2)-(5): prototype update
 
@@ -116,18 +134,27 @@ def cluster_centroids(feats, assign, L):
     return F.normalize(sums, dim=-1), counts
 
 
-def ema_update(protos, centroids, counts, gamma=0.999):
+def ema_update(protos, centroids, counts, gamma=0.999, norm_dim=-1):
     """Eq. (4): p_l <- gamma * p_l + (1 - gamma) * c_l, then l2-normalised, only where count_l > 0.
 
-    protos, centroids (..., L, D); counts (..., L). Sub-centres that received no pixel are returned
-    bit-identical (no renormalisation either).
+    protos, centroids (..., L, D); counts (..., L). norm_dim -1 (the paper: unit sub-centres):
+    sub-centres that received no pixel are returned bit-identical (no renormalisation either).
+    norm_dim -2 reproduces the official code's normalisation along L (sim_official.md 4.2): the
+    moved rows are mixed in, then every (class, channel) column over L is scaled to unit norm.
     """
-    moved = F.normalize(gamma * protos + (1.0 - gamma) * centroids, dim=-1)           # (..., L, D)
-    return torch.where((counts > 0)[..., None], moved, protos)                         # (..., L, D)
+    has = (counts > 0)[..., None]                                                      # (..., L, 1)
+    mixed = torch.where(has, gamma * protos + (1.0 - gamma) * centroids, protos)       # (..., L, D)
+    if norm_dim == -1:
+        return torch.where(has, F.normalize(mixed, dim=-1), protos)                    # (..., L, D)
+    return F.normalize(mixed, dim=norm_dim)                                            # (..., L, D)
 
 
 class PrototypeMemory(nn.Module):
     """C x L x D unit prototypes (sub-centres), a buffer updated by Eq. (2)-(5); no trained parameters.
+
+    Beside the class sub-centres `protos` it keeps C x L background sub-centres `bg_protos`, learnt
+    the same way from the confident background inside each class's boxes: the reference of
+    calibrated_semantic_map (nanoSIM's default map). Eq. (1) never reads them.
 
     Update granularity (the paper's Eq. 5 is a per-image centroid; the official code updates image
     by image): we pool each class's pixels over the whole local batch of this rank and make one
@@ -137,44 +164,42 @@ class PrototypeMemory(nn.Module):
     """
 
     def __init__(self, num_classes, L=10, D=16, gamma=0.999, tau=0.1, eps=0.05, sinkhorn_iters=3,
-                 assign="argmax"):
+                 assign="argmax", norm="D"):
         super().__init__()
-        assert assign in ("argmax", "gumbel")
+        assert assign in ("argmax", "gumbel") and norm in ("D", "L")
         self.gamma = gamma            # Eq. (4) momentum
         self.tau = tau                # Eq. (1) temperature (official code: 1.0)
         self.eps = eps                # Eq. (2) entropy weight
         self.sinkhorn_iters = sinkhorn_iters
         self.assign = assign          # "argmax" (paper) or "gumbel" (official: hard Gumbel draw)
-        protos = torch.empty(num_classes, L, D)
+        # "D": unit sub-centres (the paper); "L": the official code's normalisation along L (a bug,
+        # for the official preset only: sub-centres are then not unit vectors, sim_official.md 4.2)
+        self.norm_dim = -1 if norm == "D" else -2
+        protos = torch.empty(2, num_classes, L, D)
         # timm-style trunc_normal_ (bounds +-2 absolute, i.e. ~100 std: effectively normal), then
-        # unit length over D (the paper; the official code normalises over L, a bug). Drawn from the
-        # global RNG: callers seed identically on all ranks so every rank starts equal.
+        # normalised. Drawn from the global RNG: callers seed identically on all ranks so every rank
+        # starts equal. Class sub-centres first, so they do not depend on the background ones.
         nn.init.trunc_normal_(protos, std=0.02)
-        self.register_buffer("protos", F.normalize(protos, dim=-1))                    # (C, L, D)
+        protos = F.normalize(protos, dim=self.norm_dim)
+        self.register_buffer("protos", protos[0].clone())                              # (C, L, D)
+        self.register_buffer("bg_protos", protos[1].clone())                           # (C, L, D)
 
-    def semantic_maps(self, feats_norm, obj_img, obj_cls):
-        """Eq. (1) for K objects: feats_norm (B, D, H, W), obj_img (K,), obj_cls (K,) -> (K, H, W)."""
-        return object_semantic_maps(feats_norm, self.protos, obj_img, obj_cls, self.tau)
+    def semantic_maps(self, feats_norm, obj_img, obj_cls, calibrated=False):
+        """M_S for K objects: feats_norm (B, D, H, W), obj_img (K,), obj_cls (K,) -> (K, H, W).
+        Eq. (1), or with calibrated=True calibrated_semantic_map against the class's background sub-centres."""
+        if not calibrated:
+            return object_semantic_maps(feats_norm, self.protos, obj_img, obj_cls, self.tau)
+        return calibrated_semantic_map(feats_norm[obj_img], self.protos[obj_cls], self.bg_protos[obj_cls], self.tau)
 
-    @torch.no_grad()
-    def update(self, feats_norm, obj_img, obj_cls, fg):
-        """Eq. (2)-(5) on this batch, then the DDP average: every rank ends with identical prototypes.
-
-        feats_norm (B, D, H, W) unit features (the student's, as the official code; detached here);
-        obj_img, obj_cls (K,) long; fg (K, H, W) bool: the pixels that update object k's class
-        (inside its box and confident). A pixel inside two selected objects of the same class in
-        one image counts once. All classes are solved together (sinkhorn's groups), so there is
-        no Python loop; the pixel selection (nonzero, unique) costs two host syncs.
-        Collective under torch.distributed: call on every rank every time, even with K = 0.
-        """
-        B, D, H, W = feats_norm.shape
-        C, L, _ = self.protos.shape
-        k, y, x = fg.nonzero(as_tuple=True)                                            # (M0,) each
+    def _updated(self, protos, z_all, obj_img, obj_cls, sel, B, H, W):
+        """Eq. (2)-(5) for one set of sub-centres (C, L, D) from the pixels sel (K, H, W) -> new (C, L, D)."""
+        C, L, D = protos.shape
+        k, y, x = sel.nonzero(as_tuple=True)                                           # (M0,) each
         # one key per (class, image, pixel), class-major, deduplicated
         key = torch.unique((obj_cls[k] * B + obj_img[k]) * (H * W) + y * W + x)         # (M,)
         cls = key // (B * H * W)                                                       # (M,) class
-        z = feats_norm.float().permute(0, 2, 3, 1).reshape(B * H * W, D)[key % (B * H * W)]  # (M, D)
-        scores = torch.einsum("md,mld->ml", z, self.protos[cls])                      # (M, L)
+        z = z_all[key % (B * H * W)]                                                   # (M, D)
+        scores = torch.einsum("md,mld->ml", z, protos[cls])                           # (M, L)
         q = sinkhorn(scores, self.eps, self.sinkhorn_iters, groups=cls, n_groups=C)   # (M, L)
         if self.assign == "argmax":
             sub = q.argmax(dim=1)                                                      # (M,)
@@ -184,12 +209,31 @@ class PrototypeMemory(nn.Module):
             gumbel = -torch.empty_like(q).exponential_().log()                         # (M, L)
             sub = (q + gumbel).argmax(dim=1)                                           # (M,)
         centroids, counts = cluster_centroids(z, cls * L + sub, C * L)                # (C*L, D), (C*L,)
-        protos = ema_update(self.protos, centroids.view(C, L, D), counts.view(C, L), self.gamma)
+        return ema_update(protos, centroids.view(C, L, D), counts.view(C, L), self.gamma, self.norm_dim)
+
+    @torch.no_grad()
+    def update(self, feats_norm, obj_img, obj_cls, fg, bg=None):
+        """Eq. (2)-(5) on this batch, then the DDP average: every rank ends with identical prototypes.
+
+        feats_norm (B, D, H, W) unit features (the student's, as the official code; detached here);
+        obj_img, obj_cls (K,) long; fg (K, H, W) bool: the pixels that update object k's class
+        (inside its box and confident); bg (K, H, W) bool or None: the pixels that update the
+        class's background sub-centres the same way (None: they stay). A pixel inside two selected
+        objects of the same class in one image counts once. All classes are solved together
+        (sinkhorn's groups), so there is no Python loop over classes.
+        Collective under torch.distributed: call on every rank every time, even with K = 0.
+        """
+        B, D, H, W = feats_norm.shape
+        z_all = feats_norm.float().permute(0, 2, 3, 1).reshape(B * H * W, D)           # (B*H*W, D)
+        protos = self._updated(self.protos, z_all, obj_img, obj_cls, fg, B, H, W)      # (C, L, D)
+        bg_protos = self.bg_protos if bg is None else self._updated(self.bg_protos, z_all, obj_img, obj_cls, bg, B, H, W)
+        both = torch.stack([protos, bg_protos])                                        # (2, C, L, D)
         if dist.is_available() and dist.is_initialized():
-            # always all-reduce (a rank that skipped would hang the others), then back to unit length
-            dist.all_reduce(protos)
-            protos = F.normalize(protos / dist.get_world_size(), dim=-1)              # (C, L, D)
-        self.protos.copy_(protos)
+            # always all-reduce (a rank that skipped would hang the others), then normalised again
+            dist.all_reduce(both)
+            both = F.normalize(both / dist.get_world_size(), dim=self.norm_dim)        # (2, C, L, D)
+        self.protos.copy_(both[0])
+        self.bg_protos.copy_(both[1])
 
 
 # -----------------------------------------------------------------------------

@@ -10,9 +10,19 @@ prototypes.py (Eq. 1-7), losses.py (Eq. 8-10) and copypaste.py (Eq. 9, 11):
   5. after the step: prototype update (Eq. 2-5), bank push (Eq. 11),
      teacher EMA                                                            after_step()
 
+Three presets (--sim_variant, PRESETS below): "paper" is Eq. 1-11 and Sec. 4.1 literally,
+"official" the authors' code as shared/spec/sim_official.md reads it, "nanosim" (the default) the
+paper's method with the departures that made it win here, each its own switch and function:
+  - supervise_outside: pixels outside the box (and pasted over the object) are background targets;
+  - occlusion_aware: pixels pasted over an object leave its box in every loss;
+  - semantic_map="calibrated": M_S against background sub-centres (calibrated_semantic_map);
+  - proto_filter: the sub-centre update skips pixels the map calls background (prototype_pixels);
+  - pseudo_thresh="area": the foreground never outgrows the teacher's confident area;
+  - lambda1_ramp_iters: L_pseudo fades in instead of arriving at full strength;
+  - bank_min_box_iou: only pseudo masks that fill their GT box enter the bank (box_quality_gate).
+
 Choices where sim.md leaves them open (see the comments where they are made):
   - M_I comes from the TEACHER's mask predictions at the student's selected positives.
-  - outside the box M_hat = 0 and W = 0 (no pseudo supervision; the projection loss covers it).
   - pasted objects take part in the FCOS and BoxInst losses as ordinary GT boxes, and get
     L_paste (against the mask they were pasted with) instead of L_pseudo.
   - the teacher is copied from the student at teacher_start_iter (before the SIM losses start),
@@ -27,6 +37,47 @@ import prototypes
 from model import decode_boxes, make_teacher, update_teacher
 
 
+# -----------------------------------------------------------------------------
+# presets: what --sim_variant sets (any key given explicitly, on the command line or in a config
+# file, wins over the preset)
+
+PRESETS = {
+    # the paper, Eq. 1-11 and Sec. 4.1 as written
+    "paper": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="argmax",
+                  proto_norm="D", pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False,
+                  occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
+                  lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_replacement=False,
+                  pairwise_affinity="color"),
+    # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
+    # assignment, plain mean over positives, area-matched threshold with background below 0.4,
+    # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
+    # schedule: 3 * max_iters here), bank 50, paste with replacement, colour x feature affinity
+    "official": dict(tau=1.0, mu=0.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="gumbel",
+                     proto_norm="L", pseudo_thresh="area", tau_low=0.4, tau_high=0.7, area_t_max=0.8,
+                     supervise_outside=False, occlusion_aware=True, pseudo_loss="official", lambda1=0.3,
+                     lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
+                     bank_size=50, bank_min_box_iou=0.0, paste_replacement=True, pairwise_affinity="color_feat"),
+    # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
+    "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
+                    proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
+                    supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5,
+                    lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
+                    bank_min_box_iou=0.8, paste_replacement=False, pairwise_affinity="color"),
+}
+
+
+def apply_preset(cfg, explicit=()):
+    """Set cfg's SIM knobs from PRESETS[cfg["sim_variant"]], except the keys in `explicit`.
+    Values may be functions of the config (evaluated on the final cfg). Returns what it set."""
+    name = cfg["sim_variant"]
+    if name not in PRESETS:
+        raise SystemExit(f"sim.py: --sim_variant={name!r} is not a preset — fix: one of {', '.join(PRESETS)}")
+    chosen = {k: v for k, v in PRESETS[name].items() if k not in explicit}
+    chosen = {k: v(cfg) if callable(v) else v for k, v in chosen.items()}
+    cfg.update(chosen)
+    return chosen
+
+
 class SIMState:
     """What SIM keeps across iterations: the momentum teacher, the prototypes and the memory bank.
     Not an nn.Module of the student: none of it is trained by the optimizer."""
@@ -39,7 +90,7 @@ class SIMState:
             torch.manual_seed(cfg["seed"])
             self.protos = prototypes.PrototypeMemory(cfg["num_classes"], cfg["num_subcenters"], cfg["mask_out_channels"],
                                                      cfg["proto_momentum"], cfg["tau"], cfg["sinkhorn_eps"],
-                                                     cfg["sinkhorn_iters"]).to(device)
+                                                     cfg["sinkhorn_iters"], cfg["proto_assign"], cfg["proto_norm"]).to(device)
         self.bank = copypaste.MemoryBank(cfg["bank_size"])
         # copy-paste draws (CPU), different on every rank like the rest of the randomness
         self.generator = torch.Generator().manual_seed(cfg["seed"] + 1 + rank)
@@ -64,11 +115,12 @@ class SIMState:
 # -----------------------------------------------------------------------------
 
 
-def objects(targets, padded_hw, stride=4):
+def objects(targets, padded_hw, stride=4, occlusion_aware=True):
     """Every GT object of the batch, in the global order of gt_inds: boxes (G, 4), classes (G,),
     image (G,), pasted (G,) bool, and on the mask-out grid (stride s = 4 in the reference; all maps
-    below are "Hp/4" for s = 4): box masks (G, Hp/s, Wp/s), pasted pseudo masks (G, Hp/s, Wp/s),
-    and the image-valid masks (B, Hp/s, Wp/s) (0 on padding)."""
+    below are "Hp/4" for s = 4): box masks (G, Hp/s, Wp/s) (occlusion_aware: minus the pixels pasted
+    over the object, losses.object_box_masks), pasted pseudo masks (G, Hp/s, Wp/s), and the
+    image-valid masks (B, Hp/s, Wp/s) (0 on padding)."""
     dev = targets[0]["boxes"].device
     boxes = torch.cat([t["boxes"] for t in targets])                                    # (G, 4)
     img = torch.cat([torch.full((len(t["boxes"]),), i, device=dev, dtype=torch.long) for i, t in enumerate(targets)])
@@ -77,7 +129,7 @@ def objects(targets, padded_hw, stride=4):
     valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw,
                                      stride, bottom_pixels_removed=0, device=dev)       # (B, Hp/4, Wp/4)
     return dict(valid=valid, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
-                box_mask=losses.box_masks(boxes, padded_hw, stride),                    # (G, Hp/4, Wp/4)
+                box_mask=losses.object_box_masks(targets, padded_hw, stride, occlusion_aware),  # (G, Hp/4, Wp/4)
                 paste_mask=torch.cat(paste) if len(paste) == len(targets) else None)
 
 
@@ -96,7 +148,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     G = obj["boxes"].shape[0]
     # Eq. (1): the teacher's features against the prototypes of each object's class
     feats = prototypes.normalize_features(t_out["mask_feats"])                          # (B, D, Hp/4, Wp/4)
-    m_s = protos.semantic_maps(feats, obj["img"], obj["cls"])                           # (G, Hp/4, Wp/4)
+    m_s = protos.semantic_maps(feats, obj["img"], obj["cls"], cfg["semantic_map"] == "calibrated")  # (G, Hp/4, Wp/4)
     # Eq. (6): the teacher's mask at each positive, weighted by exp(mu * IoU(its box, the GT box))
     probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/4, Wp/4)
     stride = t_out["locations"].new_tensor(teacher.strides)[t_out["loc_level"][inst["loc_inds"]]]  # (K,)
@@ -107,26 +159,69 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     w = prototypes.positive_weights(ious, gi, G, cfg["mu"])                             # (K,)
     m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/4, Wp/4)
     m_mean = prototypes.instance_map(probs, prototypes.positive_weights(ious, gi, G, 0.0), gi, G)
-    # Eq. (7) and the thresholds: confident fg / bg, an ignored band between, nothing outside the box
+    # Eq. (7) and the thresholds: confident fg / bg, an ignored band between; outside the box
+    # background (supervise_outside) or nothing
     m_prob = prototypes.rectified_map(m_s, m_i, cfg["alpha"], obj["box_mask"])          # (G, Hp/4, Wp/4)
-    m_hat, weight = prototypes.pseudo_labels(m_prob, obj["box_mask"], cfg["tau_low"], cfg["tau_high"])
+    if cfg["pseudo_thresh"] == "fixed":
+        m_hat, weight = prototypes.pseudo_labels(m_prob, obj["box_mask"], cfg["tau_low"], cfg["tau_high"],
+                                                 cfg["supervise_outside"])
+    else:  # "area": the foreground never outgrows the teacher's confident area
+        m_hat, weight = prototypes.pseudo_labels_adaptive(m_prob, m_i, obj["box_mask"], cfg["proto_conf_thresh"],
+                                                          cfg["tau_high"], cfg["area_t_max"], cfg["tau_low"],
+                                                          cfg["supervise_outside"])
+    weight = weight * obj["valid"][obj["img"]]                                          # never on the padding
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
     return dict(M_S=m_s * obj["box_mask"], M_I=m_i, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
                 has_pos=has_pos)
 
 
-def sim_losses(out, pm, obj):
+def sim_losses(out, pm, obj, cfg):
     """L_pseudo (Eq. 8) on the positives of ordinary objects, L_paste (Eq. 9) on those of pasted
-    objects (against the pseudo mask they were pasted with; padding excluded)."""
+    objects (against the pseudo mask they were pasted with; padding excluded); cfg["pseudo_loss"]
+    "bce_dice" (the paper) or "official"."""
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
     logits = out["mask_logits"][:, 0]                                                   # (K, Hp/4, Wp/4)
     pasted = obj["pasted"][gi]                                                          # (K,)
     keep = ~pasted
-    terms = {"loss_pseudo": losses.pseudo_mask_loss(logits[keep], pm["M_hat"][gi][keep], pm["W"][gi][keep])}
+    official = cfg["pseudo_loss"] == "official"  # the official code's focal-style forms (sim_official.md 6.3-6.4)
+    pseudo = losses.official_focal_loss if official else losses.pseudo_mask_loss
+    terms = {"loss_pseudo": pseudo(logits[keep], pm["M_hat"][gi][keep], pm["W"][gi][keep])}
     if obj["paste_mask"] is not None:
-        terms["loss_paste"] = losses.paste_loss(logits, obj["paste_mask"][gi], pasted, obj["valid"][inst["im_inds"]])
+        paste = losses.official_paste_loss if official else losses.paste_loss
+        terms["loss_paste"] = paste(logits, obj["paste_mask"][gi], pasted, obj["valid"][inst["im_inds"]])
     return terms
+
+
+def prototype_pixels(pm, obj, cfg):
+    """The pixels that update the class sub-centres (fg) and the background sub-centres (bg), (G, Hp/s, Wp/s) bool.
+
+    fg: inside the box where the teacher's mean mask over the positives > proto_conf_thresh (the
+    official rule); bg: inside the box where it is < 1 - proto_conf_thresh (only with the calibrated
+    map, the one reader of the background sub-centres; None otherwise).
+    proto_filter (nanoSIM): a pixel joins fg only if the semantic map agrees (M_S > 0.5: closer to
+    the class than to its background), and bg likewise (M_S < 0.5). Why: ~15% of the teacher's
+    confident in-box pixels are real background; the equal-partition Sinkhorn hands them 1-2 of the
+    10 sub-centres, and Eq. (1)'s max over sub-centres then scores background pixels by those
+    (BENCHMARKS.md). The filter keeps a pixel the map already calls background out of the class.
+    """
+    box = (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]                          # (G, Hp/s, Wp/s)
+    fg = (pm["M_mean"] > cfg["proto_conf_thresh"]) & box
+    if cfg["semantic_map"] != "calibrated":
+        return fg, None
+    bg = (pm["M_mean"] < 1 - cfg["proto_conf_thresh"]) & box
+    if cfg["proto_filter"]:
+        fg, bg = fg & (pm["M_S"] > 0.5), bg & (pm["M_S"] < 0.5)
+    return fg, bg
+
+
+@torch.no_grad()
+def feature_affinity(t_out):
+    """The official preset's pairwise factor: losses.feature_similarity of the teacher's mask
+    features brought to the mask-out grid (bilinear x2, not normalised) -> (B, 8, Hp/s, Wp/s)."""
+    f = torch.nn.functional.interpolate(t_out["mask_feats"].float(), scale_factor=2, mode="bilinear",
+                                        align_corners=False)                            # (B, D, Hp/s, Wp/s)
+    return losses.feature_similarity(f)
 
 
 @torch.no_grad()
@@ -135,15 +230,14 @@ def after_step(state, model, out, pm, obj, images, targets):
     memory-bank push (Eq. 11) of this batch's ordinary objects, and the teacher's EMA."""
     cfg = state.cfg
     feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
-    # confident pixels: inside the box where the teacher's mean mask over the positives > 0.7
-    fg = (pm["M_mean"] > cfg["proto_conf_thresh"]) & (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]
-    state.protos.update(feats, obj["img"], obj["cls"], fg)
+    fg, bg = prototype_pixels(pm, obj, cfg)
+    state.protos.update(feats, obj["img"], obj["cls"], fg, bg)
     for b, t in enumerate(targets):
         sel = ((obj["img"] == b) & pm["has_pos"] & ~obj["pasted"]).nonzero().squeeze(1)  # this image's ordinary objects
         h, w = t["size"]
         entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
                                                   pm["M_mean"][sel], (h, w), cfg["bank_thresh"],
-                                                  cfg["mask_out_stride"])
+                                                  cfg["mask_out_stride"], cfg["bank_min_box_iou"])
         state.bank.push(**entry)
     update_teacher(state.teacher, model, cfg["teacher_momentum"])
 
@@ -159,7 +253,7 @@ def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
     out = model(images, targets)
     t_out = state.teacher.features(images, classify=False)
     s = state.cfg["mask_out_stride"]
-    obj = objects(targets, images.shape[-2:], s)
+    obj = objects(targets, images.shape[-2:], s, state.cfg["occlusion_aware"])
     pm = pseudo_masks(out, t_out, state.teacher, state.protos, obj, state.cfg)
     model.train(was_training)
     up = lambda m: m.repeat_interleave(s, 0).repeat_interleave(s, 1)                    # stride s -> 1

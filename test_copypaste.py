@@ -5,8 +5,8 @@ import io
 import pytest
 import torch
 
-from copypaste import (MemoryBank, bank_entry_from_teacher, box_masks, copy_paste_batch,
-                       masks_to_boxes, object_scores, paste, sample_objects)
+from copypaste import (MemoryBank, bank_entry_from_teacher, box_masks, box_quality_gate, copy_paste_batch,
+                       masks_to_boxes, object_scores, paste, sample_objects, with_paste_fields)
 
 
 def rect(h, w, y0, y1, x0, x1):
@@ -310,3 +310,41 @@ def test_paste_cuda_matches_cpu():
     assert torch.equal(gpu_img.cpu(), cpu_img)
     for k in ('boxes', 'labels', 'pasted', 'paste_masks'):
         assert gpu_t[k].device.type == 'cuda' and torch.equal(gpu_t[k].cpu(), cpu_t[k])
+
+
+def test_paste_area_and_occlusion_aware_box_masks():
+    """A paste inside object B's box (no whole row or column covered) leaves B's box as it is, but
+    the pasted pixels leave B's box mask in the losses; the pasted object keeps its own pixels."""
+    import losses
+    h = w = 8
+    target = make_target([[2, 2, 6, 6]], [1], (h, w))
+    square = rect(h, w, 3, 5, 3, 5)  # rows 3..4, cols 3..4
+    entry = make_entry(torch.full((3, h, w), 200, dtype=torch.uint8), square[None], labels=torch.tensor([7]))
+    _, t = paste(torch.zeros(3, h, w, dtype=torch.uint8), target, entry, torch.tensor([0]), (h, w))
+    torch.testing.assert_close(t['boxes'], torch.tensor([[2.0, 2, 6, 6], [3, 3, 5, 5]]))
+    assert torch.equal(t['paste_area'], square)
+    m = losses.object_box_masks([t], (h, w), stride=1)  # BoxInst's box masks: rows/cols floor(y0)..floor(y1)
+    b = rect(h, w, 2, 7, 2, 7) & ~square
+    assert torch.equal(m[0].bool(), b)
+    assert torch.equal(m[1].bool(), rect(h, w, 3, 6, 3, 6))  # its own pasted pixels stay in its box
+    plain = losses.object_box_masks([t], (h, w), stride=1, occlusion_aware=False)
+    assert torch.equal(plain[0].bool(), rect(h, w, 2, 7, 2, 7))
+    # a target that saw no paste keeps plain box masks (with_paste_fields adds an empty paste_area)
+    t0 = with_paste_fields(make_target([[2, 2, 6, 6]], [1], (h, w)), (h, w))
+    assert not t0['paste_area'].any()
+    assert torch.equal(losses.object_box_masks([t0], (h, w), stride=1)[0].bool(), rect(h, w, 2, 7, 2, 7))
+
+
+def test_box_quality_gate_hand_values():
+    h = w = 10
+    masks = torch.stack([rect(h, w, 0, 4, 0, 4),     # tight box [0, 0, 4, 4] = its GT box: IoU 1
+                         rect(h, w, 0, 4, 0, 2)])    # tight box [0, 0, 2, 4] in GT [0, 0, 4, 4]: IoU 0.5
+    boxes = torch.tensor([[0.0, 0, 4, 4], [0.2, 0, 3.6, 4]])  # GT boxes, pixel-aligned outwards
+    scores, keep = box_quality_gate(masks, boxes, torch.tensor([0.8, 0.9]), min_iou=0.8)
+    torch.testing.assert_close(scores, torch.tensor([0.8, 0.45]))
+    assert keep.tolist() == [True, False]
+    probs = torch.zeros(2, 5, 5)  # stride 2 -> 10 x 10
+    probs[0, :2, :2] = probs[1, :2, :1] = 1.0
+    entry = bank_entry_from_teacher(torch.zeros(3, h, w, dtype=torch.uint8), boxes, torch.tensor([0, 1]),
+                                    probs, (h, w), thresh=0.7, stride=2, min_box_iou=0.8)
+    assert entry['labels'].tolist() == [0]  # the half-filled box stays out of the bank

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import prototypes
 from prototypes import (PrototypeMemory, box_iou_pairs, cluster_centroids, ema_update, instance_map,
                         normalize_features, object_semantic_maps, positive_weights, pseudo_labels,
                         pseudo_labels_adaptive, rectified_map, semantic_map, sinkhorn)
@@ -311,3 +312,45 @@ def test_memory_cuda_matches_cpu():
     assert torch.allclose(gpu.protos.cpu(), cpu.protos, atol=1e-5)
     ms = gpu.semantic_maps(feats.cuda(), obj_img.cuda(), obj_cls.cuda())
     assert torch.allclose(ms.cpu(), cpu.semantic_maps(feats, obj_img, obj_cls), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- nanoSIM's departures
+
+
+def test_calibrated_semantic_map_two_pixels():
+    # class sub-centres e_0, e_1; background sub-centre e_2 (D = 3)
+    protos = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    bg = torch.tensor([[0.0, 0.0, 1.0]])
+    s = 1 / math.sqrt(2)
+    # pixel 0 = (s, 0, s): cos 0.707 to both sides -> 0.5; pixel 1 = (0.6, 0, 0.8): 0.6 vs 0.8 -> sigmoid(-2)
+    feats = torch.tensor([[s, 0.6], [0.0, 0.0], [s, 0.8]]).view(3, 1, 2)
+    m = prototypes.calibrated_semantic_map(feats, protos, bg, tau=0.1)
+    assert torch.allclose(m, torch.tensor([[0.5, 1 / (1 + math.exp(2.0))]]), atol=1e-6)
+    # Eq. (1) on the same pixels calls both foreground (cos > 0): the calibrated map is what can say background
+    assert (semantic_map(feats, protos, tau=0.1) > 0.99).all()
+
+
+def test_ema_update_official_norm_over_L():
+    protos = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])                    # (C=1, L=2, D=2)
+    centroids = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    out = ema_update(protos, centroids, torch.tensor([[1, 0]]), gamma=0.5, norm_dim=-2)
+    # row 0 mixes to (0.5, 0.5), row 1 stays (0, 1); then each column over L has unit norm
+    assert torch.allclose(out, torch.tensor([[[1.0, 0.5 / math.sqrt(1.25)], [0.0, 1 / math.sqrt(1.25)]]]))
+    assert torch.allclose(out.norm(dim=-2), torch.ones(1, 2))
+
+
+def test_prototype_memory_updates_background_subcentres():
+    torch.manual_seed(0)
+    mem = PrototypeMemory(2, L=1, D=2, gamma=0.5)
+    mem.protos.copy_(torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]]))
+    mem.bg_protos.copy_(torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]]))
+    feats = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).view(1, 2, 1, 2)      # pixel 0 = e_1, pixel 1 = e_0
+    fg = torch.tensor([[[False, True]]])
+    bg = torch.tensor([[[True, False]]])
+    mem.update(feats, torch.tensor([0]), torch.tensor([1]), fg, bg)
+    assert torch.allclose(mem.protos[1, 0], torch.tensor([1.0, 0.0]))                    # centroid e_0
+    assert torch.allclose(mem.bg_protos[1, 0], torch.tensor([1.0, 1.0]) / math.sqrt(2))  # 0.5 e_0 + 0.5 e_1
+    assert torch.equal(mem.bg_protos[0], torch.tensor([[1.0, 0.0]]))                    # class 0 untouched
+    before = mem.bg_protos.clone()
+    mem.update(feats, torch.tensor([0]), torch.tensor([1]), fg)                          # bg=None: stays
+    assert torch.equal(mem.bg_protos, before)

@@ -27,11 +27,13 @@ from model import build_model, compute_locations
 from test_model import scene, tiny_cfg
 
 
-def sim_cfg(**kw):
-    """train.py's SIM defaults on the tiny network of test_model."""
+def sim_cfg(variant="paper", **kw):
+    """train.py's SIM defaults on the tiny network of test_model, with the knobs of one preset
+    (the paper's by default: most tests here check the paper's equations)."""
     cfg = dict(train.config)
     cfg.update(tiny_cfg(method="sim"))
-    cfg.update(seed=0, num_classes=3)
+    cfg.update(seed=0, num_classes=3, sim_variant=variant)
+    sim.apply_preset(cfg)
     cfg.update(kw)
     return cfg
 
@@ -218,7 +220,8 @@ def test_pseudo_masks_eq6_constructed():
     p[1, 0, 0], p[1, 1, 0] = -1, 1    # class 1: best sub-centre is e_0: M_S = sigmoid(1 / 0.1)
     p[2, :, 2] = 1.0
     protos.protos.copy_(p)
-    cfg = dict(mu=5.0, alpha=0.5, tau_low=0.55, tau_high=0.7)
+    cfg = dict(mu=5.0, alpha=0.5, tau_low=0.55, tau_high=0.7, semantic_map="paper", pseudo_thresh="fixed",
+               supervise_outside=False)
     pm = sim.pseudo_masks(dict(inst=inst), t_out, teacher, protos, obj, cfg)
 
     box0 = torch.zeros(8, 8)
@@ -270,7 +273,7 @@ def test_sim_losses_split_between_pseudo_and_paste():
     logits = out["mask_logits"]
     is_pasted = obj["pasted"][gi]                                                     # (K,)
     assert is_pasted.any() and (~is_pasted).any()
-    terms = sim.sim_losses(out, pm, obj)
+    terms = sim.sim_losses(out, pm, obj, sim_cfg())
     assert set(terms) == {"loss_pseudo", "loss_paste"}
     ref_pseudo = losses.weighted_bce_dice(logits[~is_pasted, 0], pm["M_hat"][gi][~is_pasted],
                                           pm["W"][gi][~is_pasted]).mean()
@@ -303,15 +306,15 @@ def test_sim_losses_split_between_pseudo_and_paste():
 
 def test_sim_losses_all_or_none_pasted():
     _, _, out, obj, pm = loss_setup([[True, True], [True, True]])
-    terms = sim.sim_losses(out, pm, obj)
+    terms = sim.sim_losses(out, pm, obj, sim_cfg())
     assert terms["loss_pseudo"].item() == 0 and terms["loss_pseudo"].requires_grad  # the empty case
     assert terms["loss_paste"].item() > 0
     _, targets, out, obj, pm = loss_setup([[False, False], [False, False]])
-    terms = sim.sim_losses(out, pm, obj)
+    terms = sim.sim_losses(out, pm, obj, sim_cfg())
     assert terms["loss_paste"].item() == 0 and terms["loss_pseudo"].item() > 0
     # before copy-paste starts (targets without paste masks) there is no L_paste term
     obj = sim.objects([{k: v for k, v in t.items() if k != "paste_masks"} for t in targets], (64, 64))
-    assert set(sim.sim_losses(out, pm, obj)) == {"loss_pseudo"}
+    assert set(sim.sim_losses(out, pm, obj, sim_cfg())) == {"loss_pseudo"}
 
 
 # -----------------------------------------------------------------------------
@@ -389,7 +392,7 @@ def test_image_without_objects():
     t["boxes"], t["labels"], t["masks"] = t["boxes"][:0], t["labels"][:0], t["masks"][:0]
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     assert obj["img"].tolist() == [1, 1] and pm["M_prob"].shape == (2, 16, 16) and pm["has_pos"].all()
-    terms = sim.sim_losses(out, pm, obj)
+    terms = sim.sim_losses(out, pm, obj, sim_cfg())
     assert torch.isfinite(terms["loss_pseudo"]) and terms["loss_pseudo"] > 0
     sim.after_step(state, model, out, pm, obj, images, targets)
     assert len(state.bank) == 1 and torch.equal(state.bank.entries[0]["image"], images[1])

@@ -85,26 +85,45 @@ mask_thresh = 0.5
 method = "boxinst"           # boxinst | full | sim
 color_thresh = 0.3           # BoxInst: pairwise pixels need colour similarity >= this
 pairwise_warmup_iters = 400  # the pairwise weight ramps 0 -> 1 (reference: 10000)
-# SIM (--method=sim; the paper's constants, except where the short demo schedule needs faster EMAs)
+# SIM (--method=sim). sim_variant picks a preset (sim.PRESETS: nanosim | paper | official) that sets
+# the knobs marked [preset] below; a knob given explicitly (--key=value or a config file) wins.
+# The values written here are nanosim's. Schedule knobs are the short demo's (faster EMAs).
+sim_variant = "nanosim"
 sim_start_iter = 700         # Eq. (10): L_pseudo and L_paste from this iteration on (COCO: 10000)
 teacher_start_iter = 400     # teacher copied from the student, prototypes and bank start (COCO: 5000)
 teacher_momentum = 0.99      # momentum teacher EMA (paper: 0.9999)
 num_subcenters = 10          # L: sub-centres per class
 proto_momentum = 0.99        # gamma, Eq. (4) (paper: 0.999)
-tau = 0.1                    # Eq. (1) temperature
+tau = 0.1                    # [preset] Eq. (1) temperature (official: 1)
+semantic_map = "calibrated"  # [preset] "paper" (Eq. 1) or "calibrated" (against background sub-centres)
+proto_filter = True          # [preset] sub-centre updates skip pixels the semantic map disagrees on
+proto_assign = "argmax"      # [preset] Sinkhorn's hard assignment: "argmax" (paper) or "gumbel" (official)
+proto_norm = "D"             # [preset] prototypes unit over "D" (paper) or over "L" (official's normalisation)
 sinkhorn_eps = 0.05          # Eq. (2)-(3)
 sinkhorn_iters = 3
 proto_conf_thresh = 0.7      # pixels updating the prototypes: teacher mask > this inside the box
-mu = 5.0                     # Eq. (6)
-alpha = 0.5                  # Eq. (7)
-tau_low = 0.3                # M_hat = 0 below, ignored between, 1 above tau_high
-tau_high = 0.7
-lambda1 = 0.5                # Eq. (10) weight of L_pseudo
-lambda2 = 1.0                # Eq. (10) weight of L_paste
-bank_size = 100              # copy-paste memory bank (images per process)
+mu = 5.0                     # [preset] Eq. (6) (official: 0, the plain mean)
+alpha = 0.5                  # [preset] Eq. (7)
+pseudo_thresh = "area"       # [preset] "fixed" (tau_low/tau_high) or "area" (fg threshold matched to the
+                             # teacher's confident area, clamped to [tau_high, area_t_max])
+tau_low = 0.3                # [preset] M_hat = 0 below, ignored between, 1 above the fg threshold
+tau_high = 0.7               # [preset]
+area_t_max = 0.8             # [preset]
+supervise_outside = True     # [preset] pixels outside the box are background targets (paper/official: ignored)
+occlusion_aware = True       # [preset] pixels pasted over an object leave its box in every loss
+pseudo_loss = "bce_dice"     # [preset] "bce_dice" (Eq. 8) or "official" (focal-style, sim_official.md 6.3)
+lambda1 = 0.5                # [preset] Eq. (10) weight of L_pseudo
+lambda1_ramp_iters = 300     # [preset] lambda1 ramps linearly over this many iterations (0: a step)
+lambda1_ramp_origin = -1     # [preset] where the ramp starts (-1: sim_start_iter; official: 0)
+lambda2 = 1.0                # [preset] Eq. (10) weight of L_paste
+bank_size = 100              # [preset] copy-paste memory bank (images per process)
 bank_thresh = 0.7            # teacher mask > this = an object's pseudo mask in the bank
+bank_min_box_iou = 0.8       # [preset] pseudo masks whose tight box has IoU < this with the GT box stay out
 paste_prob = 0.5
 paste_max_objects = 3
+paste_replacement = False    # [preset] objects drawn with replacement (official)
+pairwise_affinity = "color"  # [preset] "color" (BoxInst) or "color_feat" (official: x teacher-feature affinity)
+color_feat_thresh = 0.1      # the threshold of the colour x feature affinity
 # optimizer (linear warm-up, step decay). The COCO configs use the reference's SGD; the from-scratch
 # CPU demo learns about 1.2x more box AP per image seen with AdamW (BENCHMARKS.md)
 solver = "adamw"             # "sgd" (the reference, with momentum) or "adamw"
@@ -123,13 +142,31 @@ seed = 0
 # -----------------------------------------------------------------------------
 
 
+class _Recorder(dict):
+    """The namespace a config file runs in: remembers every name the file assigns."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.assigned = set()
+
+    def __setitem__(self, key, value):
+        self.assigned.add(key)
+        super().__setitem__(key, value)
+
+
 def configure(argv, config):
-    """nanoGPT's configurator: positional args are config files, --key=value overrides."""
+    """nanoGPT's configurator: positional args are config files, --key=value overrides; then the
+    SIM preset of config["sim_variant"] fills the knobs nobody set explicitly. Returns what the
+    preset set (printed at start)."""
+    explicit = set()
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 sys.exit(f"train.py: config file {arg} not found — fix: pass a path such as configs/coco_boxinst_r50_1x.py")
-            exec(open(arg).read(), {}, config)
+            ns = _Recorder(config)
+            exec(open(arg).read(), {}, ns)
+            explicit |= ns.assigned
+            config.update({k: v for k, v in ns.items() if k in config})
             continue
         key, _, val = arg[2:].partition("=")
         if key not in config:
@@ -148,12 +185,15 @@ def configure(argv, config):
         if default is not None and type(val) is not type(default):
             sys.exit(f"train.py: --{key}={val!r} should be a {type(default).__name__} like the default {default!r}")
         config[key] = val
+        explicit.add(key)
+    return sim.apply_preset(config, explicit)
 
 
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+_preset = {}  # what the SIM preset set (printed at start)
 if __name__ == "__main__":
     _cfg = {k: globals()[k] for k in config_keys}
-    configure(sys.argv[1:], _cfg)
+    _preset = configure(sys.argv[1:], _cfg)
     globals().update(_cfg)
 config = {k: globals()[k] for k in config_keys}
 
@@ -204,7 +244,8 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it."""
     if sim_state is not None and it >= cfg["sim_start_iter"]:  # online copy-paste (bank on the CPU)
         images, targets = copypaste.copy_paste_batch(images, targets, sim_state.bank, cfg["paste_prob"],
-                                                     sim_state.generator, cfg["paste_max_objects"])
+                                                     sim_state.generator, cfg["paste_max_objects"],
+                                                     cfg["paste_replacement"])
     images, targets = to_device(images, targets, dev)
     teacher_on = sim_state is not None and it >= cfg["teacher_start_iter"]
     if teacher_on and sim_state.teacher is None:
@@ -215,13 +256,15 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
             with torch.no_grad():
                 t_out = sim_state.teacher.features(images, classify=False)  # boxes and masks only
     # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
-    extra = {}
+    extra, affinity = {}, None
     if teacher_on:
-        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"])
+        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"])
         pm = sim.pseudo_masks(out, t_out, sim_state.teacher, sim_state.protos, obj, cfg)
         if it + 1 > cfg["sim_start_iter"]:
-            extra = sim.sim_losses(out, pm, obj)
-    loss, logs = losses.compute_losses(out, images, targets, cfg, it + 1, extra)
+            extra = sim.sim_losses(out, pm, obj, cfg)
+        if cfg["pairwise_affinity"] == "color_feat":
+            affinity = sim.feature_affinity(t_out)
+    loss, logs = losses.compute_losses(out, images, targets, cfg, it + 1, extra, affinity)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -301,6 +344,8 @@ def main():
     if master:
         os.makedirs(out_dir, exist_ok=True)
         print("config:", json.dumps(config))
+        if method == "sim":
+            print(f"sim_variant={sim_variant} set: {json.dumps(_preset)}")
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, {n_params / 1e6:.2f}M "
               f"trainable parameters, method={method}, device={dev}, world_size={world_size}")
