@@ -460,3 +460,44 @@ def test_total_loss_eq10_weights():
     assert L.total_loss(full, 1)[0].item() == 4.0
     with pytest.raises(KeyError):
         L.total_loss({'loss_pairwse': torch.tensor(1.0)}, 1)
+
+
+def test_pseudo_loss_weight_ramp():
+    assert L.pseudo_loss_weight(700, 0.5, 700, 300) == 0.0                 # not yet on
+    assert L.pseudo_loss_weight(701, 0.5, 700, 0) == 0.5                   # the paper: a step
+    assert L.pseudo_loss_weight(850, 0.5, 700, 300) == pytest.approx(0.25)  # halfway up the ramp
+    assert L.pseudo_loss_weight(5000, 0.5, 700, 300) == 0.5
+    # the official ramp from iteration 0: 0.3 * 10001 / 270000 at its first iteration
+    assert L.pseudo_loss_weight(10001, 0.3, 10000, 270000, 0) == pytest.approx(0.3 * 10001 / 270000)
+    total, logs = L.total_loss({'loss_pseudo': torch.tensor(2.0)}, 850, 0.5, 1.0, 700, 10, 300)
+    assert total.item() == pytest.approx(0.5)
+
+
+def test_official_focal_loss_hand_value():
+    # sim_official.md 6.3: p = (0.9, 0.2), t = (1, 0), W = 1 -> 0.00827 (the probability fed as a logit)
+    p = torch.tensor([[0.9, 0.2]])
+    logits = torch.log(p / (1 - p))
+    fq = L.official_focal_loss(logits, torch.tensor([[1.0, 0.0]]), torch.ones(1, 2))
+    by_hand = (0.25 * 0.1 ** 2 * F.softplus(torch.tensor(-0.9)) + 0.75 * 0.2 ** 2 * F.softplus(torch.tensor(0.2))) / 3
+    assert fq.item() == pytest.approx(by_hand.item(), rel=1e-5) and fq.item() == pytest.approx(0.00827, abs=1e-5)
+    # the official paste loss: dice averaged over ALL positives (a non-pasted one adds 1, no gradient)
+    m = torch.tensor([[4.0, -4.0], [0.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    loss = L.official_paste_loss(m, t, torch.tensor([True, False]))
+    fq_only = L.official_focal_loss(m, t, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    d = L.dice_loss(torch.sigmoid(m[:1]), t[:1])
+    assert loss.item() == pytest.approx(fq_only.item() + (d.item() + 1.0) / 2, rel=1e-5)
+    loss.backward()
+    assert (m.grad[1] == 0).all()
+
+
+def test_feature_similarity_hand():
+    f = torch.zeros(1, 2, 1, 3)
+    f[0, 0, 0, 2] = 3.0                    # pixel 2 = (3, 4) at distance 5 from pixel 0 = (0, 0)
+    f[0, 1, 0, 2] = 4.0
+    s = L.feature_similarity(f)            # (1, 8, 1, 3); neighbours at dilation 2: pixel 0 <-> pixel 2
+    right, left = 4, 3                     # row-major offsets: (0, +2) is tap 4, (0, -2) tap 3
+    assert s[0, right, 0, 0].item() == pytest.approx(math.exp(-5))
+    assert s[0, left, 0, 2].item() == pytest.approx(math.exp(-5))
+    assert s[0, right, 0, 1].item() == 0.0  # off the map
+    assert s[0, 0, 0, 0].item() == 0.0

@@ -549,3 +549,61 @@ def test_ddp_prototypes_identical_on_both_ranks():
         assert not torch.equal(local[0], local[1])  # the ranks alone would drift apart
         protos = F.normalize((local[0] + local[1]) / 2, dim=-1)
     assert torch.allclose(p0, protos, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# nanoSIM's departures
+
+
+def test_nanosim_background_outside_the_box_on_pasted_pixels_not_padding():
+    cfg = sim_cfg("nanosim")
+    model, state, images, targets = setup(cfg)
+    targets[1]["size"] = (48, 64)                      # image 1's last 16 rows are padding
+    pasted = torch.zeros(64, 64, dtype=torch.bool)
+    pasted[12:20, 10:18] = True                        # pixels pasted over object 0 of image 0 (box [8, 10, 28, 30])
+    targets = [copypaste.with_paste_fields(t, t["size"]) for t in targets]
+    targets[0]["paste_area"] = pasted
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    box = losses.box_masks(torch.cat([t["boxes"] for t in targets]), (64, 64), 4) > 0  # plain boxes (G, 16, 16)
+    valid = obj["valid"][obj["img"]] > 0                                                  # (G, 16, 16)
+    on_paste = torch.zeros(4, 16, 16, dtype=torch.bool)
+    on_paste[0] = pasted[2::4, 2::4]                   # grid rows 14, 18 and columns 10, 14
+    assert on_paste[0].sum() == 4 and (box[0] & on_paste[0]).sum() == 4
+    # outside the box and on the pasted pixels: background, weight 1; padding: weight 0
+    bg = (~box | on_paste) & valid
+    assert (pm["W"][bg] == 1).all() and (pm["M_hat"][bg] == 0).all()
+    assert (pm["W"][~valid] == 0).all() and (~valid).sum() == 2 * 4 * 16
+    # the paper's preset on the same batch: nothing outside the box, the pasted pixels ignored (official rule)
+    pp = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, sim_cfg("paper"))
+    assert (pp["W"][~box | on_paste] == 0).all()
+
+
+def test_prototype_pixels_filter_hand():
+    # one object, 4 pixels in its box, 1 outside: teacher mean mask and calibrated M_S by hand
+    obj = dict(box_mask=torch.tensor([[[1.0, 1, 1, 1, 0]]]))
+    pm = dict(M_mean=torch.tensor([[[0.9, 0.9, 0.1, 0.1, 0.9]]]), M_S=torch.tensor([[[0.8, 0.2, 0.2, 0.8, 0.9]]]),
+              has_pos=torch.tensor([True]))
+    cfg = dict(proto_conf_thresh=0.7, semantic_map="calibrated", proto_filter=True)
+    fg, bg = sim.prototype_pixels(pm, obj, cfg)
+    assert fg.tolist() == [[[True, False, False, False, False]]]      # confident and the map agrees
+    assert bg.tolist() == [[[False, False, True, False, False]]]
+    fg, bg = sim.prototype_pixels(pm, obj, dict(cfg, proto_filter=False))
+    assert fg.tolist() == [[[True, True, False, False, False]]]
+    assert bg.tolist() == [[[False, False, True, True, False]]]
+    fg, bg = sim.prototype_pixels(pm, obj, dict(cfg, semantic_map="paper"))
+    assert fg.tolist() == [[[True, True, False, False, False]]] and bg is None
+    pm["has_pos"] = torch.tensor([False])                              # no positive: no pixel
+    fg, bg = sim.prototype_pixels(pm, obj, cfg)
+    assert not fg.any() and not bg.any()
+
+
+def test_nanosim_training_step_runs_and_updates_background_subcentres():
+    # an untrained teacher says ~0.5 everywhere: threshold 0.5 splits its pixels into fg and bg
+    cfg = sim_cfg("nanosim", sim_start_iter=0, teacher_start_iter=0, proto_conf_thresh=0.5)
+    model, state, images, targets = setup(cfg)
+    before, before_fg = state.protos.bg_protos.clone(), state.protos.protos.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, logs = train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), state, images,
+                                  targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    assert torch.isfinite(loss) and "loss_pseudo" in logs
+    assert not torch.equal(state.protos.bg_protos, before) and not torch.equal(state.protos.protos, before_fg)

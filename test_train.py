@@ -133,3 +133,32 @@ def test_bad_input_is_one_clear_line(tmp_path):
     r = run_train(*args, "--batch_size=1", "--solver=adam", cwd=tmp_path)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "--solver='adam'" in last and "fix" in last and "Traceback" not in r.stderr
+
+
+def test_sim_presets_set_exactly_their_knobs(tmp_path):
+    import sim
+    for name, preset in sim.PRESETS.items():
+        cfg = dict(train.config)
+        chosen = train.configure([f"--sim_variant={name}", "--max_iters=100"], cfg)
+        assert set(chosen) == set(preset)
+        for k, v in preset.items():
+            assert cfg[k] == (v(cfg) if callable(v) else v), (name, k)
+        # every other key keeps train.py's default
+        assert all(cfg[k] == train.config[k] for k in cfg if k not in preset and k not in ("sim_variant", "max_iters"))
+    cfg = dict(train.config)
+    train.configure(["--sim_variant=official", "--max_iters=100"], cfg)
+    assert cfg["tau"] == 1.0 and cfg["proto_assign"] == "gumbel" and cfg["lambda1_ramp_iters"] == 300
+    assert cfg["pseudo_loss"] == "official" and cfg["supervise_outside"] is False
+    # explicit keys win over the preset, from the command line and from a config file
+    f = tmp_path / "c.py"
+    f.write_text("sim_variant = 'paper'\nalpha = 1.0\n")
+    cfg = dict(train.config)
+    chosen = train.configure([str(f), "--tau=0.5"], cfg)
+    assert cfg["alpha"] == 1.0 and cfg["tau"] == 0.5 and "alpha" not in chosen and "tau" not in chosen
+    assert cfg["semantic_map"] == "paper" and cfg["supervise_outside"] is False
+    # nanosim is the default and what train.py's own values are
+    cfg = dict(train.config)
+    train.configure([], cfg)
+    assert cfg == train.config
+    with pytest.raises(SystemExit, match="not a preset"):
+        train.configure(["--sim_variant=nope"], dict(train.config))
