@@ -4,10 +4,13 @@ arguments go to every train.py run):
 
   Tab. 3: BoxInst baseline / + L_pseudo / + L_pseudo + L_paste
   Tab. 4: alpha (Eq. 7) in {0, 0.5, 1}
+  the presets (--sim_variant=paper, official) and each of nanoSIM's fixes switched off
 
-    python ablate.py                          # the demo schedule, 5 runs one after another
-    python ablate.py --max_iters=300          # shorter, e.g. for a quick look
-    python ablate.py --ms_stats=out/ablation/+pseudo+paste/ckpt.pt   # how separable M_S is
+    python ablate.py                          # the demo schedule, 14 runs one after another
+    python ablate.py --jobs=2                 # two at a time, one core each
+    python ablate.py --runs=baseline,paper    # only these rows
+    python ablate.py --seed=1 --root=out/ablation_s1   # extra arguments go to every run
+    python ablate.py --ms_stats=out/demo/ckpt.pt   # every variant's pseudo labels against the GT masks
     python ablate.py --grid_oracle            # mask AP of perfect masks seen through a stride-s grid
     python ablate.py --pair_stats             # how many neighbour pairs BoxInst's colour affinity links
     python ablate.py --attr_ap=out/demo       # a finished run's AP on low-contrast / occluded objects
@@ -27,13 +30,13 @@ from the projection loss alone.
 the tags the synthetic generator writes into the json: low-contrast or not, occluded or not. The
 objects outside a subset are scored as crowd regions (ignored).
 
---ms_stats: Eq. (1)'s M_S from a SIM checkpoint's teacher and prototypes on the val images, inside
-each GT box, split by the GT mask: how much of the object (fg) and of the in-box background (bg)
-M_S calls foreground (> tau_high) at the checkpoint's tau and at the official tau = 1, and the AUC of
-the cosine (the chance that a random fg pixel scores above a random bg pixel: 0.5 = no separation).
+--ms_stats: the pseudo labels of every variant (paper, official, nanosim and nanosim with one piece
+changed) scored against the GT masks on a network SIM has not touched: a BoxInst checkpoint, or a
+SIM one stopped before L_pseudo starts. See ms_stats.
 
 Each run writes out/ablation/<name>/metrics.json; a run whose metrics.json exists is not repeated,
-so an interrupted ablation resumes. Prints both tables (mask AP, box AP) at the end.
+so an interrupted ablation resumes (--root=DIR: another tree, e.g. for a second seed). Prints the
+tables (mask AP, box AP) at the end.
 """
 
 import json
@@ -45,16 +48,28 @@ import torch
 
 import losses
 
-RUNS = {  # name: train.py arguments
+RUNS = {  # name: train.py arguments (SIM runs use the default preset, nanosim, unless they say otherwise)
     "baseline": ["--method=boxinst"],
     "+pseudo": ["--method=sim", "--lambda2=0.0", "--paste_prob=0.0"],
-    "+pseudo+paste": ["--method=sim"],             # also Tab. 4's alpha = 0.5
+    "+pseudo+paste": ["--method=sim"],             # also Tab. 4's alpha = 0.5 and the nanosim row
     "alpha=0": ["--method=sim", "--alpha=0.0"],
     "alpha=1": ["--method=sim", "--alpha=1.0"],
+    "paper": ["--method=sim", "--sim_variant=paper"],
+    "official": ["--method=sim", "--sim_variant=official"],
+    "-supervise_outside": ["--method=sim", "--supervise_outside=False"],
+    "-occlusion_aware": ["--method=sim", "--occlusion_aware=False"],
+    "-calibrated": ["--method=sim", "--semantic_map=paper"],
+    "-proto_filter": ["--method=sim", "--proto_filter=False"],
+    "-area_thresh": ["--method=sim", "--pseudo_thresh=fixed"],
+    "-lambda1_ramp": ["--method=sim", "--lambda1_ramp_iters=0"],
+    "-box_gate": ["--method=sim", "--bank_min_box_iou=0.0"],
 }
 TABLES = [
     ("Tab. 3 (paper, COCO R50 1x mask AP: 30.7 / 31.9 / 32.2)", ["baseline", "+pseudo", "+pseudo+paste"]),
     ("Tab. 4 (paper, COCO R50 1x mask AP: 30.5 / 32.2 / 31.4)", ["alpha=0", "+pseudo+paste", "alpha=1"]),
+    ("Presets (--sim_variant)", ["+pseudo+paste", "paper", "official"]),
+    ("nanoSIM's fixes, each switched off", ["+pseudo+paste", "-supervise_outside", "-occlusion_aware", "-calibrated",
+                                            "-proto_filter", "-area_thresh", "-lambda1_ramp", "-box_gate"]),
 ]
 
 
@@ -262,21 +277,34 @@ def attr_ap(run_dir, val_json=""):
               f"{subset_ap(gt, results['segm'], keep, 'segm'):.1f} |")
 
 
-def main(extra):
-    root = "out/ablation"
-    results = {}
-    for name, args in RUNS.items():
-        out_dir = os.path.join(root, name)
-        path = os.path.join(out_dir, "metrics.json")
-        if not os.path.isfile(path):
-            cmd = [sys.executable, "train.py", *args, f"--out_dir={out_dir}", "--n_overlays=2", *extra]
+def main(extra, jobs=1, only=None, root="out/ablation"):
+    """Train the missing runs (`jobs` at a time, the cores split between them), then print the tables."""
+    names = [n for n in RUNS if only is None or n in only]
+    todo = [n for n in names if not os.path.isfile(os.path.join(root, n, "metrics.json"))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max((os.cpu_count() or 1) // jobs, 1))) if jobs > 1 else None
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            name = todo.pop(0)
+            out_dir = os.path.join(root, name)
+            os.makedirs(out_dir, exist_ok=True)
+            cmd = [sys.executable, "train.py", *RUNS[name], f"--out_dir={out_dir}", "--n_overlays=2", *extra]
             print(">>", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
-        with open(path) as f:
+            log = open(os.path.join(out_dir, "train.log"), "w") if jobs > 1 else None
+            running.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)))
+        name, proc = running.pop(0)
+        if proc.wait() != 0:
+            sys.exit(f"ablate.py: run {name} failed (exit {proc.returncode}) — see {root}/{name}/train.log")
+    results = {}
+    for name in names:
+        with open(os.path.join(root, name, "metrics.json")) as f:
             results[name] = json.load(f)
-    for title, names in TABLES:
+    for title, rows in TABLES:
+        rows = [n for n in rows if n in results]
+        if not rows:
+            continue
         print(f"\n{title}\n| run | mask AP | box AP |\n|---|---|---|")
-        for n in names:
+        for n in rows:
             label = "alpha=0.5" if title.startswith("Tab. 4") and n == "+pseudo+paste" else n
             print(f"| {label} | {results[n]['segm']['AP']:.1f} | {results[n]['bbox']['AP']:.1f} |")
 
@@ -294,4 +322,8 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["--pair_stats"]:
         pair_stats()
     else:
-        main(sys.argv[1:])
+        args = sys.argv[1:]
+        jobs = int(next((a.split("=", 1)[1] for a in args if a.startswith("--jobs=")), 1))
+        only = next((a.split("=", 1)[1].split(",") for a in args if a.startswith("--runs=")), None)
+        root = next((a.split("=", 1)[1] for a in args if a.startswith("--root=")), "out/ablation")
+        main([a for a in args if not a.startswith(("--jobs=", "--runs=", "--root="))], jobs, only, root)

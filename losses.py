@@ -133,15 +133,16 @@ def reduce_mean(x):
     return x
 
 
-def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, weight=None):
     """Sigmoid focal loss, summed over all elements (fvcore form):
     CE(p, t) * (1 - p_t)^gamma * alpha_t with p_t = p t + (1-p)(1-t),
-    alpha_t = alpha t + (1-alpha)(1-t)."""
+    alpha_t = alpha t + (1-alpha)(1-t); weight (broadcastable) scales each element."""
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
     p_t = p * targets + (1 - p) * (1 - targets)
     alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return (alpha_t * ce * (1 - p_t) ** gamma).sum()
+    loss = alpha_t * ce * (1 - p_t) ** gamma
+    return (loss if weight is None else loss * weight).sum()
 
 
 def giou_loss(pred, target):
@@ -169,11 +170,12 @@ def centerness_target(reg_targets):
     return torch.sqrt((lr.amin(-1) / lr.amax(-1)) * (tb.amin(-1) / tb.amax(-1)))
 
 
-def fcos_losses(cls_logits, reg, ctr_logits, targets):
+def fcos_losses(cls_logits, reg, ctr_logits, targets, image_weights=None):
     """FCOS losses over a batch.
 
     cls_logits (B, L, C), reg (B, L, 4) in stride units, ctr_logits (B, L); targets from
-    fcos_targets. Returns dict:
+    fcos_targets; image_weights (B,) or None: each image's weight (0 leaves an image out of the
+    detector's losses and of their normalisers). Returns dict:
       loss_fcos_cls = focal(all locations, all classes) / num_pos,
       loss_fcos_loc = sum_pos (1 - GIoU) * c* / sum_pos c*,
       loss_fcos_ctr = sum_pos BCE(ctr_logit, c*) / num_pos,
@@ -186,11 +188,15 @@ def fcos_losses(cls_logits, reg, ctr_logits, targets):
     C = cls_logits.shape[-1]
     labels = targets['labels'].reshape(-1)  # (BL,)
     pos = labels != C  # (BL,)
+    w = None
+    if image_weights is not None:
+        w = image_weights.to(cls_logits.dtype)[:, None].expand(cls_logits.shape[:2]).reshape(-1)  # (BL,)
+        pos = pos & (w > 0)
     posf = pos.to(cls_logits.dtype)  # (BL,)
     num_pos = reduce_mean(posf.sum()).clamp(min=1.0)
 
     cls_t = F.one_hot(labels, C + 1)[:, :C].to(cls_logits.dtype)  # (BL, C), background rows 0
-    loss_cls = sigmoid_focal_loss(cls_logits.reshape(-1, C), cls_t) / num_pos
+    loss_cls = sigmoid_focal_loss(cls_logits.reshape(-1, C), cls_t, weight=None if w is None else w[:, None]) / num_pos
 
     # background rows get a dummy all-ones target so that GIoU and centerness stay finite
     # there (0/0 would give NaN, and NaN * 0 is still NaN, also in the backward pass)
@@ -558,7 +564,12 @@ def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None
     combined by Eq. (10). it is 1-based. extra: further terms (SIM's loss_pseudo, loss_paste);
     pair_affinity (B, 8, Hp/s, Wp/s): a factor on the colour similarity (feature_similarity).
     Returns (total, dict of the weighted terms for logging)."""
-    terms = fcos_losses(out['cls_logits'], out['reg'], out['ctr_logits'], out['targets'])
+    image_weights = None
+    if not cfg.get('paste_detector', True) and any('pasted' in t for t in targets):
+        # composites out of the detector's losses: copy-paste trains the masks only
+        image_weights = torch.stack([(~t['pasted'].any()).float() if 'pasted' in t else torch.ones(())
+                                     for t in targets]).to(images.device)  # (B,)
+    terms = fcos_losses(out['cls_logits'], out['reg'], out['ctr_logits'], out['targets'], image_weights)
     inst, logits = out['inst'], out['mask_logits']  # gt_inds (K,), (K, 1, Hp/s, Wp/s)
     padded_hw = images.shape[-2:]
     s = cfg.get('mask_out_stride', 4)  # the stride of the mask logits (reference 4)

@@ -47,7 +47,7 @@ PRESETS = {
                   proto_norm="D", pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False,
                   occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
                   lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_replacement=False,
-                  pairwise_affinity="color"),
+                  paste_detector=True, pairwise_affinity="color"),
     # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
     # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
@@ -56,13 +56,14 @@ PRESETS = {
                      proto_norm="L", pseudo_thresh="area", tau_low=0.4, tau_high=0.7, area_t_max=0.8,
                      supervise_outside=False, occlusion_aware=True, pseudo_loss="official", lambda1=0.3,
                      lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
-                     bank_size=50, bank_min_box_iou=0.0, paste_replacement=True, pairwise_affinity="color_feat"),
+                     bank_size=50, bank_min_box_iou=0.0, paste_replacement=True, paste_detector=True,
+                     pairwise_affinity="color_feat"),
     # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
     "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
                     proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
                     supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
-                    bank_min_box_iou=0.8, paste_replacement=False, pairwise_affinity="color"),
+                    bank_min_box_iou=0.8, paste_replacement=False, paste_detector=True, pairwise_affinity="color"),
 }
 
 

@@ -122,6 +122,7 @@ bank_min_box_iou = 0.8       # [preset] pseudo masks whose tight box has IoU < t
 paste_prob = 0.5
 paste_max_objects = 3
 paste_replacement = False    # [preset] objects drawn with replacement (official)
+paste_detector = True        # [preset] pasted images also train the detector (FCOS losses)
 pairwise_affinity = "color"  # [preset] "color" (BoxInst) or "color_feat" (official: x teacher-feature affinity)
 color_feat_thresh = 0.1      # the threshold of the colour x feature affinity
 # optimizer (linear warm-up, step decay). The COCO configs use the reference's SGD; the from-scratch
