@@ -102,7 +102,8 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
     masks; EMA momentum `momentum` so the random start is forgotten within the pass), then the
     variant's M_S, M_prob and (M_hat, W) are computed on the val images and compared, inside the GT
     boxes, with the GT masks (never used before this point). Prints per variant: AUC of M_S and of
-    M_prob (object vs in-box background), precision and coverage of the foreground and background
+    M_prob (object vs in-box background), AUC of M_S on the pixels where M_I is unsure (0.3 < M_I <
+    0.7: where the semantic map has something to add), precision and coverage of the foreground and background
     labels, the share of in-box pixels ignored, and the foreground growth (labelled foreground over
     the teacher's confident area, M_I > 0.7)."""
     import data
@@ -132,8 +133,9 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
     val = [(net(im, t), sim.objects(t, im.shape[-2:], s), t, im.shape[-2:]) for im, t in batches(val_ds, n_images)]
     print(f"{ckpt_path} ({'teacher' if teacher is not None else 'model'}): prototypes from {n_build} train images, "
           f"scored on {n_images} val images inside the GT boxes (stride {s})")
-    print("| variant | AUC M_S | AUC M_prob | fg precision | fg coverage | bg precision | bg coverage | ignored | fg growth |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | AUC M_S | AUC M_S where 0.3 < M_I < 0.7 | AUC M_prob | fg precision | fg coverage | bg precision | "
+          "bg coverage | ignored | fg growth |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, preset, over in STATS_VARIANTS:
         cfg = dict(base, sim_variant=preset)
         sim.apply_preset(cfg)
@@ -147,7 +149,7 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
                 pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
                 fg, bg = sim.prototype_pixels(pm, obj, cfg)
                 protos.update(prototypes.normalize_features(out["mask_feats"]), obj["img"], obj["cls"], fg, bg)
-        acc = {k: [] for k in ("ms_fg", "ms_bg", "mp_fg", "mp_bg")}
+        acc = {k: [] for k in ("ms_fg", "ms_bg", "mp_fg", "mp_bg", "amb_fg", "amb_bg")}
         n = dict(lab_fg=0, lab_fg_ok=0, gt_fg=0, lab_bg=0, lab_bg_ok=0, gt_bg=0, ign=0, inbox=0, conf=0)
         for out, obj, targets, hw in val:
             pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
@@ -156,6 +158,8 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
             is_fg, is_bg = inbox & gt, inbox & ~gt
             acc["ms_fg"].append(pm["M_S"][is_fg]), acc["ms_bg"].append(pm["M_S"][is_bg])
             acc["mp_fg"].append(pm["M_prob"][is_fg]), acc["mp_bg"].append(pm["M_prob"][is_bg])
+            amb = (pm["M_I"] > 0.3) & (pm["M_I"] < 0.7)                                  # where M_I is unsure
+            acc["amb_fg"].append(pm["M_S"][is_fg & amb]), acc["amb_bg"].append(pm["M_S"][is_bg & amb])
             lab_fg = inbox & (pm["W"] > 0) & (pm["M_hat"] > 0)
             lab_bg = inbox & (pm["W"] > 0) & (pm["M_hat"] == 0)
             n["lab_fg"] += int(lab_fg.sum()); n["lab_fg_ok"] += int((lab_fg & gt).sum()); n["gt_fg"] += int(is_fg.sum())
@@ -164,10 +168,12 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
             n["conf"] += int((inbox & (pm["M_I"] > cfg["proto_conf_thresh"])).sum())
         cat = {k: torch.cat(v) for k, v in acc.items()}
         r = lambda a, b: a / max(b, 1)
-        print(f"| {label} | {_auc(cat['ms_fg'], cat['ms_bg']):.3f} | {_auc(cat['mp_fg'], cat['mp_bg']):.3f} | "
+        growth = f"{n['lab_fg'] / n['conf']:.2f}" if n["conf"] else "- (no confident pixel)"
+        print(f"| {label} | {_auc(cat['ms_fg'], cat['ms_bg']):.3f} | {_auc(cat['amb_fg'], cat['amb_bg']):.3f} "
+              f"({len(cat['amb_fg']) + len(cat['amb_bg'])} px) | {_auc(cat['mp_fg'], cat['mp_bg']):.3f} | "
               f"{r(n['lab_fg_ok'], n['lab_fg']):.1%} | {r(n['lab_fg_ok'], n['gt_fg']):.1%} | "
               f"{r(n['lab_bg_ok'], n['lab_bg']):.1%} | {r(n['lab_bg_ok'], n['gt_bg']):.1%} | "
-              f"{r(n['ign'], n['inbox']):.1%} | {r(n['lab_fg'], n['conf']):.2f} |", flush=True)
+              f"{r(n['ign'], n['inbox']):.1%} | {growth} |", flush=True)
 
 
 def grid_oracle(strides=(8, 4, 2)):

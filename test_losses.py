@@ -213,6 +213,22 @@ def test_fcos_losses_normalisers():
     assert ctr.grad[0, [1, 3]].abs().sum() == 0
 
 
+def test_fcos_losses_image_weights_leave_an_image_out():
+    g = torch.Generator().manual_seed(0)
+    C = 3
+    labels = torch.tensor([[0, 3, 1, 3], [2, 2, 3, 3]])  # image 1 has two positives of its own
+    reg_t = torch.rand(2, 4, 4, generator=g) + 0.5
+    cls, reg, ctr = torch.randn(2, 4, C, generator=g), torch.rand(2, 4, 4, generator=g) + 0.5, torch.randn(2, 4, generator=g)
+    t = {'labels': labels, 'reg_targets': reg_t, 'gt_inds': None}
+    both = L.fcos_losses(cls, reg, ctr, t, torch.tensor([1.0, 0.0]))
+    alone = L.fcos_losses(cls[:1], reg[:1], ctr[:1], {'labels': labels[:1], 'reg_targets': reg_t[:1], 'gt_inds': None})
+    for k in alone:  # weight 0: image 1 leaves the sums and the normalisers
+        assert both[k].item() == pytest.approx(alone[k].item(), rel=1e-6), k
+    ones = L.fcos_losses(cls, reg, ctr, t, torch.ones(2))
+    plain = L.fcos_losses(cls, reg, ctr, t)
+    assert all(ones[k].item() == pytest.approx(plain[k].item(), rel=1e-6) for k in plain)
+
+
 def test_fcos_losses_without_positives():
     cls = torch.zeros(1, 3, 2, requires_grad=True)
     reg = torch.zeros(1, 3, 4, requires_grad=True)  # all-zero predictions: a NaN trap for GIoU

@@ -1,0 +1,31 @@
+"""ablate.py's diagnostics on tiny data: --ms_stats scores every variant's pseudo labels against the GT masks."""
+
+import torch
+
+torch.set_num_threads(1)
+
+import ablate
+import data
+import train
+from model import build_model
+from test_model import tiny_cfg
+
+
+def test_ms_stats_scores_every_variant(tmp_path, capsys):
+    paths = data.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=4, size=128)
+    cfg = dict(train.config)
+    cfg.update(tiny_cfg(method="boxinst", num_classes=5, mask_out_stride=2), min_size_test=128, max_size_test=128,
+               sizes_of_interest=(16, 32, 64, 128), **paths)
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "sim": None}, tmp_path / "ckpt.pt")
+    ablate.ms_stats(str(tmp_path / "ckpt.pt"), n_build=8, n_images=4)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "variant" not in l]
+    assert [l.split(" | ")[0][2:] for l in lines] == [v[0] for v in ablate.STATS_VARIANTS]
+    for line in lines:  # 10 columns; AUCs in [0, 1], shares in [0, 100] %
+        cells = line.strip("| ").split(" | ")
+        assert len(cells) == 10, line
+        aucs = [float(cells[i].split()[0]) for i in (1, 2, 3)]
+        shares = [float(c.rstrip("%")) for c in cells[4:9]]
+        assert all(0 <= a <= 1 for a in aucs) and all(0 <= s <= 100 for s in shares), line
+    # the paper's Eq. (1) map and nanosim's calibrated one score differently
+    assert lines[0].split(" | ")[1] != lines[2].split(" | ")[1]
