@@ -46,8 +46,8 @@ PRESETS = {
     "paper": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="argmax",
                   proto_norm="D", pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False,
                   occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
-                  lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_replacement=False,
-                  paste_detector=True, pairwise_affinity="color"),
+                  lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_prob=0.5,
+                  paste_replacement=False, paste_detector=True, pairwise_affinity="color"),
     # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
     # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
@@ -56,14 +56,15 @@ PRESETS = {
                      proto_norm="L", pseudo_thresh="area", tau_low=0.4, tau_high=0.7, area_t_max=0.8,
                      supervise_outside=False, occlusion_aware=True, pseudo_loss="official", lambda1=0.3,
                      lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
-                     bank_size=50, bank_min_box_iou=0.0, paste_replacement=True, paste_detector=True,
+                     bank_size=50, bank_min_box_iou=0.0, paste_prob=0.5, paste_replacement=True, paste_detector=True,
                      pairwise_affinity="color_feat"),
     # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
     "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
                     proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
                     supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
-                    bank_min_box_iou=0.8, paste_replacement=False, paste_detector=True, pairwise_affinity="color"),
+                    bank_min_box_iou=0.8, paste_prob=0.0, paste_replacement=False, paste_detector=True,
+                    pairwise_affinity="color"),
 }
 
 
@@ -233,7 +234,7 @@ def after_step(state, model, out, pm, obj, images, targets):
     feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
     fg, bg = prototype_pixels(pm, obj, cfg)
     state.protos.update(feats, obj["img"], obj["cls"], fg, bg)
-    for b, t in enumerate(targets):
+    for b, t in enumerate(targets if cfg["paste_prob"] > 0 else []):  # no copy-paste: no bank
         sel = ((obj["img"] == b) & pm["has_pos"] & ~obj["pasted"]).nonzero().squeeze(1)  # this image's ordinary objects
         h, w = t["size"]
         entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],

@@ -119,7 +119,8 @@ lambda2 = 1.0                # [preset] Eq. (10) weight of L_paste
 bank_size = 100              # [preset] copy-paste memory bank (images per process)
 bank_thresh = 0.7            # teacher mask > this = an object's pseudo mask in the bank
 bank_min_box_iou = 0.8       # [preset] pseudo masks whose tight box has IoU < this with the GT box stay out
-paste_prob = 0.5
+paste_prob = 0.0              # [preset] copy-paste probability per image (paper/official 0.5; nanosim 0:
+                             # its L_paste costs 7 box AP here, BENCHMARKS.md)
 paste_max_objects = 3
 paste_replacement = False    # [preset] objects drawn with replacement (official)
 paste_detector = True        # [preset] pasted images also train the detector (FCOS losses)
@@ -243,7 +244,7 @@ def dataset_paths():
 def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev, autocast):
     """One iteration (it is 0-based): SIM's copy-paste, the forward passes, the losses of
     Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it."""
-    if sim_state is not None and it >= cfg["sim_start_iter"]:  # online copy-paste (bank on the CPU)
+    if sim_state is not None and it >= cfg["sim_start_iter"] and cfg["paste_prob"] > 0:  # online copy-paste (bank on the CPU)
         images, targets = copypaste.copy_paste_batch(images, targets, sim_state.bank, cfg["paste_prob"],
                                                      sim_state.generator, cfg["paste_max_objects"],
                                                      cfg["paste_replacement"])

@@ -13,4 +13,3 @@ teacher_momentum = 0.9999
 num_subcenters = 10          # L
 proto_momentum = 0.999       # gamma, Eq. (4)
 lambda1_ramp_iters = 5000    # nanosim's fade-in of L_pseudo (the preset's 300 is for the demo)
-paste_prob = 0.5
