@@ -11,6 +11,7 @@ arguments go to every train.py run):
     python ablate.py --runs=baseline,paper    # only these rows
     python ablate.py --seed=1 --root=out/ablation_s1   # extra arguments go to every run
     python ablate.py --ms_stats=out/demo/ckpt.pt   # every variant's pseudo labels against the GT masks
+    python ablate.py --probe=CKPT --iters=200 # one SIM ingredient at a time, continued from a BoxInst checkpoint
     python ablate.py --grid_oracle            # mask AP of perfect masks seen through a stride-s grid
     python ablate.py --pair_stats             # how many neighbour pairs BoxInst's colour affinity links
     python ablate.py --attr_ap=out/demo       # a finished run's AP on low-contrast / occluded objects
@@ -177,6 +178,65 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
               f"{r(n['ign'], n['inbox']):.1%} | {growth} |", flush=True)
 
 
+PROBES = [  # (label, train.py arguments): one SIM ingredient at a time, continued from a BoxInst checkpoint
+    ("BoxInst continued", ["--method=boxinst"]),
+    ("+ L_pseudo (nanosim)", ["--method=sim"]),
+    ("+ paste images, no L_paste", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5", "--lambda2=0.0"]),
+    ("+ paste images + L_paste (lambda2 1)", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5"]),
+    ("+ paste images + L_paste (lambda2 0.1)", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5", "--lambda2=0.1"]),
+    ("+ L_pseudo + paste images, no L_paste", ["--method=sim", "--paste_prob=0.5", "--lambda2=0.0"]),
+]
+
+
+def probe(ckpt_path, n_iters=200):
+    """Which SIM ingredient moves the AP, measured without a full training per row: every PROBES row
+    continues the same BoxInst checkpoint (model and optimizer, at the checkpoint's iteration and
+    lr) for n_iters iterations with that ingredient, on the same batches (loader seed 1), then
+    evaluates on the val split. SIM rows start their teacher (a copy of the checkpoint), prototypes
+    and a 20-image bank at the checkpoint's iteration, with L_pseudo at full weight from the first
+    probe iteration (no ramp). A row that loses AP against "BoxInst continued" names the culprit."""
+    import contextlib
+    import io
+    import data
+    import eval as evaluation
+    import sim
+    import train
+    from model import build_model
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    paths = train.dataset_paths()
+    it0 = ckpt["iter"]
+    print(f"{ckpt_path} at iteration {it0}, {n_iters} probe iterations per row")
+    print("| row | box AP | mask AP |\n|---|---|---|")
+    for label, args in PROBES:
+        cfg = dict(train.config)
+        cfg.update({k: v for k, v in ckpt["config"].items() if k in cfg})
+        train.configure(args, cfg)
+        cfg.update(num_classes=ckpt["config"]["num_classes"], teacher_start_iter=it0, sim_start_iter=it0, bank_size=20,
+                   lambda1_ramp_iters=0)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+        model.train()
+        opt = torch.optim.AdamW(train.param_groups(model), lr=cfg["lr"], fused=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        state = sim.SIMState(cfg, torch.device("cpu")) if cfg["method"] == "sim" else None
+        ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True, min_sizes=cfg["min_size_train"],
+                                 max_size=cfg["max_size_train"])
+        batches = data.infinite(data.make_loader(ds, cfg["batch_size"], train=True, num_workers=1, seed=1,
+                                                 scale_per_batch=cfg["scale_per_batch"]))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for it in range(it0, it0 + n_iters):
+            for g in opt.param_groups:
+                g["lr"] = cfg["lr"] * 0.1 ** sum(it >= s for s in cfg["lr_steps"])
+            train.train_step(model, model, opt, scaler, state, *next(batches), it, cfg, torch.device("cpu"),
+                             lambda: torch.autocast("cpu", enabled=False))
+        val = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(cfg["min_size_test"],),
+                                  max_size=cfg["max_size_test"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            m = evaluation.evaluate(model, data.make_loader(val, 4, train=False, num_workers=1), val, torch.device("cpu"))
+        print(f"| {label} | {m['bbox']['AP']:.1f} | {m['segm']['AP']:.1f} |", flush=True)
+
+
 def grid_oracle(strides=(8, 4, 2)):
     """Mask AP ceiling of stride-s mask logits on the val split (see the module doc)."""
     import contextlib
@@ -324,6 +384,9 @@ if __name__ == "__main__":
         for run in sys.argv[1:]:
             if run.startswith("--attr_ap="):
                 attr_ap(run.split("=", 1)[1], val_json)
+    elif len(sys.argv) >= 2 and sys.argv[1].startswith("--probe="):
+        iters = next((int(a.split("=", 1)[1]) for a in sys.argv[2:] if a.startswith("--iters=")), 200)
+        probe(sys.argv[1].split("=", 1)[1], iters)
     elif sys.argv[1:] == ["--grid_oracle"]:
         grid_oracle()
     elif sys.argv[1:] == ["--pair_stats"]:
