@@ -184,6 +184,8 @@ PROBES = [  # (label, train.py arguments): one SIM ingredient at a time, continu
     ("+ paste images, no L_paste", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5", "--lambda2=0.0"]),
     ("+ paste images + L_paste (lambda2 1)", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5"]),
     ("+ paste images + L_paste (lambda2 0.1)", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5", "--lambda2=0.1"]),
+    ("+ paste images + the official L_paste form", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5",
+                                                    "--pseudo_loss=official"]),
     ("+ L_pseudo + paste images, no L_paste", ["--method=sim", "--paste_prob=0.5", "--lambda2=0.0"]),
 ]
 

@@ -12,14 +12,15 @@ prototypes.py (Eq. 1-7), losses.py (Eq. 8-10) and copypaste.py (Eq. 9, 11):
 
 Three presets (--sim_variant, PRESETS below): "paper" is Eq. 1-11 and Sec. 4.1 literally,
 "official" the authors' code as shared/spec/sim_official.md reads it, "nanosim" (the default) the
-paper's method with the departures that made it win here, each its own switch and function:
+paper's method with departures, each its own switch and function, each measured in BENCHMARKS.md:
   - supervise_outside: pixels outside the box (and pasted over the object) are background targets;
   - occlusion_aware: pixels pasted over an object leave its box in every loss;
   - semantic_map="calibrated": M_S against background sub-centres (calibrated_semantic_map);
   - proto_filter: the sub-centre update skips pixels the map calls background (prototype_pixels);
   - pseudo_thresh="area": the foreground never outgrows the teacher's confident area;
   - lambda1_ramp_iters: L_pseudo fades in instead of arriving at full strength;
-  - bank_min_box_iou: only pseudo masks that fill their GT box enter the bank (box_quality_gate).
+  - bank_min_box_iou: only pseudo masks that fill their GT box enter the bank (box_quality_gate);
+  - paste_prob=0: no copy-paste; its L_paste costs box and mask AP on the demo (ablate.py --probe).
 
 Choices where sim.md leaves them open (see the comments where they are made):
   - M_I comes from the TEACHER's mask predictions at the student's selected positives.
@@ -51,7 +52,8 @@ PRESETS = {
     # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
     # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
-    # schedule: 3 * max_iters here), bank 50, paste with replacement, colour x feature affinity
+    # schedule: 3 * max_iters here), bank 50, paste with replacement, colour x feature affinity.
+    # Unlike the official code, L_pseudo skips pasted objects here (they have L_paste)
     "official": dict(tau=1.0, mu=0.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="gumbel",
                      proto_norm="L", pseudo_thresh="area", tau_low=0.4, tau_high=0.7, area_t_max=0.8,
                      supervise_outside=False, occlusion_aware=True, pseudo_loss="official", lambda1=0.3,
