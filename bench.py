@@ -7,8 +7,8 @@ ratio is meaningful on a noisy machine. Runs train.py's own train_step (nanoGPT'
     python bench.py --compare=scale          # BoxInst steps, one training scale per image vs per batch
 
 Prints the median step time of each method over interleaved rounds and the SIM / BoxInst ratio.
-SIM runs with everything switched on from the first step (teacher, pseudo masks, prototype
-update, memory bank full, copy-paste with p = paste_prob). The batches draw their training scales
+SIM runs with everything its preset switches on from the first step (teacher, pseudo masks,
+prototype update; with paste_prob > 0 also a full memory bank and copy-paste). The batches draw their training scales
 as train.py's loader does (scale_per_batch); --compare=scale times BoxInst on batches drawn both
 ways (the same images), the padding that a scale per image costs.
 """
@@ -91,7 +91,7 @@ def main(argv):
 
     for name in runners:  # warm-up; also fills SIM's bank
         run(name, max(cfg["warmup"], cfg["steps"]), 0)
-    assert all(r[3] is None or r[3].bank.full for r in runners.values())
+    assert all(r[3] is None or r[3].bank.full or r[4]["paste_prob"] == 0 for r in runners.values())
     times = {m: [] for m in runners}
     for r in range(cfg["rounds"]):
         for name in (runners if r % 2 == 0 else reversed(list(runners))):

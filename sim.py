@@ -46,7 +46,7 @@ PRESETS = {
     # the paper, Eq. 1-11 and Sec. 4.1 as written
     "paper": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="argmax",
                   proto_norm="D", pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False,
-                  occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
+                  occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
                   lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_prob=0.5,
                   paste_replacement=False, paste_detector=True, pairwise_affinity="color"),
     # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
@@ -56,14 +56,14 @@ PRESETS = {
     # Unlike the official code, L_pseudo skips pasted objects here (they have L_paste)
     "official": dict(tau=1.0, mu=0.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="gumbel",
                      proto_norm="L", pseudo_thresh="area", tau_low=0.4, tau_high=0.7, area_t_max=0.8,
-                     supervise_outside=False, occlusion_aware=True, pseudo_loss="official", lambda1=0.3,
+                     supervise_outside=False, occlusion_aware=True, pseudo_loss="official", paste_loss="official", lambda1=0.3,
                      lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
                      bank_size=50, bank_min_box_iou=0.0, paste_prob=0.5, paste_replacement=True, paste_detector=True,
                      pairwise_affinity="color_feat"),
     # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
     "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
                     proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
-                    supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", lambda1=0.5,
+                    supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="bce_dice", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
                     bank_min_box_iou=0.8, paste_prob=0.0, paste_replacement=False, paste_detector=True,
                     pairwise_affinity="color"),
@@ -182,17 +182,17 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
 def sim_losses(out, pm, obj, cfg):
     """L_pseudo (Eq. 8) on the positives of ordinary objects, L_paste (Eq. 9) on those of pasted
     objects (against the pseudo mask they were pasted with; padding excluded); cfg["pseudo_loss"]
-    "bce_dice" (the paper) or "official"."""
+    and cfg["paste_loss"]: "bce_dice" (the paper) or "official"."""
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
     logits = out["mask_logits"][:, 0]                                                   # (K, Hp/4, Wp/4)
     pasted = obj["pasted"][gi]                                                          # (K,)
     keep = ~pasted
-    official = cfg["pseudo_loss"] == "official"  # the official code's focal-style forms (sim_official.md 6.3-6.4)
-    pseudo = losses.official_focal_loss if official else losses.pseudo_mask_loss
+    # "official": the official code's focal-style forms (sim_official.md 6.3-6.4)
+    pseudo = losses.official_focal_loss if cfg["pseudo_loss"] == "official" else losses.pseudo_mask_loss
     terms = {"loss_pseudo": pseudo(logits[keep], pm["M_hat"][gi][keep], pm["W"][gi][keep])}
     if obj["paste_mask"] is not None:
-        paste = losses.official_paste_loss if official else losses.paste_loss
+        paste = losses.official_paste_loss if cfg["paste_loss"] == "official" else losses.paste_loss
         terms["loss_paste"] = paste(logits, obj["paste_mask"][gi], pasted, obj["valid"][inst["im_inds"]])
     return terms
 

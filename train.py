@@ -112,6 +112,7 @@ area_t_max = 0.8             # [preset]
 supervise_outside = True     # [preset] pixels outside the box are background targets (paper/official: ignored)
 occlusion_aware = True       # [preset] pixels pasted over an object leave its box in every loss
 pseudo_loss = "bce_dice"     # [preset] "bce_dice" (Eq. 8) or "official" (focal-style, sim_official.md 6.3)
+paste_loss = "bce_dice"      # [preset] "bce_dice" (Eq. 9, over the pasted positives) or "official" (6.4)
 lambda1 = 0.5                # [preset] Eq. (10) weight of L_pseudo
 lambda1_ramp_iters = 300     # [preset] lambda1 ramps linearly over this many iterations (0: a step)
 lambda1_ramp_origin = -1     # [preset] where the ramp starts (-1: sim_start_iter; official: 0)

@@ -1,0 +1,22 @@
+"""bench.py runs both methods on tiny data and prints the ratio line, with and without copy-paste."""
+
+import re
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+import bench
+import data
+
+
+@pytest.mark.parametrize("paste_prob", ["0.0", "0.5"])
+def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
+    p = data.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=1, size=128)
+    bench.main([f"--train_json={p['train_json']}", f"--train_images={p['train_images']}", "--backbone=resnet18",
+                "--fpn_channels=32", "--head_channels=32", "--head_convs=1", "--mask_branch_channels=16",
+                "--mask_branch_convs=1", "--min_size_train=(128,)", "--max_size_train=128", "--batch_size=2",
+                "--steps=1", "--rounds=2", "--warmup=1", f"--paste_prob={paste_prob}", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"^SIM / BoxInst step time: \d+\.\d\dx$", out, re.M), out
