@@ -121,7 +121,7 @@ bank_size = 100              # [preset] copy-paste memory bank (images per proce
 bank_thresh = 0.7            # teacher mask > this = an object's pseudo mask in the bank
 bank_min_box_iou = 0.8       # [preset] pseudo masks whose tight box has IoU < this with the GT box stay out
 paste_prob = 0.0              # [preset] copy-paste probability per image (paper/official 0.5; nanosim 0:
-                             # its L_paste costs 7 box AP here, BENCHMARKS.md)
+                             # with the Eq. 9 loss it costs 6 box AP here, BENCHMARKS.md)
 paste_max_objects = 3
 paste_replacement = False    # [preset] objects drawn with replacement (official)
 paste_detector = True        # [preset] pasted images also train the detector (FCOS losses)
