@@ -70,15 +70,24 @@ PRESETS = {
 }
 
 
+CHOICES = dict(semantic_map=("paper", "calibrated"), pseudo_thresh=("fixed", "area"), pseudo_loss=("bce_dice", "official"),
+               paste_loss=("bce_dice", "official"), proto_assign=("argmax", "gumbel"), proto_norm=("D", "L"),
+               pairwise_affinity=("color", "color_feat"))
+
+
 def apply_preset(cfg, explicit=()):
-    """Set cfg's SIM knobs from PRESETS[cfg["sim_variant"]], except the keys in `explicit`.
-    Values may be functions of the config (evaluated on the final cfg). Returns what it set."""
+    """Set cfg's SIM knobs from PRESETS[cfg["sim_variant"]], except the keys in `explicit`, then check
+    every switch with a fixed set of values (CHOICES). Values may be functions of the config
+    (evaluated on the final cfg). Returns what it set."""
     name = cfg["sim_variant"]
     if name not in PRESETS:
         raise SystemExit(f"sim.py: --sim_variant={name!r} is not a preset — fix: one of {', '.join(PRESETS)}")
     chosen = {k: v for k, v in PRESETS[name].items() if k not in explicit}
     chosen = {k: v(cfg) if callable(v) else v for k, v in chosen.items()}
     cfg.update(chosen)
+    for k, allowed in CHOICES.items():
+        if cfg[k] not in allowed:
+            raise SystemExit(f"sim.py: --{k}={cfg[k]!r} is not an option — fix: one of {', '.join(allowed)}")
     return chosen
 
 

@@ -162,3 +162,5 @@ def test_sim_presets_set_exactly_their_knobs(tmp_path):
     assert cfg == train.config
     with pytest.raises(SystemExit, match="not a preset"):
         train.configure(["--sim_variant=nope"], dict(train.config))
+    with pytest.raises(SystemExit, match="--semantic_map='calibrate' is not an option"):
+        train.configure(["--semantic_map=calibrate"], dict(train.config))
