@@ -6,7 +6,7 @@ arguments go to every train.py run):
   Tab. 4: alpha (Eq. 7) in {0, 0.5, 1}
   the presets (--sim_variant=paper, official) and each of nanoSIM's fixes switched off
 
-    python ablate.py                          # the demo schedule, 14 runs one after another
+    python ablate.py                          # the demo schedule, 15 runs one after another
     python ablate.py --jobs=2                 # two at a time, one core each
     python ablate.py --runs=baseline,paper    # only these rows
     python ablate.py --seed=1 --root=out/ablation_s1   # extra arguments go to every run
@@ -51,8 +51,8 @@ import losses
 
 RUNS = {  # name: train.py arguments (SIM runs use the default preset, nanosim, unless they say otherwise)
     "baseline": ["--method=boxinst"],
-    "+pseudo": ["--method=sim"],                   # nanosim: L_pseudo, no copy-paste; Tab. 4's alpha = 0.5
-    "+pseudo+paste": ["--method=sim", "--paste_prob=0.5"],
+    "+pseudo": ["--method=sim", "--paste_prob=0.0"],
+    "+pseudo+paste": ["--method=sim"],             # nanosim; also Tab. 4's alpha = 0.5
     "alpha=0": ["--method=sim", "--alpha=0.0"],
     "alpha=1": ["--method=sim", "--alpha=1.0"],
     "paper": ["--method=sim", "--sim_variant=paper"],
@@ -62,16 +62,17 @@ RUNS = {  # name: train.py arguments (SIM runs use the default preset, nanosim, 
     "-proto_filter": ["--method=sim", "--proto_filter=False"],
     "-area_thresh": ["--method=sim", "--pseudo_thresh=fixed"],
     "-lambda1_ramp": ["--method=sim", "--lambda1_ramp_iters=0"],
-    "+paste-occlusion_aware": ["--method=sim", "--paste_prob=0.5", "--occlusion_aware=False"],
-    "+paste-box_gate": ["--method=sim", "--paste_prob=0.5", "--bank_min_box_iou=0.0"],
+    "-occlusion_aware": ["--method=sim", "--occlusion_aware=False"],
+    "-box_gate": ["--method=sim", "--bank_min_box_iou=0.0"],
+    "-official_paste_loss": ["--method=sim", "--paste_loss=bce_dice"],
 }
 TABLES = [
     ("Tab. 3 (paper, COCO R50 1x mask AP: 30.7 / 31.9 / 32.2)", ["baseline", "+pseudo", "+pseudo+paste"]),
-    ("Tab. 4 (paper, COCO R50 1x mask AP: 30.5 / 32.2 / 31.4)", ["alpha=0", "+pseudo", "alpha=1"]),
-    ("Presets (--sim_variant; nanosim = +pseudo)", ["+pseudo", "paper", "official"]),
-    ("nanoSIM's fixes, each switched off", ["+pseudo", "-supervise_outside", "-calibrated", "-proto_filter",
-                                            "-area_thresh", "-lambda1_ramp"]),
-    ("nanoSIM's copy-paste fixes, each switched off", ["+pseudo+paste", "+paste-occlusion_aware", "+paste-box_gate"]),
+    ("Tab. 4 (paper, COCO R50 1x mask AP: 30.5 / 32.2 / 31.4)", ["alpha=0", "+pseudo+paste", "alpha=1"]),
+    ("Presets (--sim_variant; nanosim = +pseudo+paste)", ["+pseudo+paste", "paper", "official"]),
+    ("nanoSIM's fixes, each switched off", ["+pseudo+paste", "-supervise_outside", "-calibrated", "-proto_filter",
+                                            "-area_thresh", "-lambda1_ramp", "-occlusion_aware", "-box_gate",
+                                            "-official_paste_loss"]),
 ]
 
 
@@ -180,13 +181,13 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
 
 PROBES = [  # (label, train.py arguments): one SIM ingredient at a time, continued from a BoxInst checkpoint
     ("BoxInst continued", ["--method=boxinst"]),
-    ("+ L_pseudo (nanosim)", ["--method=sim"]),
-    ("+ paste images, no L_paste", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5", "--lambda2=0.0"]),
-    ("+ paste images + L_paste (lambda2 1)", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5"]),
-    ("+ paste images + L_paste (lambda2 0.1)", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5", "--lambda2=0.1"]),
-    ("+ paste images + the official L_paste form", ["--method=sim", "--lambda1=0.0", "--paste_prob=0.5",
-                                                    "--pseudo_loss=official"]),
-    ("+ L_pseudo + paste images, no L_paste", ["--method=sim", "--paste_prob=0.5", "--lambda2=0.0"]),
+    ("+ L_pseudo", ["--method=sim", "--paste_prob=0.0"]),
+    ("+ paste images, no L_paste", ["--method=sim", "--lambda1=0.0", "--lambda2=0.0"]),
+    ("+ paste images + L_paste, Eq. 9 form (lambda2 1)", ["--method=sim", "--lambda1=0.0", "--paste_loss=bce_dice"]),
+    ("+ paste images + L_paste, Eq. 9 form (lambda2 0.1)", ["--method=sim", "--lambda1=0.0", "--paste_loss=bce_dice",
+                                                            "--lambda2=0.1"]),
+    ("+ paste images + the official L_paste form", ["--method=sim", "--lambda1=0.0"]),
+    ("+ L_pseudo + paste images, no L_paste", ["--method=sim", "--lambda2=0.0"]),
 ]
 
 
@@ -374,7 +375,7 @@ def main(extra, jobs=1, only=None, root="out/ablation"):
             continue
         print(f"\n{title}\n| run | mask AP | box AP |\n|---|---|---|")
         for n in rows:
-            label = "alpha=0.5" if title.startswith("Tab. 4") and n == "+pseudo" else n
+            label = "alpha=0.5" if title.startswith("Tab. 4") and n == "+pseudo+paste" else n
             print(f"| {label} | {results[n]['segm']['AP']:.1f} | {results[n]['bbox']['AP']:.1f} |")
 
 

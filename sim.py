@@ -20,7 +20,8 @@ paper's method with departures, each its own switch and function, each measured 
   - pseudo_thresh="area": the foreground never outgrows the teacher's confident area;
   - lambda1_ramp_iters: L_pseudo fades in instead of arriving at full strength;
   - bank_min_box_iou: only pseudo masks that fill their GT box enter the bank (box_quality_gate);
-  - paste_prob=0: no copy-paste; its L_paste costs box and mask AP on the demo (ablate.py --probe).
+  - paste_loss="official": L_paste in the official code's form (losses.official_paste_loss: ~10x less
+    weight per pasted positive); Eq. 9's form costs 6 box AP on the demo (ablate.py --probe).
 
 Choices where sim.md leaves them open (see the comments where they are made):
   - M_I comes from the TEACHER's mask predictions at the student's selected positives.
@@ -63,9 +64,9 @@ PRESETS = {
     # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
     "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
                     proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
-                    supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="bce_dice", lambda1=0.5,
+                    supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="official", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
-                    bank_min_box_iou=0.8, paste_prob=0.0, paste_replacement=False, paste_detector=True,
+                    bank_min_box_iou=0.8, paste_prob=0.5, paste_replacement=False, paste_detector=True,
                     pairwise_affinity="color"),
 }
 

@@ -112,7 +112,8 @@ area_t_max = 0.8             # [preset]
 supervise_outside = True     # [preset] pixels outside the box are background targets (paper/official: ignored)
 occlusion_aware = True       # [preset] pixels pasted over an object leave its box in every loss
 pseudo_loss = "bce_dice"     # [preset] "bce_dice" (Eq. 8) or "official" (focal-style, sim_official.md 6.3)
-paste_loss = "bce_dice"      # [preset] "bce_dice" (Eq. 9, over the pasted positives) or "official" (6.4)
+paste_loss = "official"      # [preset] "bce_dice" (Eq. 9, over the pasted positives) or "official" (6.4;
+                             # nanosim: Eq. 9's form costs 6 box AP here, BENCHMARKS.md)
 lambda1 = 0.5                # [preset] Eq. (10) weight of L_pseudo
 lambda1_ramp_iters = 300     # [preset] lambda1 ramps linearly over this many iterations (0: a step)
 lambda1_ramp_origin = -1     # [preset] where the ramp starts (-1: sim_start_iter; official: 0)
@@ -120,8 +121,7 @@ lambda2 = 1.0                # [preset] Eq. (10) weight of L_paste
 bank_size = 100              # [preset] copy-paste memory bank (images per process)
 bank_thresh = 0.7            # teacher mask > this = an object's pseudo mask in the bank
 bank_min_box_iou = 0.8       # [preset] pseudo masks whose tight box has IoU < this with the GT box stay out
-paste_prob = 0.0              # [preset] copy-paste probability per image (paper/official 0.5; nanosim 0:
-                             # with the Eq. 9 loss it costs 6 box AP here, BENCHMARKS.md)
+paste_prob = 0.5              # [preset] copy-paste probability per image
 paste_max_objects = 3
 paste_replacement = False    # [preset] objects drawn with replacement (official)
 paste_detector = True        # [preset] pasted images also train the detector (FCOS losses)
