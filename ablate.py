@@ -85,6 +85,11 @@ STATS_VARIANTS = [  # (label, preset, overrides): the pseudo labels --ms_stats s
     ("nanosim, Eq. 1 map", "nanosim", dict(semantic_map="paper")),
     ("nanosim, no proto_filter", "nanosim", dict(proto_filter=False)),
     ("nanosim, fixed thresholds", "nanosim", dict(pseudo_thresh="fixed")),
+    ("nanosim + colour map, beta=0.25", "nanosim", dict(color_weight=0.25)),
+    ("nanosim + colour map, beta=0.5", "nanosim", dict(color_weight=0.5)),
+    ("nanosim + colour map, beta=0.75", "nanosim", dict(color_weight=0.75)),
+    ("nanosim + colour map, beta=0.5, fixed thresholds", "nanosim", dict(color_weight=0.5, pseudo_thresh="fixed")),
+    ("nanosim + colour map, beta=0.5, ring 6", "nanosim", dict(color_weight=0.5, color_ring=6)),
 ]
 
 
@@ -132,13 +137,13 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
                 yield images, targets
 
     # the network's outputs are the same for every variant: compute them once
-    build = [(net(im, t), sim.objects(t, im.shape[-2:], s)) for im, t in batches(build_ds, n_build)]
-    val = [(net(im, t), sim.objects(t, im.shape[-2:], s), t, im.shape[-2:]) for im, t in batches(val_ds, n_images)]
+    build = [(net(im, t), sim.objects(t, im.shape[-2:], s, images=im)) for im, t in batches(build_ds, n_build)]
+    val = [(net(im, t), sim.objects(t, im.shape[-2:], s, images=im), t, im.shape[-2:]) for im, t in batches(val_ds, n_images)]
     print(f"{ckpt_path} ({'teacher' if teacher is not None else 'model'}): prototypes from {n_build} train images, "
           f"scored on {n_images} val images inside the GT boxes (stride {s})")
-    print("| variant | AUC M_S | AUC M_S where 0.3 < M_I < 0.7 | AUC M_prob | fg precision | fg coverage | bg precision | "
+    print("| variant | AUC M_S | AUC M_S where 0.3 < M_I < 0.7 | AUC M_C there | AUC M_prob | label accuracy | fg precision | fg coverage | bg precision | "
           "bg coverage | ignored | fg growth |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, preset, over in STATS_VARIANTS:
         cfg = dict(base, sim_variant=preset)
         sim.apply_preset(cfg)
@@ -152,7 +157,7 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
                 pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
                 fg, bg = sim.prototype_pixels(pm, obj, cfg)
                 protos.update(prototypes.normalize_features(out["mask_feats"]), obj["img"], obj["cls"], fg, bg)
-        acc = {k: [] for k in ("ms_fg", "ms_bg", "mp_fg", "mp_bg", "amb_fg", "amb_bg")}
+        acc = {k: [] for k in ("ms_fg", "ms_bg", "mp_fg", "mp_bg", "amb_fg", "amb_bg", "mc_fg", "mc_bg")}
         n = dict(lab_fg=0, lab_fg_ok=0, gt_fg=0, lab_bg=0, lab_bg_ok=0, gt_bg=0, ign=0, inbox=0, conf=0)
         for out, obj, targets, hw in val:
             pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
@@ -163,17 +168,21 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
             acc["mp_fg"].append(pm["M_prob"][is_fg]), acc["mp_bg"].append(pm["M_prob"][is_bg])
             amb = (pm["M_I"] > 0.3) & (pm["M_I"] < 0.7)                                  # where M_I is unsure
             acc["amb_fg"].append(pm["M_S"][is_fg & amb]), acc["amb_bg"].append(pm["M_S"][is_bg & amb])
+            if pm["M_C"] is not None:
+                acc["mc_fg"].append(pm["M_C"][is_fg & amb]), acc["mc_bg"].append(pm["M_C"][is_bg & amb])
             lab_fg = inbox & (pm["W"] > 0) & (pm["M_hat"] > 0)
             lab_bg = inbox & (pm["W"] > 0) & (pm["M_hat"] == 0)
             n["lab_fg"] += int(lab_fg.sum()); n["lab_fg_ok"] += int((lab_fg & gt).sum()); n["gt_fg"] += int(is_fg.sum())
             n["lab_bg"] += int(lab_bg.sum()); n["lab_bg_ok"] += int((lab_bg & ~gt).sum()); n["gt_bg"] += int(is_bg.sum())
             n["ign"] += int((inbox & (pm["W"] == 0)).sum()); n["inbox"] += int(inbox.sum())
             n["conf"] += int((inbox & (pm["M_I"] > cfg["proto_conf_thresh"])).sum())
-        cat = {k: torch.cat(v) for k, v in acc.items()}
+        cat = {k: torch.cat(v) if v else None for k, v in acc.items()}
+        auc_mc = "-" if cat["mc_fg"] is None else f"{_auc(cat['mc_fg'], cat['mc_bg']):.3f}"
         r = lambda a, b: a / max(b, 1)
         growth = f"{n['lab_fg'] / n['conf']:.2f}" if n["conf"] else "- (no confident pixel)"
         print(f"| {label} | {_auc(cat['ms_fg'], cat['ms_bg']):.3f} | {_auc(cat['amb_fg'], cat['amb_bg']):.3f} "
-              f"({len(cat['amb_fg']) + len(cat['amb_bg'])} px) | {_auc(cat['mp_fg'], cat['mp_bg']):.3f} | "
+              f"({len(cat['amb_fg']) + len(cat['amb_bg'])} px) | {auc_mc} | {_auc(cat['mp_fg'], cat['mp_bg']):.3f} | "
+              f"{r(n['lab_fg_ok'] + n['lab_bg_ok'], n['lab_fg'] + n['lab_bg']):.1%} | "
               f"{r(n['lab_fg_ok'], n['lab_fg']):.1%} | {r(n['lab_fg_ok'], n['gt_fg']):.1%} | "
               f"{r(n['lab_bg_ok'], n['lab_bg']):.1%} | {r(n['lab_bg_ok'], n['gt_bg']):.1%} | "
               f"{r(n['ign'], n['inbox']):.1%} | {growth} |", flush=True)

@@ -80,6 +80,55 @@ def calibrated_semantic_map(feats, protos, bg_protos, tau=0.1):
     return torch.sigmoid((fg - bg) / tau).unflatten(-1, (H, W))  # (..., H, W)
 
 
+def _spread_pick(seed, k):
+    """Up to k pixel indices per row of seed (G, N) bool, spread over the row by a fixed hash order
+    (Knuth's multiplicative hash: no RNG, the same on every rank) -> indices (G, k'), valid (G, k')."""
+    N = seed.shape[1]
+    order = (torch.arange(N, device=seed.device) * 2654435761) % 4294967296                 # (N,) distinct
+    score = torch.where(seed, order.to(torch.float64)[None], -1.0)                          # (G, N)
+    top = score.topk(min(k, N), dim=1)                                                      # (G, k')
+    return top.indices, top.values >= 0
+
+
+def color_map(lab, fg_seed, bg_seed, n_seeds=64, t=2.0):
+    """nanoSIM's colour evidence for Eq. (7): M_C(i) = sigmoid( (min_k ||c_i - b_k|| - min_k ||c_i - f_k||) / t ).
+
+    lab (G, 3, H, W): each object's image in CIE-Lab on the mask grid; fg_seed, bg_seed (G, H, W) bool:
+    pixels whose colours stand for the object (the teacher's confident foreground) and for what is not
+    the object (a ring just outside its box, and the teacher's confident in-box background). f_k, b_k:
+    up to n_seeds seed colours of each set (_spread_pick). M_C > 0.5 where a pixel's colour is closer to
+    the object's than to its surroundings'; 0.5 (no evidence) for objects lacking either set. -> (G, H, W).
+    Why: the semantic maps read the same network features as M_I, and where the teacher is unsure they
+    are near chance (BENCHMARKS.md, ablate.py --ms_stats); the colours at the box's rim are evidence the
+    network never produced: a pixel inside the box that looks like the surroundings (a concave bay, the
+    gap between a cross's arms) is background. The paper has no such term; it is the multi-prototype
+    idea of Eq. (1) applied to colour, with per-object "sub-centres" that are colour samples.
+    """
+    G, _, H, W = lab.shape
+    c = lab.flatten(2).float()                                                              # (G, 3, N)
+    dists = []
+    for seed in (fg_seed, bg_seed):
+        idx, ok = _spread_pick(seed.flatten(1), n_seeds)                                    # (G, k), (G, k)
+        ref = c.gather(2, idx[:, None].expand(-1, 3, -1))                                   # (G, 3, k)
+        d = torch.cdist(c.transpose(1, 2), ref.transpose(1, 2))                             # (G, N, k)
+        dists.append((d.masked_fill(~ok[:, None], math.inf).amin(2), ok.any(1)))            # (G, N), (G,)
+    (d_fg, has_fg), (d_bg, has_bg) = dists
+    m = torch.sigmoid((d_bg - d_fg) / t)                                                    # (G, N)
+    m = torch.where((has_fg & has_bg)[:, None], m, torch.full_like(m, 0.5))
+    return m.view(G, H, W)
+
+
+def color_seeds(box_mask, m_i, valid, conf=0.7, ring=3):
+    """The seed pixels of color_map: fg = in the box where M_I > conf; bg = a ring of `ring` cells
+    around the box (on the image, not padding) or in the box where M_I < 1 - conf.
+    box_mask, m_i (G, H, W), valid (G, H, W) -> (fg, bg) bool (G, H, W)."""
+    inside = box_mask > 0                                                                   # (G, H, W)
+    grown = F.max_pool2d(inside[:, None].float(), 2 * ring + 1, stride=1, padding=ring)[:, 0] > 0
+    fg = inside & (m_i > conf)
+    bg = (grown & ~inside & (valid > 0)) | (inside & (m_i < 1 - conf))
+    return fg, bg
+
+
 # -----------------------------------------------------------------------------
 # Eq. (2)-(5): prototype update
 

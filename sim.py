@@ -49,7 +49,7 @@ PRESETS = {
                   proto_norm="D", pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False,
                   occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
                   lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_prob=0.5,
-                  paste_replacement=False, paste_detector=True, pairwise_affinity="color"),
+                  paste_replacement=False, paste_detector=True, pairwise_affinity="color", color_weight=0.0),
     # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
     # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
@@ -60,14 +60,14 @@ PRESETS = {
                      supervise_outside=False, occlusion_aware=True, pseudo_loss="official", paste_loss="official", lambda1=0.3,
                      lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
                      bank_size=50, bank_min_box_iou=0.0, paste_prob=0.5, paste_replacement=True, paste_detector=True,
-                     pairwise_affinity="color_feat"),
+                     pairwise_affinity="color_feat", color_weight=0.0),
     # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
     "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
                     proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
                     supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="official", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
                     bank_min_box_iou=0.8, paste_prob=0.5, paste_replacement=False, paste_detector=True,
-                    pairwise_affinity="color"),
+                    pairwise_affinity="color", color_weight=0.0),
 }
 
 
@@ -129,12 +129,14 @@ class SIMState:
 # -----------------------------------------------------------------------------
 
 
-def objects(targets, padded_hw, stride=4, occlusion_aware=True):
+def objects(targets, padded_hw, stride=4, occlusion_aware=True, images=None):
     """Every GT object of the batch, in the global order of gt_inds: boxes (G, 4), classes (G,),
     image (G,), pasted (G,) bool, and on the mask-out grid (stride s = 4 in the reference; all maps
     below are "Hp/4" for s = 4): box masks (G, Hp/s, Wp/s) (occlusion_aware: minus the pixels pasted
-    over the object, losses.object_box_masks), pasted pseudo masks (G, Hp/s, Wp/s), and the
-    image-valid masks (B, Hp/s, Wp/s) (0 on padding)."""
+    over the object, losses.object_box_masks), pasted pseudo masks (G, Hp/s, Wp/s), the
+    image-valid masks (B, Hp/s, Wp/s) (0 on padding), and with images (B, 3, Hp, Wp) (raw RGB) their
+    CIE-Lab colours on the same grid, lab (B, 3, Hp/s, Wp/s) (averaged over each s x s cell, as the
+    pairwise loss's), for color_map."""
     dev = targets[0]["boxes"].device
     boxes = torch.cat([t["boxes"] for t in targets])                                    # (G, 4)
     img = torch.cat([torch.full((len(t["boxes"]),), i, device=dev, dtype=torch.long) for i, t in enumerate(targets)])
@@ -142,7 +144,8 @@ def objects(targets, padded_hw, stride=4, occlusion_aware=True):
     paste = [losses.gt_mask_targets(t["paste_masks"], padded_hw, stride) for t in targets if "paste_masks" in t]
     valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw,
                                      stride, bottom_pixels_removed=0, device=dev)       # (B, Hp/4, Wp/4)
-    return dict(valid=valid, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
+    lab = None if images is None else losses.rgb_to_lab(torch.nn.functional.avg_pool2d(images.float(), stride))
+    return dict(valid=valid, lab=lab, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
                 box_mask=losses.object_box_masks(targets, padded_hw, stride, occlusion_aware),  # (G, Hp/4, Wp/4)
                 paste_mask=torch.cat(paste) if len(paste) == len(targets) else None)
 
@@ -176,6 +179,13 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     # Eq. (7) and the thresholds: confident fg / bg, an ignored band between; outside the box
     # background (supervise_outside) or nothing
     m_prob = prototypes.rectified_map(m_s, m_i, cfg["alpha"], obj["box_mask"])          # (G, Hp/4, Wp/4)
+    m_c = None
+    if cfg["color_weight"] > 0:  # nanoSIM: colour evidence from the box's surroundings (prototypes.color_map)
+        fg_seed, bg_seed = prototypes.color_seeds(obj["box_mask"], m_i, obj["valid"][obj["img"]],
+                                                  cfg["proto_conf_thresh"], cfg["color_ring"])
+        m_c = prototypes.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, cfg["color_seeds"], cfg["color_temp"])
+        # Eq. (7)'s mix once more: M_prob' = (1 - beta) M_prob + beta M_C (beta = 0: the paper)
+        m_prob = prototypes.rectified_map(m_prob, m_c, cfg["color_weight"], obj["box_mask"])
     if cfg["pseudo_thresh"] == "fixed":
         m_hat, weight = prototypes.pseudo_labels(m_prob, obj["box_mask"], cfg["tau_low"], cfg["tau_high"],
                                                  cfg["supervise_outside"])
@@ -185,7 +195,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
                                                           cfg["supervise_outside"])
     weight = weight * obj["valid"][obj["img"]]                                          # never on the padding
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
-    return dict(M_S=m_s * obj["box_mask"], M_I=m_i, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
+    return dict(M_S=m_s * obj["box_mask"], M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
                 has_pos=has_pos)
 
 
@@ -267,7 +277,7 @@ def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
     out = model(images, targets)
     t_out = state.teacher.features(images, classify=False)
     s = state.cfg["mask_out_stride"]
-    obj = objects(targets, images.shape[-2:], s, state.cfg["occlusion_aware"])
+    obj = objects(targets, images.shape[-2:], s, state.cfg["occlusion_aware"], images)
     pm = pseudo_masks(out, t_out, state.teacher, state.protos, obj, state.cfg)
     model.train(was_training)
     up = lambda m: m.repeat_interleave(s, 0).repeat_interleave(s, 1)                    # stride s -> 1

@@ -21,11 +21,13 @@ def test_ms_stats_scores_every_variant(tmp_path, capsys):
     ablate.ms_stats(str(tmp_path / "ckpt.pt"), n_build=8, n_images=4)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "variant" not in l]
     assert [l.split(" | ")[0][2:] for l in lines] == [v[0] for v in ablate.STATS_VARIANTS]
-    for line in lines:  # 10 columns; AUCs in [0, 1], shares in [0, 100] %
+    for label, line in zip([v for v in ablate.STATS_VARIANTS], lines):  # 12 columns; AUCs in [0, 1], shares in [0, 100] %
         cells = line.strip("| ").split(" | ")
-        assert len(cells) == 10, line
-        aucs = [float(cells[i].split()[0]) for i in (1, 2, 3)]
-        shares = [float(c.rstrip("%")) for c in cells[4:9]]
+        assert len(cells) == 12, line
+        aucs = [float(cells[i].split()[0]) for i in (1, 2, 4)]
+        shares = [float(c.rstrip("%")) for c in cells[5:11]]
         assert all(0 <= a <= 1 for a in aucs) and all(0 <= s <= 100 for s in shares), line
+        # M_C's AUC exactly for the variants with the colour map
+        assert (cells[3] == "-") == (label[2].get("color_weight", 0) == 0), line
     # the paper's Eq. (1) map and nanosim's calibrated one score differently
     assert lines[0].split(" | ")[1] != lines[2].split(" | ")[1]

@@ -354,3 +354,50 @@ def test_prototype_memory_updates_background_subcentres():
     before = mem.bg_protos.clone()
     mem.update(feats, torch.tensor([0]), torch.tensor([1]), fg)                          # bg=None: stays
     assert torch.equal(mem.bg_protos, before)
+
+
+def test_color_map_hand():
+    # one object on a 1 x 4 grid, Lab colours 0, 1, 10, 4 (in L; a, b = 0); fg seed pixel 0, bg seed pixel 2
+    lab = torch.zeros(1, 3, 1, 4)
+    lab[0, 0, 0] = torch.tensor([0.0, 1.0, 10.0, 4.0])
+    fg = torch.tensor([[[True, False, False, False]]])
+    bg = torch.tensor([[[False, False, True, False]]])
+    m = prototypes.color_map(lab, fg, bg, t=2.0)
+    # d_fg = 0, 1, 10, 4; d_bg = 10, 9, 0, 6 -> sigmoid((d_bg - d_fg) / 2) = sigmoid(5, 4, -5, 1)
+    assert torch.allclose(m, torch.sigmoid(torch.tensor([[[5.0, 4.0, -5.0, 1.0]]])), atol=1e-6)
+    # the nearest seed of a set counts (min over its colours): a second bg colour 1 makes pixel 1 background-like
+    bg2 = bg.clone()
+    bg2[0, 0, 1] = True
+    assert prototypes.color_map(lab, fg, bg2, t=2.0)[0, 0, 1] < 0.5
+    # an object without foreground (or background) seeds gets 0.5 everywhere: no evidence
+    assert torch.equal(prototypes.color_map(lab, torch.zeros_like(fg), bg), torch.full((1, 1, 4), 0.5))
+
+
+def test_color_map_seed_subsampling_is_deterministic_and_spread():
+    lab = torch.arange(400.0).view(1, 1, 20, 20).expand(1, 3, 20, 20).contiguous()
+    fg = torch.zeros(1, 20, 20, dtype=torch.bool)
+    fg[0, :10] = True                                          # 200 fg pixels, 8 seeds drawn
+    idx, ok = prototypes._spread_pick(fg.flatten(1), 8)
+    assert ok.all() and (idx < 200).all() and len(set(idx[0].tolist())) == 8
+    assert idx.max() - idx.min() > 100                         # spread over the set, not its first pixels
+    assert torch.equal(idx, prototypes._spread_pick(fg.flatten(1), 8)[0])
+
+
+def test_color_seeds_ring_and_confident_pixels():
+    box = torch.zeros(1, 9, 9)
+    box[0, 3:6, 3:6] = 1
+    m_i = torch.zeros(1, 9, 9)
+    m_i[0, 4, 4] = 0.9                                          # one confident fg pixel
+    m_i[0, 3, 3] = 0.5                                          # unsure: in neither set
+    valid = torch.ones(1, 9, 9)
+    valid[0, :, 7:] = 0                                         # padding columns
+    fg, bg = prototypes.color_seeds(box, m_i, valid, conf=0.7, ring=2)
+    assert fg.sum() == 1 and fg[0, 4, 4]
+    ring = torch.zeros(9, 9, dtype=torch.bool)
+    ring[1:8, 1:8] = True
+    ring[3:6, 3:6] = False
+    ring[:, 7] = False
+    inbox_bg = torch.zeros(9, 9, dtype=torch.bool)
+    inbox_bg[3:6, 3:6] = True
+    inbox_bg[4, 4] = inbox_bg[3, 3] = False
+    assert torch.equal(bg[0], ring | inbox_bg)                  # the ring stops at the padding (column 7)

@@ -51,7 +51,7 @@ def setup(cfg, n_images=2):
 def forward_pm(model, state, images, targets, cfg):
     out = model(images, targets)
     t_out = state.teacher.features(images)
-    obj = sim.objects(targets, images.shape[-2:])
+    obj = sim.objects(targets, images.shape[-2:], images=images)
     return out, t_out, obj, sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, cfg)
 
 
@@ -190,6 +190,20 @@ def test_pseudo_masks_alpha_mu_and_convexity():
         assert torch.allclose(pm["M_mean"][g], p.mean(0), atol=1e-6)
 
 
+def test_pseudo_masks_color_map_mix():
+    # color_weight beta mixes M_C into Eq. (7)'s map inside the box; beta = 0 leaves Eq. (7) and no M_C
+    cfg = sim_cfg("nanosim")
+    model, state, images, targets = setup(cfg)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    assert pm["M_C"] is None
+    pmc = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, color_weight=0.25))
+    box = obj["box_mask"]
+    assert torch.allclose(pmc["M_prob"], (0.75 * pm["M_prob"] + 0.25 * pmc["M_C"]) * box, atol=1e-6)
+    fg, bg = prototypes.color_seeds(box, pm["M_I"], obj["valid"][obj["img"]], cfg["proto_conf_thresh"], cfg["color_ring"])
+    assert torch.equal(pmc["M_C"], prototypes.color_map(obj["lab"][obj["img"]], fg, bg, cfg["color_seeds"], cfg["color_temp"]))
+    assert obj["lab"].shape == (2, 3, *box.shape[-2:])
+
+
 def test_pseudo_masks_eq6_constructed():
     """One 32 x 32 image, object 0 (box [0,0,16,16]) with two positives whose decoded teacher boxes
     have IoU 1 and 0.5, object 1 (box [16,16,32,32]) with one positive. Known teacher masks and
@@ -221,7 +235,7 @@ def test_pseudo_masks_eq6_constructed():
     p[2, :, 2] = 1.0
     protos.protos.copy_(p)
     cfg = dict(mu=5.0, alpha=0.5, tau_low=0.55, tau_high=0.7, semantic_map="paper", pseudo_thresh="fixed",
-               supervise_outside=False)
+               supervise_outside=False, color_weight=0.0)
     pm = sim.pseudo_masks(dict(inst=inst), t_out, teacher, protos, obj, cfg)
 
     box0 = torch.zeros(8, 8)

@@ -104,6 +104,10 @@ sinkhorn_iters = 3
 proto_conf_thresh = 0.7      # pixels updating the prototypes: teacher mask > this inside the box
 mu = 5.0                     # [preset] Eq. (6) (official: 0, the plain mean)
 alpha = 0.5                  # [preset] Eq. (7)
+color_weight = 0.0           # [preset] beta: M_prob' = (1 - beta) M_prob + beta M_C, the colour map (0: off)
+color_temp = 2.0             # M_C's temperature, in Lab units (BoxInst's colour threshold 0.3 is 2.4 units)
+color_ring = 3               # M_C's background seeds: a ring of this many mask cells around the box
+color_seeds = 64             # M_C: colour samples per seed set and object
 pseudo_thresh = "area"       # [preset] "fixed" (tau_low/tau_high) or "area" (fg threshold matched to the
                              # teacher's confident area, clamped to [tau_high, area_t_max])
 tau_low = 0.3                # [preset] M_hat = 0 below, ignored between, 1 above the fg threshold
@@ -261,7 +265,7 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
     extra, affinity = {}, None
     if teacher_on:
-        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"])
+        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"], images)
         pm = sim.pseudo_masks(out, t_out, sim_state.teacher, sim_state.protos, obj, cfg)
         if it + 1 > cfg["sim_start_iter"]:
             extra = sim.sim_losses(out, pm, obj, cfg)
