@@ -11,6 +11,7 @@ arguments go to every train.py run):
     python ablate.py --runs=baseline,paper    # only these rows
     python ablate.py --seed=1 --root=out/ablation_s1   # extra arguments go to every run
     python ablate.py --ms_stats=out/demo/ckpt.pt   # every variant's pseudo labels against the GT masks
+                                              # (--only=TEXT: the variants whose label contains TEXT)
     python ablate.py --probe=CKPT --iters=200 # one SIM ingredient at a time, continued from a BoxInst checkpoint
     python ablate.py --grid_oracle            # mask AP of perfect masks seen through a stride-s grid
     python ablate.py --pair_stats             # how many neighbour pairs BoxInst's colour affinity links
@@ -85,11 +86,12 @@ STATS_VARIANTS = [  # (label, preset, overrides): the pseudo labels --ms_stats s
     ("nanosim, Eq. 1 map", "nanosim", dict(semantic_map="paper")),
     ("nanosim, no proto_filter", "nanosim", dict(proto_filter=False)),
     ("nanosim, fixed thresholds", "nanosim", dict(pseudo_thresh="fixed")),
-    ("nanosim + colour map, beta=0.25", "nanosim", dict(color_weight=0.25)),
     ("nanosim + colour map, beta=0.5", "nanosim", dict(color_weight=0.5)),
-    ("nanosim + colour map, beta=0.75", "nanosim", dict(color_weight=0.75)),
-    ("nanosim + colour map, beta=0.5, fixed thresholds", "nanosim", dict(color_weight=0.5, pseudo_thresh="fixed")),
-    ("nanosim + colour map, beta=0.5, ring 6", "nanosim", dict(color_weight=0.5, color_ring=6)),
+    ("nanosim + colour map, beta=0.5, min contrast 3", "nanosim", dict(color_weight=0.5, color_min_contrast=3.0)),
+    ("nanosim + colour map, beta=0.5, min contrast 6", "nanosim", dict(color_weight=0.5, color_min_contrast=6.0)),
+    ("nanosim + colour map, beta=0.5, min contrast 10", "nanosim", dict(color_weight=0.5, color_min_contrast=10.0)),
+    ("nanosim + colour map, beta=0.75, min contrast 6", "nanosim", dict(color_weight=0.75, color_min_contrast=6.0)),
+    ("nanosim + colour map, alpha=1, beta=0.5, min contrast 6", "nanosim", dict(alpha=1.0, color_weight=0.5, color_min_contrast=6.0)),
 ]
 
 
@@ -100,7 +102,7 @@ def _auc(pos, neg):
 
 
 @torch.no_grad()
-def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
+def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only=""):
     """Pseudo labels of every variant scored against the GT masks, on a network SIM has not touched.
 
     The network is the checkpoint's teacher (a SIM checkpoint) or its model (a BoxInst run); use a
@@ -145,6 +147,8 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9):
           "bg coverage | ignored | fg growth |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, preset, over in STATS_VARIANTS:
+        if only and only not in label:
+            continue
         cfg = dict(base, sim_variant=preset)
         sim.apply_preset(cfg)
         cfg.update(over)
@@ -389,8 +393,9 @@ def main(extra, jobs=1, only=None, root="out/ablation"):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 2 and sys.argv[1].startswith("--ms_stats="):
-        ms_stats(sys.argv[1].split("=", 1)[1])
+    if len(sys.argv) >= 2 and sys.argv[1].startswith("--ms_stats="):
+        only = next((a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--only=")), "")
+        ms_stats(sys.argv[1].split("=", 1)[1], only=only)
     elif len(sys.argv) >= 2 and sys.argv[1].startswith("--attr_ap="):
         val_json = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--val_json=")), "")
         for run in sys.argv[1:]:

@@ -90,43 +90,67 @@ def _spread_pick(seed, k):
     return top.indices, top.values >= 0
 
 
-def color_map(lab, fg_seed, bg_seed, n_seeds=64, t=2.0):
+def _seed_colours(c, seed, k):
+    """Up to k seed colours per object: c (G, 3, N) colours, seed (G, N) bool -> (G, k', 3), valid (G, k')."""
+    idx, ok = _spread_pick(seed, k)                                                         # (G, k'), (G, k')
+    return c.gather(2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2), ok                 # (G, k', 3)
+
+
+def _nearest_colour(pix, g, ref, ok):
+    """Distance from each pixel colour pix (M, 3) to the nearest valid colour of its object g (M,) among
+    ref (G, k, 3), ok (G, k) -> (M,); inf where the object has none."""
+    d = (pix[:, None] - ref[g]).pow(2).sum(-1).sqrt()                                       # (M, k)
+    return d.masked_fill(~ok[g], math.inf).amin(1)                                          # (M,)
+
+
+def color_map(lab, fg_seed, bg_seed, region=None, n_seeds=64, t=2.0, ring_seed=None, min_contrast=0.0):
     """nanoSIM's colour evidence for Eq. (7): M_C(i) = sigmoid( (min_k ||c_i - b_k|| - min_k ||c_i - f_k||) / t ).
 
     lab (G, 3, H, W): each object's image in CIE-Lab on the mask grid; fg_seed, bg_seed (G, H, W) bool:
     pixels whose colours stand for the object (the teacher's confident foreground) and for what is not
     the object (a ring just outside its box, and the teacher's confident in-box background). f_k, b_k:
     up to n_seeds seed colours of each set (_spread_pick). M_C > 0.5 where a pixel's colour is closer to
-    the object's than to its surroundings'; 0.5 (no evidence) for objects lacking either set. -> (G, H, W).
-    Why: the semantic maps read the same network features as M_I, and where the teacher is unsure they
-    are near chance (BENCHMARKS.md, ablate.py --ms_stats); the colours at the box's rim are evidence the
-    network never produced: a pixel inside the box that looks like the surroundings (a concave bay, the
-    gap between a cross's arms) is background. The paper has no such term; it is the multi-prototype
-    idea of Eq. (1) applied to colour, with per-object "sub-centres" that are colour samples.
+    the object's than to its surroundings'; 0.5 (no evidence) for objects lacking either set and
+    outside `region` (G, H, W) bool (None: everywhere; the caller passes the box: only in-box pixels are
+    computed, ~20x fewer than the whole map). -> (G, H, W).
+    ring_seed (G, H, W) bool, min_contrast (Lab units): foreground seeds whose colour lies within
+    min_contrast of a colour of the ring (outside the box: evidence the teacher had no part in) are
+    dropped. Why: the teacher's confident area spills into background (a concave bay); with those
+    pixels as object colours every background pixel has an object seed of its own colour and M_C ties
+    at 0.5 exactly where it should say background.
+    Why a colour map at all: the semantic maps read the same network features as M_I, and where the
+    teacher is unsure they are near chance (BENCHMARKS.md, ablate.py --ms_stats); the colours at the
+    box's rim are evidence the network never produced. The paper has no such term; it is the
+    multi-prototype idea of Eq. (1) applied to colour, with per-object "sub-centres" that are colour samples.
     """
     G, _, H, W = lab.shape
     c = lab.flatten(2).float()                                                              # (G, 3, N)
-    dists = []
-    for seed in (fg_seed, bg_seed):
-        idx, ok = _spread_pick(seed.flatten(1), n_seeds)                                    # (G, k), (G, k)
-        ref = c.gather(2, idx[:, None].expand(-1, 3, -1))                                   # (G, 3, k)
-        d = torch.cdist(c.transpose(1, 2), ref.transpose(1, 2))                             # (G, N, k)
-        dists.append((d.masked_fill(~ok[:, None], math.inf).amin(2), ok.any(1)))            # (G, N), (G,)
-    (d_fg, has_fg), (d_bg, has_bg) = dists
-    m = torch.sigmoid((d_bg - d_fg) / t)                                                    # (G, N)
-    m = torch.where((has_fg & has_bg)[:, None], m, torch.full_like(m, 0.5))
-    return m.view(G, H, W)
+    fg_seed, bg_seed = fg_seed.flatten(1), bg_seed.flatten(1)                               # (G, N) each
+    if ring_seed is not None and min_contrast > 0:
+        ring_ref, ring_ok = _seed_colours(c, ring_seed.flatten(1), n_seeds)                 # (G, k, 3)
+        g, n = fg_seed.nonzero(as_tuple=True)                                               # (M_f,) each
+        keep = _nearest_colour(c[g, :, n], g, ring_ref, ring_ok) >= min_contrast           # (M_f,)
+        fg_seed = torch.zeros_like(fg_seed).index_put_((g[keep], n[keep]), torch.ones_like(keep[keep]))
+    region = torch.ones_like(fg_seed) if region is None else region.flatten(1).bool()
+    g, n = region.nonzero(as_tuple=True)                                                    # (M,) each
+    pix = c[g, :, n]                                                                        # (M, 3)
+    (f_ref, f_ok), (b_ref, b_ok) = _seed_colours(c, fg_seed, n_seeds), _seed_colours(c, bg_seed, n_seeds)
+    m = torch.sigmoid((_nearest_colour(pix, g, b_ref, b_ok) - _nearest_colour(pix, g, f_ref, f_ok)) / t)  # (M,)
+    m = torch.where((f_ok.any(1) & b_ok.any(1))[g], m, torch.full_like(m, 0.5))
+    return torch.full((G, H * W), 0.5, device=lab.device).index_put_((g, n), m).view(G, H, W)
 
 
 def color_seeds(box_mask, m_i, valid, conf=0.7, ring=3):
     """The seed pixels of color_map: fg = in the box where M_I > conf; bg = a ring of `ring` cells
     around the box (on the image, not padding) or in the box where M_I < 1 - conf.
-    box_mask, m_i (G, H, W), valid (G, H, W) -> (fg, bg) bool (G, H, W)."""
+    box_mask, m_i (G, H, W), valid (G, H, W) -> (fg, bg, ring) bool (G, H, W)."""
     inside = box_mask > 0                                                                   # (G, H, W)
-    grown = F.max_pool2d(inside[:, None].float(), 2 * ring + 1, stride=1, padding=ring)[:, 0] > 0
+    k = 2 * ring + 1  # a (k x k) max filter as a row pass and a column pass: 2k instead of k^2 reads
+    grown = F.max_pool2d(inside[:, None].float(), (1, k), stride=1, padding=(0, ring))
+    grown = F.max_pool2d(grown, (k, 1), stride=1, padding=(ring, 0))[:, 0] > 0              # (G, H, W)
     fg = inside & (m_i > conf)
-    bg = (grown & ~inside & (valid > 0)) | (inside & (m_i < 1 - conf))
-    return fg, bg
+    around = grown & ~inside & (valid > 0)
+    return fg, around | (inside & (m_i < 1 - conf)), around
 
 
 # -----------------------------------------------------------------------------

@@ -181,9 +181,10 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     m_prob = prototypes.rectified_map(m_s, m_i, cfg["alpha"], obj["box_mask"])          # (G, Hp/4, Wp/4)
     m_c = None
     if cfg["color_weight"] > 0:  # nanoSIM: colour evidence from the box's surroundings (prototypes.color_map)
-        fg_seed, bg_seed = prototypes.color_seeds(obj["box_mask"], m_i, obj["valid"][obj["img"]],
-                                                  cfg["proto_conf_thresh"], cfg["color_ring"])
-        m_c = prototypes.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, cfg["color_seeds"], cfg["color_temp"])
+        fg_seed, bg_seed, ring = prototypes.color_seeds(obj["box_mask"], m_i, obj["valid"][obj["img"]],
+                                                        cfg["proto_conf_thresh"], cfg["color_ring"])
+        m_c = prototypes.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, obj["box_mask"] > 0,
+                                   cfg["color_seeds"], cfg["color_temp"], ring, cfg["color_min_contrast"])
         # Eq. (7)'s mix once more: M_prob' = (1 - beta) M_prob + beta M_C (beta = 0: the paper)
         m_prob = prototypes.rectified_map(m_prob, m_c, cfg["color_weight"], obj["box_mask"])
     if cfg["pseudo_thresh"] == "fixed":

@@ -371,6 +371,9 @@ def test_color_map_hand():
     assert prototypes.color_map(lab, fg, bg2, t=2.0)[0, 0, 1] < 0.5
     # an object without foreground (or background) seeds gets 0.5 everywhere: no evidence
     assert torch.equal(prototypes.color_map(lab, torch.zeros_like(fg), bg), torch.full((1, 1, 4), 0.5))
+    # only the region is computed (the rest 0.5), with the same values there
+    region = torch.tensor([[[False, True, True, False]]])
+    assert torch.allclose(prototypes.color_map(lab, fg, bg, region, t=2.0), torch.where(region, m, 0.5))
 
 
 def test_color_map_seed_subsampling_is_deterministic_and_spread():
@@ -391,7 +394,7 @@ def test_color_seeds_ring_and_confident_pixels():
     m_i[0, 3, 3] = 0.5                                          # unsure: in neither set
     valid = torch.ones(1, 9, 9)
     valid[0, :, 7:] = 0                                         # padding columns
-    fg, bg = prototypes.color_seeds(box, m_i, valid, conf=0.7, ring=2)
+    fg, bg, around = prototypes.color_seeds(box, m_i, valid, conf=0.7, ring=2)
     assert fg.sum() == 1 and fg[0, 4, 4]
     ring = torch.zeros(9, 9, dtype=torch.bool)
     ring[1:8, 1:8] = True
@@ -401,3 +404,21 @@ def test_color_seeds_ring_and_confident_pixels():
     inbox_bg[3:6, 3:6] = True
     inbox_bg[4, 4] = inbox_bg[3, 3] = False
     assert torch.equal(bg[0], ring | inbox_bg)                  # the ring stops at the padding (column 7)
+    assert torch.equal(around[0], ring)
+
+
+def test_color_map_drops_object_colours_seen_around_the_box():
+    # 1 x 5 grid, Lab L = 0, 1, 10, 4, 0.5; fg seeds at pixels 0 and 2, the ring (and only bg seed) at pixel 4
+    lab = torch.zeros(1, 3, 1, 5)
+    lab[0, 0, 0] = torch.tensor([0.0, 1.0, 10.0, 4.0, 0.5])
+    fg = torch.tensor([[[True, False, True, False, False]]])
+    ring = torch.tensor([[[False, False, False, False, True]]])
+    plain = prototypes.color_map(lab, fg, ring, t=2.0)
+    # pixel 1: nearest fg colour 0 (d 1), nearest bg colour 0.5 (d 0.5) -> sigmoid(-0.25): nearly a tie
+    assert math.isclose(plain[0, 0, 1].item(), sig(-0.25), abs_tol=1e-6)
+    # fg colour 0 lies 0.5 from the ring colour: dropped at min_contrast 2, so pixel 1's nearest fg is 10
+    pure = prototypes.color_map(lab, fg, ring, t=2.0, ring_seed=ring, min_contrast=2.0)
+    assert math.isclose(pure[0, 0, 1].item(), sig((0.5 - 9.0) / 2), abs_tol=1e-6)
+    assert math.isclose(pure[0, 0, 2].item(), sig((9.5 - 0.0) / 2), abs_tol=1e-6)   # the kept seed itself
+    # all fg colours like the ring: no object colour left -> no evidence (0.5)
+    assert torch.equal(prototypes.color_map(lab, fg, ring, ring_seed=ring, min_contrast=20.0), torch.full((1, 1, 5), 0.5))

@@ -199,8 +199,10 @@ def test_pseudo_masks_color_map_mix():
     pmc = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, color_weight=0.25))
     box = obj["box_mask"]
     assert torch.allclose(pmc["M_prob"], (0.75 * pm["M_prob"] + 0.25 * pmc["M_C"]) * box, atol=1e-6)
-    fg, bg = prototypes.color_seeds(box, pm["M_I"], obj["valid"][obj["img"]], cfg["proto_conf_thresh"], cfg["color_ring"])
-    assert torch.equal(pmc["M_C"], prototypes.color_map(obj["lab"][obj["img"]], fg, bg, cfg["color_seeds"], cfg["color_temp"]))
+    fg, bg, ring = prototypes.color_seeds(box, pm["M_I"], obj["valid"][obj["img"]], cfg["proto_conf_thresh"],
+                                          cfg["color_ring"])
+    assert torch.equal(pmc["M_C"], prototypes.color_map(obj["lab"][obj["img"]], fg, bg, box > 0, cfg["color_seeds"],
+                                                        cfg["color_temp"], ring, cfg["color_min_contrast"]))
     assert obj["lab"].shape == (2, 3, *box.shape[-2:])
 
 

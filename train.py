@@ -108,6 +108,7 @@ color_weight = 0.0           # [preset] beta: M_prob' = (1 - beta) M_prob + beta
 color_temp = 2.0             # M_C's temperature, in Lab units (BoxInst's colour threshold 0.3 is 2.4 units)
 color_ring = 3               # M_C's background seeds: a ring of this many mask cells around the box
 color_seeds = 64             # M_C: colour samples per seed set and object
+color_min_contrast = 0.0     # M_C: object colour samples this close (Lab units) to a ring colour are dropped
 pseudo_thresh = "area"       # [preset] "fixed" (tau_low/tau_high) or "area" (fg threshold matched to the
                              # teacher's confident area, clamped to [tau_high, area_t_max])
 tau_low = 0.3                # [preset] M_hat = 0 below, ignored between, 1 above the fg threshold
