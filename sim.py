@@ -22,6 +22,8 @@ paper's method with departures, each its own switch and function, each measured 
   - bank_min_box_iou: only pseudo masks that fill their GT box enter the bank (box_quality_gate);
   - paste_loss="official": L_paste in the official code's form (losses.official_paste_loss: ~10x less
     weight per pasted positive); Eq. 9's form costs 6 box AP on the demo (ablate.py --probe).
+  - color_weight: colour evidence from the box's surroundings mixed into Eq. 7 (prototypes.color_map):
+    where the teacher is unsure, the feature-based M_S is near chance, the colours are not.
 
 Choices where sim.md leaves them open (see the comments where they are made):
   - M_I comes from the TEACHER's mask predictions at the student's selected positives.
@@ -49,7 +51,8 @@ PRESETS = {
                   proto_norm="D", pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False,
                   occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
                   lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_prob=0.5,
-                  paste_replacement=False, paste_detector=True, pairwise_affinity="color", color_weight=0.0),
+                  paste_replacement=False, paste_detector=True, pairwise_affinity="color", color_weight=0.0,
+                  bank_masks="teacher"),
     # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
     # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
@@ -60,20 +63,20 @@ PRESETS = {
                      supervise_outside=False, occlusion_aware=True, pseudo_loss="official", paste_loss="official", lambda1=0.3,
                      lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
                      bank_size=50, bank_min_box_iou=0.0, paste_prob=0.5, paste_replacement=True, paste_detector=True,
-                     pairwise_affinity="color_feat", color_weight=0.0),
+                     pairwise_affinity="color_feat", color_weight=0.0, bank_masks="teacher"),
     # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
     "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
                     proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
                     supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="official", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
                     bank_min_box_iou=0.8, paste_prob=0.5, paste_replacement=False, paste_detector=True,
-                    pairwise_affinity="color", color_weight=0.0),
+                    pairwise_affinity="color", color_weight=0.0, bank_masks="teacher"),
 }
 
 
 CHOICES = dict(semantic_map=("paper", "calibrated"), pseudo_thresh=("fixed", "area"), pseudo_loss=("bce_dice", "official"),
                paste_loss=("bce_dice", "official"), proto_assign=("argmax", "gumbel"), proto_norm=("D", "L"),
-               pairwise_affinity=("color", "color_feat"))
+               pairwise_affinity=("color", "color_feat"), bank_masks=("teacher", "rectified"))
 
 
 def apply_preset(cfg, explicit=()):
@@ -257,11 +260,14 @@ def after_step(state, model, out, pm, obj, images, targets):
     feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
     fg, bg = prototype_pixels(pm, obj, cfg)
     state.protos.update(feats, obj["img"], obj["cls"], fg, bg)
+    # the bank's masks: the teacher's mean mask (the official code) or nanoSIM's rectified map (Eq. 7, with
+    # the colour term when on): the pasted objects then carry the labels' outline, not the teacher's
+    bank_map = "M_mean" if cfg["bank_masks"] == "teacher" else "M_prob"
     for b, t in enumerate(targets if cfg["paste_prob"] > 0 else []):  # no copy-paste: no bank
         sel = ((obj["img"] == b) & pm["has_pos"] & ~obj["pasted"]).nonzero().squeeze(1)  # this image's ordinary objects
         h, w = t["size"]
         entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
-                                                  pm["M_mean"][sel], (h, w), cfg["bank_thresh"],
+                                                  pm[bank_map][sel], (h, w), cfg["bank_thresh"],
                                                   cfg["mask_out_stride"], cfg["bank_min_box_iou"])
         state.bank.push(**entry)
     update_teacher(state.teacher, model, cfg["teacher_momentum"])
@@ -270,7 +276,8 @@ def after_step(state, model, out, pm, obj, images, targets):
 @torch.no_grad()
 def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
     """The paper's Fig. 1/6 for the first n objects with positives: image and box, then
-    M_S (Eq. 1), M_I (Eq. 6), M_prob (Eq. 7) and M_hat (white fg, black bg, orange = ignored: 0.5 on the heat map)."""
+    M_S (Eq. 1), M_I (Eq. 6), M_C (nanoSIM's colour map, when on), M_prob (Eq. 7) and M_hat
+    (white fg, black bg, orange = ignored: 0.5 on the heat map)."""
     import os
     import eval as evaluation  # the module, not the builtin
     was_training = model.training
@@ -292,8 +299,11 @@ def save_pseudo_mask_pictures(state, model, images, targets, out_dir, n=6):
         m = 0.5 * float((box[2:] - box[:2]).max())
         x0, y0 = max(int(box[0] - m), 0), max(int(box[1] - m), 0)
         x1, y1 = min(int(box[2] + m) + 1, w), min(int(box[3] + m) + 1, h)
-        maps = {k: up(v)[y0:y1, x0:x1] for k, v in dict(M_S=pm["M_S"][g], M_I=pm["M_I"][g], M_prob=pm["M_prob"][g],
-                                                         M_hat=shown).items()}
+        maps = dict(M_S=pm["M_S"][g], M_I=pm["M_I"][g])
+        if pm["M_C"] is not None:  # the colour map, inside the box
+            maps["M_C"] = pm["M_C"][g] * obj["box_mask"][g]
+        maps.update(M_prob=pm["M_prob"][g], M_hat=shown)
+        maps = {k: up(v)[y0:y1, x0:x1] for k, v in maps.items()}
         path = os.path.join(out_dir, f"pseudo_{len(paths)}.png")
         evaluation.save_map_panel(images[b, :, y0:y1, x0:x1], maps, path, boxes=(box - box.new_tensor([x0, y0, x0, y0]))[None])
         paths.append(path)

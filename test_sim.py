@@ -490,6 +490,8 @@ def test_save_pseudo_mask_pictures(tmp_path):
     paths = sim.save_pseudo_mask_pictures(state, model, images, targets, str(tmp_path), n=3)
     assert model.training  # restored
     assert len(paths) == 3 and sorted(os.listdir(tmp_path)) == ["pseudo_0.png", "pseudo_1.png", "pseudo_2.png"]
+    with Image.open(paths[0]) as im:
+        first_panel_w = (im.width - 4 * evaluation.PANEL_GAP) // 5
     for p in paths:
         with Image.open(p) as im:
             # image, M_S, M_I, M_prob, M_hat side by side: 5 equal panels, each a crop around the
@@ -497,6 +499,12 @@ def test_save_pseudo_mask_pictures(tmp_path):
             panel_w, rem = divmod(im.width - 4 * evaluation.PANEL_GAP, 5)
             panel_h = im.height - evaluation.TITLE_H
             assert rem == 0 and min(panel_w, panel_h) >= evaluation.MIN_SIDE
+    # with the colour map on, M_C is a sixth panel of the same size
+    state.cfg["color_weight"] = 0.5
+    paths = sim.save_pseudo_mask_pictures(state, model, images, targets, str(tmp_path), n=1)
+    with Image.open(paths[0]) as im:
+        panel_w6, rem = divmod(im.width - 5 * evaluation.PANEL_GAP, 6)
+        assert rem == 0 and panel_w6 == first_panel_w
 
 
 # -----------------------------------------------------------------------------
@@ -623,3 +631,25 @@ def test_nanosim_training_step_runs_and_updates_background_subcentres():
                                   targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert torch.isfinite(loss) and "loss_pseudo" in logs
     assert not torch.equal(state.protos.bg_protos, before) and not torch.equal(state.protos.protos, before_fg)
+
+
+def test_after_step_bank_masks_from_the_rectified_map():
+    # bank_masks="rectified": the bank's pseudo mask is [M_prob (upsampled) > bank_thresh], not the teacher's mean
+    cfg = sim_cfg("nanosim", proto_conf_thresh=-1.0, bank_thresh=0.5, bank_masks="rectified", bank_min_box_iou=0.0)
+    model, state, images, targets = setup(cfg)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    pm["has_pos"] = torch.ones(len(obj["boxes"]), dtype=torch.bool)
+    pm["M_mean"] = torch.ones_like(pm["M_mean"])          # the teacher would fill every box
+    pm["M_prob"] = torch.zeros_like(pm["M_prob"])
+    pm["M_prob"][0, :4, :4] = 1.0                          # object 0's map: the top-left 16 x 16 px only
+    sim.after_step(state, model, out, pm, obj, images, targets)
+    e0 = state.bank.entries[0]
+    assert e0["masks"].shape[0] == 1                       # object 1 of image 0: an empty mask, dropped
+    # cells 0..3 at stride 4, bilinear x4: along each axis 1 up to pixel 13, then 0.875, 0.625, 0.375,
+    # 0.125, 0; the 2-d value is the product; > 0.5 and inside the box [8, 10, 28, 30]
+    v = torch.zeros(64)
+    v[:14] = 1.0
+    v[14:18] = torch.tensor([0.875, 0.625, 0.375, 0.125])
+    want = (v[:, None] * v[None, :]) > 0.5
+    want[:10], want[:, :8] = False, False
+    assert want.sum() == 6 * 8 - 1 and torch.equal(e0["masks"][0], want)   # (15, 15): 0.39

@@ -108,7 +108,7 @@ color_weight = 0.0           # [preset] beta: M_prob' = (1 - beta) M_prob + beta
 color_temp = 2.0             # M_C's temperature, in Lab units (BoxInst's colour threshold 0.3 is 2.4 units)
 color_ring = 3               # M_C's background seeds: a ring of this many mask cells around the box
 color_seeds = 64             # M_C: colour samples per seed set and object
-color_min_contrast = 0.0     # M_C: object colour samples this close (Lab units) to a ring colour are dropped
+color_min_contrast = 6.0     # M_C: object colour samples this close (Lab units) to a ring colour are dropped
 pseudo_thresh = "area"       # [preset] "fixed" (tau_low/tau_high) or "area" (fg threshold matched to the
                              # teacher's confident area, clamped to [tau_high, area_t_max])
 tau_low = 0.3                # [preset] M_hat = 0 below, ignored between, 1 above the fg threshold
@@ -125,6 +125,7 @@ lambda1_ramp_origin = -1     # [preset] where the ramp starts (-1: sim_start_ite
 lambda2 = 1.0                # [preset] Eq. (10) weight of L_paste
 bank_size = 100              # [preset] copy-paste memory bank (images per process)
 bank_thresh = 0.7            # teacher mask > this = an object's pseudo mask in the bank
+bank_masks = "teacher"       # [preset] the bank's pseudo masks: "teacher" (its mean mask, official) or "rectified" (M_prob)
 bank_min_box_iou = 0.8       # [preset] pseudo masks whose tight box has IoU < this with the GT box stay out
 paste_prob = 0.5              # [preset] copy-paste probability per image
 paste_max_objects = 3
@@ -266,7 +267,8 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
     extra, affinity = {}, None
     if teacher_on:
-        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"], images)
+        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"],
+                          images if cfg["color_weight"] > 0 else None)  # the colours only for color_map
         pm = sim.pseudo_masks(out, t_out, sim_state.teacher, sim_state.protos, obj, cfg)
         if it + 1 > cfg["sim_start_iter"]:
             extra = sim.sim_losses(out, pm, obj, cfg)
