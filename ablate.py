@@ -66,6 +66,7 @@ RUNS = {  # name: train.py arguments (SIM runs use the default preset, nanosim, 
     "-occlusion_aware": ["--method=sim", "--occlusion_aware=False"],
     "-box_gate": ["--method=sim", "--bank_min_box_iou=0.0"],
     "-official_paste_loss": ["--method=sim", "--paste_loss=bce_dice"],
+    "-color_map": ["--method=sim", "--color_weight=0.0"],
 }
 TABLES = [
     ("Tab. 3 (paper, COCO R50 1x mask AP: 30.7 / 31.9 / 32.2)", ["baseline", "+pseudo", "+pseudo+paste"]),
@@ -73,7 +74,7 @@ TABLES = [
     ("Presets (--sim_variant; nanosim = +pseudo+paste)", ["+pseudo+paste", "paper", "official"]),
     ("nanoSIM's fixes, each switched off", ["+pseudo+paste", "-supervise_outside", "-calibrated", "-proto_filter",
                                             "-area_thresh", "-lambda1_ramp", "-occlusion_aware", "-box_gate",
-                                            "-official_paste_loss"]),
+                                            "-official_paste_loss", "-color_map"]),
 ]
 
 
@@ -81,17 +82,15 @@ STATS_VARIANTS = [  # (label, preset, overrides): the pseudo labels --ms_stats s
     ("paper", "paper", {}),
     ("official", "official", {}),
     ("nanosim", "nanosim", {}),
-    ("nanosim, alpha=1 (M_I alone)", "nanosim", dict(alpha=1.0)),
-    ("nanosim, alpha=0 (M_S alone)", "nanosim", dict(alpha=0.0)),
+    ("nanosim without the colour map (beta=0)", "nanosim", dict(color_weight=0.0)),
+    ("nanosim, colour seeds not purified (min contrast 0)", "nanosim", dict(color_min_contrast=0.0)),
+    ("nanosim, beta=0.75", "nanosim", dict(color_weight=0.75)),
+    ("nanosim, alpha=1 (M_I and M_C)", "nanosim", dict(alpha=1.0)),
+    ("nanosim, alpha=0 (M_S and M_C)", "nanosim", dict(alpha=0.0)),
+    ("nanosim without the colour map, alpha=1 (M_I alone)", "nanosim", dict(color_weight=0.0, alpha=1.0)),
     ("nanosim, Eq. 1 map", "nanosim", dict(semantic_map="paper")),
     ("nanosim, no proto_filter", "nanosim", dict(proto_filter=False)),
     ("nanosim, fixed thresholds", "nanosim", dict(pseudo_thresh="fixed")),
-    ("nanosim + colour map, beta=0.5", "nanosim", dict(color_weight=0.5)),
-    ("nanosim + colour map, beta=0.5, min contrast 3", "nanosim", dict(color_weight=0.5, color_min_contrast=3.0)),
-    ("nanosim + colour map, beta=0.5, min contrast 6", "nanosim", dict(color_weight=0.5, color_min_contrast=6.0)),
-    ("nanosim + colour map, beta=0.5, min contrast 10", "nanosim", dict(color_weight=0.5, color_min_contrast=10.0)),
-    ("nanosim + colour map, beta=0.75, min contrast 6", "nanosim", dict(color_weight=0.75, color_min_contrast=6.0)),
-    ("nanosim + colour map, alpha=1, beta=0.5, min contrast 6", "nanosim", dict(alpha=1.0, color_weight=0.5, color_min_contrast=6.0)),
 ]
 
 

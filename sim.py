@@ -70,7 +70,7 @@ PRESETS = {
                     supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="official", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
                     bank_min_box_iou=0.8, paste_prob=0.5, paste_replacement=False, paste_detector=True,
-                    pairwise_affinity="color", color_weight=0.0, bank_masks="teacher"),
+                    pairwise_affinity="color", color_weight=0.5, bank_masks="teacher"),
 }
 
 

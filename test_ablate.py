@@ -6,6 +6,7 @@ torch.set_num_threads(1)
 
 import ablate
 import data
+import sim
 import train
 from model import build_model
 from test_model import tiny_cfg
@@ -28,6 +29,7 @@ def test_ms_stats_scores_every_variant(tmp_path, capsys):
         shares = [float(c.rstrip("%")) for c in cells[5:11]]
         assert all(0 <= a <= 1 for a in aucs) and all(0 <= s <= 100 for s in shares), line
         # M_C's AUC exactly for the variants with the colour map
-        assert (cells[3] == "-") == (label[2].get("color_weight", 0) == 0), line
+        beta = label[2].get("color_weight", sim.PRESETS[label[1]]["color_weight"])
+        assert (cells[3] == "-") == (beta == 0), line
     # the paper's Eq. (1) map and nanosim's calibrated one score differently
     assert lines[0].split(" | ")[1] != lines[2].split(" | ")[1]

@@ -192,7 +192,7 @@ def test_pseudo_masks_alpha_mu_and_convexity():
 
 def test_pseudo_masks_color_map_mix():
     # color_weight beta mixes M_C into Eq. (7)'s map inside the box; beta = 0 leaves Eq. (7) and no M_C
-    cfg = sim_cfg("nanosim")
+    cfg = sim_cfg("nanosim", color_weight=0.0)
     model, state, images, targets = setup(cfg)
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     assert pm["M_C"] is None

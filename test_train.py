@@ -32,9 +32,9 @@ def test_configure_types_and_errors(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         train.configure([str(tmp_path / "nope.py")], cfg)
     f = tmp_path / "c.py"
-    f.write_text("max_iters = 11\nmethod = 'sim'\n")
+    f.write_text("max_iters = 11\nmethod = 'boxinst'\n")
     train.configure([str(f), "--max_iters=12"], cfg)  # later arguments win
-    assert cfg["max_iters"] == 12 and cfg["method"] == "sim"
+    assert cfg["max_iters"] == 12 and cfg["method"] == "boxinst"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(HERE, "configs", "*.py"))))

@@ -1,7 +1,9 @@
 """
-Train BoxInst (box supervision), CondInst (--method=full, GT masks: the upper bound) or SIM.
+Train SIM (the default), BoxInst (--method=boxinst: box supervision, SIM's baseline) or CondInst
+(--method=full: GT masks, the upper bound).
 
-    python train.py                                   # the embedded synthetic dataset, on CPU, minutes
+    python train.py                                   # SIM on the embedded synthetic dataset, on CPU, minutes
+    python train.py --method=boxinst                  # BoxInst on the same data
     python train.py configs/coco_boxinst_r50_1x.py    # a config file reassigns the defaults below
     torchrun --nproc_per_node=8 train.py configs/coco_boxinst_r50_1x.py --max_iters=1000
 
@@ -82,7 +84,7 @@ nms_thresh = 0.6
 max_dets = 100
 mask_thresh = 0.5
 # method and losses
-method = "boxinst"           # boxinst | full | sim
+method = "sim"               # sim (the main job) | boxinst (SIM's baseline: boxes alone) | full (GT masks)
 color_thresh = 0.3           # BoxInst: pairwise pixels need colour similarity >= this
 pairwise_warmup_iters = 400  # the pairwise weight ramps 0 -> 1 (reference: 10000)
 # SIM (--method=sim). sim_variant picks a preset (sim.PRESETS: nanosim | paper | official) that sets
@@ -104,7 +106,7 @@ sinkhorn_iters = 3
 proto_conf_thresh = 0.7      # pixels updating the prototypes: teacher mask > this inside the box
 mu = 5.0                     # [preset] Eq. (6) (official: 0, the plain mean)
 alpha = 0.5                  # [preset] Eq. (7)
-color_weight = 0.0           # [preset] beta: M_prob' = (1 - beta) M_prob + beta M_C, the colour map (0: off)
+color_weight = 0.5           # [preset] beta: M_prob' = (1 - beta) M_prob + beta M_C, the colour map (0: off)
 color_temp = 2.0             # M_C's temperature, in Lab units (BoxInst's colour threshold 0.3 is 2.4 units)
 color_ring = 3               # M_C's background seeds: a ring of this many mask cells around the box
 color_seeds = 64             # M_C: colour samples per seed set and object
