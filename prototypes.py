@@ -140,14 +140,26 @@ def color_map(lab, fg_seed, bg_seed, region=None, n_seeds=64, t=2.0, ring_seed=N
     return torch.full((G, H * W), 0.5, device=lab.device).index_put_((g, n), m).view(G, H, W)
 
 
+def _dilate(mask, r):
+    """Binary dilation of mask (..., H, W) bool by a (2r+1) x (2r+1) square: shifted ORs along rows,
+    then along columns (5x faster on CPU than max_pool2d, which has no bool path)."""
+    rows = mask.clone()
+    for s in range(1, r + 1):
+        rows[..., s:] |= mask[..., :-s]
+        rows[..., :-s] |= mask[..., s:]
+    out = rows.clone()
+    for s in range(1, r + 1):
+        out[..., s:, :] |= rows[..., :-s, :]
+        out[..., :-s, :] |= rows[..., s:, :]
+    return out
+
+
 def color_seeds(box_mask, m_i, valid, conf=0.7, ring=3):
     """The seed pixels of color_map: fg = in the box where M_I > conf; bg = a ring of `ring` cells
     around the box (on the image, not padding) or in the box where M_I < 1 - conf.
     box_mask, m_i (G, H, W), valid (G, H, W) -> (fg, bg, ring) bool (G, H, W)."""
     inside = box_mask > 0                                                                   # (G, H, W)
-    k = 2 * ring + 1  # a (k x k) max filter as a row pass and a column pass: 2k instead of k^2 reads
-    grown = F.max_pool2d(inside[:, None].float(), (1, k), stride=1, padding=(0, ring))
-    grown = F.max_pool2d(grown, (k, 1), stride=1, padding=(ring, 0))[:, 0] > 0              # (G, H, W)
+    grown = _dilate(inside, ring)                                                           # (G, H, W)
     fg = inside & (m_i > conf)
     around = grown & ~inside & (valid > 0)
     return fg, around | (inside & (m_i < 1 - conf)), around
@@ -257,12 +269,23 @@ class PrototypeMemory(nn.Module):
         self.register_buffer("protos", protos[0].clone())                              # (C, L, D)
         self.register_buffer("bg_protos", protos[1].clone())                           # (C, L, D)
 
-    def semantic_maps(self, feats_norm, obj_img, obj_cls, calibrated=False):
+    def semantic_maps(self, feats_norm, obj_img, obj_cls, calibrated=False, region=None):
         """M_S for K objects: feats_norm (B, D, H, W), obj_img (K,), obj_cls (K,) -> (K, H, W).
-        Eq. (1), or with calibrated=True calibrated_semantic_map against the class's background sub-centres."""
-        if not calibrated:
-            return object_semantic_maps(feats_norm, self.protos, obj_img, obj_cls, self.tau)
-        return calibrated_semantic_map(feats_norm[obj_img], self.protos[obj_cls], self.bg_protos[obj_cls], self.tau)
+        Eq. (1), or with calibrated=True calibrated_semantic_map against the class's background sub-centres.
+        region (K, H, W) bool: computed there only (0 elsewhere): SIM reads M_S inside the box alone,
+        a tenth of the map, so it gathers those pixels instead of K copies of the feature maps."""
+        if region is None:
+            if not calibrated:
+                return object_semantic_maps(feats_norm, self.protos, obj_img, obj_cls, self.tau)
+            return calibrated_semantic_map(feats_norm[obj_img], self.protos[obj_cls], self.bg_protos[obj_cls], self.tau)
+        k, y, x = region.nonzero(as_tuple=True)                                        # (M,) each
+        z = feats_norm[obj_img[k], :, y, x][:, :, None, None]                           # (M, D, 1, 1): a 1x1 map per pixel
+        cls = obj_cls[k]                                                               # (M,)
+        if calibrated:
+            m = calibrated_semantic_map(z, self.protos[cls], self.bg_protos[cls], self.tau)  # (M, 1, 1)
+        else:
+            m = semantic_map(z, self.protos[cls], self.tau)                            # (M, 1, 1)
+        return feats_norm.new_zeros(region.shape).index_put_((k, y, x), m.view(-1))   # (K, H, W)
 
     def _updated(self, protos, z_all, obj_img, obj_cls, sel, B, H, W):
         """Eq. (2)-(5) for one set of sub-centres (C, L, D) from the pixels sel (K, H, W) -> new (C, L, D)."""

@@ -168,7 +168,8 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     G = obj["boxes"].shape[0]
     # Eq. (1): the teacher's features against the prototypes of each object's class
     feats = prototypes.normalize_features(t_out["mask_feats"])                          # (B, D, Hp/4, Wp/4)
-    m_s = protos.semantic_maps(feats, obj["img"], obj["cls"], cfg["semantic_map"] == "calibrated")  # (G, Hp/4, Wp/4)
+    m_s = protos.semantic_maps(feats, obj["img"], obj["cls"], cfg["semantic_map"] == "calibrated",
+                               obj["box_mask"] > 0)                                     # (G, Hp/4, Wp/4), 0 outside the box
     # Eq. (6): the teacher's mask at each positive, weighted by exp(mu * IoU(its box, the GT box))
     probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/4, Wp/4)
     stride = t_out["locations"].new_tensor(teacher.strides)[t_out["loc_level"][inst["loc_inds"]]]  # (K,)
@@ -199,7 +200,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
                                                           cfg["supervise_outside"])
     weight = weight * obj["valid"][obj["img"]]                                          # never on the padding
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
-    return dict(M_S=m_s * obj["box_mask"], M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
+    return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
                 has_pos=has_pos)
 
 

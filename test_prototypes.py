@@ -422,3 +422,24 @@ def test_color_map_drops_object_colours_seen_around_the_box():
     assert math.isclose(pure[0, 0, 2].item(), sig((9.5 - 0.0) / 2), abs_tol=1e-6)   # the kept seed itself
     # all fg colours like the ring: no object colour left -> no evidence (0.5)
     assert torch.equal(prototypes.color_map(lab, fg, ring, ring_seed=ring, min_contrast=20.0), torch.full((1, 1, 5), 0.5))
+
+
+def test_dilate_matches_max_pool():
+    torch.manual_seed(0)
+    m = torch.rand(3, 11, 13) > 0.9
+    for r in (1, 3):
+        want = F.max_pool2d(m[:, None].float(), 2 * r + 1, stride=1, padding=r)[:, 0] > 0
+        assert torch.equal(prototypes._dilate(m, r), want)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_semantic_maps_in_a_region_equal_the_full_maps_there(calibrated):
+    torch.manual_seed(0)
+    mem = PrototypeMemory(3, L=4, D=8)
+    mem.bg_protos.copy_(F.normalize(torch.randn(3, 4, 8), dim=-1))
+    feats = F.normalize(torch.randn(2, 8, 5, 6), dim=1)
+    obj_img, obj_cls = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 2])
+    region = torch.rand(3, 5, 6) > 0.5
+    full = mem.semantic_maps(feats, obj_img, obj_cls, calibrated)
+    part = mem.semantic_maps(feats, obj_img, obj_cls, calibrated, region)
+    assert torch.allclose(part, full * region, atol=1e-6)
