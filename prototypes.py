@@ -130,7 +130,7 @@ def color_map(lab, fg_seed, bg_seed, region=None, n_seeds=64, t=2.0, ring_seed=N
         ring_ref, ring_ok = _seed_colours(c, ring_seed.flatten(1), n_seeds)                 # (G, k, 3)
         g, n = fg_seed.nonzero(as_tuple=True)                                               # (M_f,) each
         keep = _nearest_colour(c[g, :, n], g, ring_ref, ring_ok) >= min_contrast           # (M_f,)
-        fg_seed = torch.zeros_like(fg_seed).index_put_((g[keep], n[keep]), torch.ones_like(keep[keep]))
+        fg_seed = torch.zeros_like(fg_seed).index_put_((g[keep], n[keep]), keep[keep])   # all True
     region = torch.ones_like(fg_seed) if region is None else region.flatten(1).bool()
     g, n = region.nonzero(as_tuple=True)                                                    # (M,) each
     pix = c[g, :, n]                                                                        # (M, 3)

@@ -168,8 +168,9 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     G = obj["boxes"].shape[0]
     # Eq. (1): the teacher's features against the prototypes of each object's class
     feats = prototypes.normalize_features(t_out["mask_feats"])                          # (B, D, Hp/4, Wp/4)
+    inside = obj["box_mask"] > 0                                                        # (G, Hp/4, Wp/4)
     m_s = protos.semantic_maps(feats, obj["img"], obj["cls"], cfg["semantic_map"] == "calibrated",
-                               obj["box_mask"] > 0)                                     # (G, Hp/4, Wp/4), 0 outside the box
+                               inside)                                                  # (G, Hp/4, Wp/4), 0 outside the box
     # Eq. (6): the teacher's mask at each positive, weighted by exp(mu * IoU(its box, the GT box))
     probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/4, Wp/4)
     stride = t_out["locations"].new_tensor(teacher.strides)[t_out["loc_level"][inst["loc_inds"]]]  # (K,)
@@ -187,7 +188,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     if cfg["color_weight"] > 0:  # nanoSIM: colour evidence from the box's surroundings (prototypes.color_map)
         fg_seed, bg_seed, ring = prototypes.color_seeds(obj["box_mask"], m_i, obj["valid"][obj["img"]],
                                                         cfg["proto_conf_thresh"], cfg["color_ring"])
-        m_c = prototypes.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, obj["box_mask"] > 0,
+        m_c = prototypes.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, inside,
                                    cfg["color_seeds"], cfg["color_temp"], ring, cfg["color_min_contrast"])
         # Eq. (7)'s mix once more: M_prob' = (1 - beta) M_prob + beta M_C (beta = 0: the paper)
         m_prob = prototypes.rectified_map(m_prob, m_c, cfg["color_weight"], obj["box_mask"])
