@@ -30,14 +30,26 @@ def aligned_bilinear(x, factor):
 
     A plain F.interpolate shifts a stride-s map by half a cell against the stride-s/f grid;
     CondInst pads, resizes with align_corners=True and re-crops so cell centres line up.
+    Factor 2 (the dynamic mask head's, on every instance of every step) uses the same numbers in
+    closed form (_upsample2_aligned): its backward is ~4x faster on CPU than F.interpolate's.
     """
     if factor == 1:
         return x
+    if factor == 2:
+        return _upsample2_aligned(_upsample2_aligned(x, -2), -1)
     h, w = x.shape[-2:]
     x = F.pad(x, (0, 1, 0, 1), mode="replicate")                       # (N, C, h+1, w+1)
     x = F.interpolate(x, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True)
     x = F.pad(x, (factor // 2, 0, factor // 2, 0), mode="replicate")
     return x[:, :, : factor * h, : factor * w]                         # (N, C, f*h, f*w)
+
+
+def _upsample2_aligned(x, dim):
+    """aligned_bilinear's factor 2 along one dim (-2 or -1): out[2m+1] = x[m], out[2m] = (x[m-1] +
+    x[m]) / 2 with x[-1] = x[0] (the replicate pad). -> the dim twice as long."""
+    n = x.shape[dim]
+    prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)   # x[m-1]
+    return torch.stack([(prev + x) * 0.5, x], dim).flatten(dim - 1, dim)    # even, odd interleaved
 
 
 def decode_boxes(locations, ltrb):
@@ -300,7 +312,7 @@ def num_dynamic_params(in_channels, channels=8, num_layers=3):
 
 def dynamic_mask_head(mask_feats, params, im_inds, inst_locations, inst_levels, sizes_of_interest,
                       channels=8, num_layers=3, stride=8):
-    """Run K instance-specific FCNs at once as grouped 1x1 convolutions.
+    """Run K instance-specific FCNs (1x1 convolutions) at once.
 
     mask_feats (B, D, H, W) at `stride`; params (K, P) laid out [W1|W2|W3|b1|b2|b3];
     im_inds (K,) image of each instance; inst_locations (K, 2) its FCOS location (x, y);
@@ -312,26 +324,34 @@ def dynamic_mask_head(mask_feats, params, im_inds, inst_locations, inst_levels, 
     if K == 0:  # keep the graph connected so DDP sees a gradient for every parameter
         return mask_feats.new_zeros((0, 1, 2 * H, 2 * W)) + (mask_feats.sum() + params.sum()) * 0
     shapes = dynamic_head_shapes(D, channels, num_layers)
+    # split the parameter vector: all weights first, then all biases
+    chunks = torch.split(params.to(mask_feats.dtype), [i * o for i, o in shapes] + [o for _, o in shapes], dim=1)
+    weights, biases = chunks[:num_layers], chunks[num_layers:]
     # relative coordinates: instance location minus pixel location, per-level normalised
     ys = torch.arange(H, device=mask_feats.device, dtype=mask_feats.dtype) * stride + stride // 2
     xs = torch.arange(W, device=mask_feats.device, dtype=mask_feats.dtype) * stride + stride // 2
     soi = mask_feats.new_tensor(sizes_of_interest)[inst_levels]                        # (K,)
-    rel_x = (inst_locations[:, 0, None] - xs[None]) / soi[:, None]                      # (K, W)
-    rel_y = (inst_locations[:, 1, None] - ys[None]) / soi[:, None]                      # (K, H)
-    rel = torch.stack([rel_x[:, None, :].expand(K, H, W), rel_y[:, :, None].expand(K, H, W)], 1)  # (K, 2, H, W)
-    # index_select, not mask_feats[im_inds]: same values, but its backward is an index_add instead
-    # of an accumulating index_put, ~4x faster on CPU (BENCHMARKS.md)
-    x = torch.cat([rel.to(mask_feats.dtype), mask_feats.index_select(0, im_inds)], 1)  # (K, D+2, H, W)
-    x = x.reshape(1, K * (D + 2), H, W)
-    # split the parameter vector: all weights first, then all biases
-    n_w = [i * o for i, o in shapes]
-    n_b = [o for _, o in shapes]
-    chunks = torch.split(params, n_w + n_b, dim=1)
-    weights, biases = chunks[:num_layers], chunks[num_layers:]
-    for l, (i, o) in enumerate(shapes):
-        w = weights[l].reshape(K * o, i, 1, 1)
-        b = biases[l].reshape(K * o)
-        x = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), groups=K)                         # (1, K*o, H, W)
+    rel_x = (inst_locations[:, 0, None].to(xs.dtype) - xs[None]) / soi[:, None]         # (K, W)
+    rel_y = (inst_locations[:, 1, None].to(ys.dtype) - ys[None]) / soi[:, None]         # (K, H)
+    # layer 1 on [rel_x, rel_y, feats] without building the (K, D+2, H, W) input: its coordinate
+    # columns act on rel_x (a row) and rel_y (a column), its feature columns are one matmul per image
+    # with that image's instances stacked (the same sums; 2-3x faster with the backward on CPU)
+    o = shapes[0][1]
+    w1 = weights[0].reshape(K, o, D + 2)
+    x = (w1[:, :, 0, None, None] * rel_x[:, None, None, :] + w1[:, :, 1, None, None] * rel_y[:, None, :, None]
+         + biases[0][:, :, None, None])                                                 # (K, o, H, W)
+    order = torch.argsort(im_inds, stable=True)                                         # instances by image
+    w_feat = w1[:, :, 2:].index_select(0, order)                                        # (K, o, D)
+    per_image = torch.split(w_feat, torch.bincount(im_inds, minlength=B).tolist())
+    f = mask_feats.reshape(B, D, H * W)
+    feat_term = torch.cat([(wb.reshape(-1, D) @ f[b]).reshape(-1, o, H, W) for b, wb in enumerate(per_image)])
+    x = x + feat_term.index_select(0, torch.argsort(order))                             # back to instance order
+    # the other layers: a batched matmul over instances
+    x = x.reshape(K, o, H * W)
+    for l in range(num_layers):
+        if l > 0:
+            i, o = shapes[l]
+            x = torch.baddbmm(biases[l][:, :, None], weights[l].reshape(K, o, i), x)   # (K, o, H*W)
         if l < num_layers - 1:
             x = F.relu(x)
     return aligned_bilinear(x.reshape(K, 1, H, W), 2)                                   # (K, 1, 2H, 2W)

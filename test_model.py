@@ -59,6 +59,18 @@ def test_aligned_bilinear_keeps_cell_centres():
     assert torch.equal(aligned_bilinear(x, 1), x)
 
 
+def test_aligned_bilinear_factor2_closed_form_equals_pad_resize_crop():
+    """Factor 2 has its own closed form (model._upsample2_aligned); it equals CondInst's pad ->
+    align_corners resize -> crop on random maps of odd and even sizes."""
+    torch.manual_seed(0)
+    for h, w in [(5, 6), (1, 4), (7, 3)]:
+        x = torch.randn(2, 3, h, w)
+        ref = F.pad(x, (0, 1, 0, 1), mode="replicate")
+        ref = F.interpolate(ref, size=(2 * h + 1, 2 * w + 1), mode="bilinear", align_corners=True)
+        ref = F.pad(ref, (1, 0, 1, 0), mode="replicate")[:, :, :2 * h, :2 * w]
+        assert torch.allclose(aligned_bilinear(x, 2), ref, atol=1e-6)
+
+
 def test_compute_locations():
     locs, lvl = compute_locations([(2, 3), (1, 2)], (8, 16), "cpu")
     assert locs.tolist()[:4] == [[4, 4], [12, 4], [20, 4], [4, 12]]
@@ -93,6 +105,20 @@ def test_dynamic_head_matches_per_instance_convs():
         x = torch.cat([torch.stack([rx, ry])[None], feats[im:im + 1]], 1)
         x = F.conv2d(F.relu(F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2)), w3, b3)
         assert torch.allclose(out[k:k + 1], aligned_bilinear(x, 2), atol=1e-5)
+
+
+def test_dynamic_head_instances_in_any_image_order():
+    """Instances listed out of image order, and an image with none, give each instance the mask its
+    own image's features give it alone."""
+    torch.manual_seed(1)
+    feats = torch.randn(3, 4, 3, 4)
+    params = torch.randn(4, num_dynamic_params(4))
+    im, locs, lv = torch.tensor([2, 0, 2, 0]), torch.rand(4, 2) * 30, torch.tensor([0, 1, 0, 1])
+    out = dynamic_mask_head(feats, params, im, locs, lv, [64, 128])
+    for k in range(4):
+        alone = dynamic_mask_head(feats[im[k]:im[k] + 1], params[k:k + 1], torch.tensor([0]), locs[k:k + 1],
+                                  lv[k:k + 1], [64, 128])
+        assert torch.allclose(out[k], alone[0], atol=1e-5)
 
 
 def test_mask_centers():
