@@ -510,17 +510,23 @@ class CondInst(nn.Module):
         """One image's detections back to its original size: mask_probs (K, 1, Hp/s, Wp/s) at the
         mask-out stride, boxes (K, 4) in the resized frame -> boxes, scores, labels, masks (K, H0, W0)."""
         (h, w), (H0, W0) = target["size"], target["orig_size"]
-        if len(boxes):
-            m = aligned_bilinear(mask_probs, self.mask_out_stride)[:, :, :h, :w]             # (K, 1, h, w)
-            m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]   # (K, H0, W0)
-            masks = m > self.cfg["mask_thresh"]
-        else:
-            masks = torch.zeros((0, H0, W0), dtype=torch.bool, device=boxes.device)
+        masks = self.masks_at_original_size(mask_probs, target)                                # (K, H0, W0)
         boxes = boxes * boxes.new_tensor([W0 / w, H0 / h, W0 / w, H0 / h])
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W0)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H0)
         ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return dict(boxes=boxes[ok], scores=score[ok], labels=cls[ok], masks=masks[ok])
+
+
+    def masks_at_original_size(self, mask_probs, target):
+        """mask_probs (K, 1, Hp/s, Wp/s) at the mask-out stride -> (K, H0, W0) bool: up to the
+        resized frame (aligned bilinear), cropped, resized to the original size, thresholded."""
+        (h, w), (H0, W0) = target["size"], target["orig_size"]
+        if len(mask_probs) == 0:
+            return torch.zeros((0, H0, W0), dtype=torch.bool, device=mask_probs.device)
+        m = aligned_bilinear(mask_probs, self.mask_out_stride)[:, :, :h, :w]                 # (K, 1, h, w)
+        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]       # (K, H0, W0)
+        return m > self.cfg["mask_thresh"]
 
 
 def mask_centers(masks):

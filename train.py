@@ -365,7 +365,8 @@ def main():
 
     def checkpoint(it):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                     "config": config, "sim": sim_state.state_dict() if sim_state else None}, ckpt_path)
+                     "config": config, "sim": sim_state.state_dict() if sim_state else None,
+                     "categories": train_ds.coco.loadCats(train_ds.cat_ids)}, ckpt_path)  # for predict.py
 
     # training loop
     model.train()

@@ -1,0 +1,326 @@
+"""
+Run a trained nanoSIM/BoxInst checkpoint on your own images, or turn your box annotations into masks.
+
+    python predict.py --ckpt=out/demo/ckpt.pt --images=photos/ --out=out/pred
+    python predict.py --ckpt=out/demo/ckpt.pt --images=a.png,b.jpg --out=out/pred
+    python predict.py --ckpt=out/demo/ckpt.pt --boxes=boxes.json --images=photos/ --out=out/masks
+
+Detection (no --boxes): every image gets boxes, classes, scores and masks, written as
+  results.json      COCO results (a list, for COCO.loadRes), image ids as in predictions.json
+  predictions.json  a COCO dataset (images, categories, annotations with score and RLE segmentation)
+  pred_<name>.png   input | prediction, drawn at score >= score_thresh after a class-agnostic NMS
+                    (the pictures only: the json files keep every detection, as COCO AP needs)
+
+Box-conditioned masks (--boxes=ANNOTATIONS.json, COCO format, class and box per annotation): for
+every annotated box, the mask the model predicts for that object, written back into a copy of the
+same json (masks.json: each annotation gets a 'segmentation' RLE and its 'area'), plus overlays.
+The mask comes from the detector's positives for that box as training picks them (FCOS's
+assignment, then BoxInst's top-k by score: model.CondInst.select_instances): combine="mean" (the
+default) averages their dynamic-head masks weighted by exp(mu * IoU(predicted box, given box)),
+the M_I of SIM's Eq. 6; combine="best" takes the one positive with the highest score. A box the
+assignment gives no positive (too small, or every location taken by a smaller box) takes the
+location inside it with the highest score (the nearest one to its centre if none lies inside).
+The mask is cut to its box: the box is the annotation, so nothing outside it is the object.
+If the json also holds masks (e.g. a val split), the box-conditioned mask AP against them is printed
+and written to metrics.json.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from torchvision.ops import nms
+
+import data
+import eval as evaluation  # the module, not the builtin
+import prototypes
+from model import build_model, decode_boxes
+
+# -----------------------------------------------------------------------------
+# settings (--key=value)
+ckpt = ""               # checkpoint written by train.py
+images = ""             # a folder, or comma-separated image files
+boxes = ""              # COCO json with boxes and classes: box-conditioned masks instead of detection
+out = "out/predict"     # output folder
+device = "cuda" if torch.cuda.is_available() else "cpu"
+batch_size = 4
+score_thresh = 0.3      # pictures only: detections drawn at this score or above
+nms_thresh = 0.5        # pictures only: class-agnostic NMS over the drawn detections
+combine = "mean"        # box-conditioned: "mean" (Eq. 6's exp(mu * IoU) weights) or "best" (top positive)
+mu = 5.0                # box-conditioned, combine="mean": Eq. 6's mu
+n_overlays = 16         # pictures written (0: none)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# -----------------------------------------------------------------------------
+
+
+def load_model(path, dev):
+    """A train.py checkpoint -> (model in eval mode, its config, categories [{'id', 'name'}])."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"predict.py: {path} not found — fix: --ckpt=PATH of a checkpoint written by train.py")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise SystemExit(f"predict.py: {path} lacks 'model' or 'config' — fix: pass a checkpoint written by train.py")
+    cfg = ck["config"]
+    model = build_model(cfg)
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()})
+    cats = ck.get("categories") or training_categories(cfg)
+    return model.to(dev).eval(), cfg, cats
+
+
+def training_categories(cfg):
+    """The categories of the training json (checkpoints written before train.py stored them), or
+    'class i' with ids 1..C when that file is gone."""
+    path = cfg.get("train_json", "")
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            cats = json.load(f).get("categories", [])
+        if len(cats) == cfg["num_classes"]:
+            return sorted(({"id": c["id"], "name": c["name"]} for c in cats), key=lambda c: c["id"])
+    return [{"id": i + 1, "name": f"class {i}"} for i in range(cfg["num_classes"])]
+
+
+def list_images(spec):
+    """--images: a folder (its image files, sorted) or comma-separated files -> list of paths."""
+    if not spec:
+        raise SystemExit("predict.py: no images — fix: --images=DIR or --images=a.png,b.jpg")
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
+        if not paths:
+            raise SystemExit(f"predict.py: {spec} holds no image files ({', '.join(IMAGE_EXTS)}) — fix: another --images")
+        return paths
+    paths = [p for p in spec.split(",") if p]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise SystemExit(f"predict.py: {p} not found — fix: --images=DIR or existing files, comma-separated")
+    return paths
+
+
+def read_rgb(path):
+    """-> uint8 (3, H0, W0) RGB (grey and RGBA files converted), or None (with a line saying why)
+    for a file PIL cannot read."""
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Exception as e:
+        print(f"predict.py: {path}: cannot read image ({type(e).__name__}: {e}) — skipped")
+        return None
+
+
+def resize_for_model(image, short, max_size):
+    """uint8 (3, H0, W0) -> (3, h, w) as the val loader resizes (data.resize_shape, PIL bilinear)."""
+    h, w = data.resize_shape(image.shape[1], image.shape[2], short, max_size)
+    img = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def to_rle(mask):
+    """(H, W) bool -> COCO compressed RLE with str counts (JSON-able)."""
+    r = mask_util.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    return {"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("utf-8")}
+
+
+def picture_subset(pred, score_thresh, nms_thresh):
+    """The detections an overlay shows: score >= score_thresh, then class-agnostic NMS (one
+    drawing per object, not one per class that fired on it)."""
+    keep = (pred["scores"] >= score_thresh).nonzero().squeeze(1)
+    keep = keep[nms(pred["boxes"][keep].float(), pred["scores"][keep].float(), nms_thresh)]
+    return {k: v[keep] for k, v in pred.items()}
+
+# -----------------------------------------------------------------------------
+# box-conditioned masks
+
+
+def fallback_locations(out, img, boxes, labels):
+    """For boxes with no FCOS positive: the location inside the box (any level) with the highest
+    score for its class, or the nearest P3 location to the box centre if none is inside -> (G',) loc_inds."""
+    locs = out["locations"]                                                              # (L, 2)
+    inside = ((locs[None, :, 0] > boxes[:, None, 0]) & (locs[None, :, 0] < boxes[:, None, 2])
+              & (locs[None, :, 1] > boxes[:, None, 1]) & (locs[None, :, 1] < boxes[:, None, 3]))  # (G', L)
+    score = out["cls_logits"][img][torch.arange(len(img)), :, labels].sigmoid() * out["ctr_logits"][img].sigmoid()
+    best = torch.where(inside, score, torch.full_like(score, -1.0)).argmax(1)            # (G',)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    d = (locs[None] - centre[:, None]).square().sum(-1) + (out["loc_level"] != 0)[None] * 1e12  # P3 only
+    return torch.where(inside.any(1), best, d.argmin(1))
+
+
+@torch.no_grad()
+def box_conditioned_masks(model, batch, targets, combine="mean", mu=5.0):
+    """For every box of targets (resized frame, with labels): the model's mask for that object.
+    Returns per image dict(masks (N, H0, W0) bool, scores (N,)); the score is sqrt(class prob x
+    centerness) of the best positive, as detections are scored."""
+    out = model(batch, targets)                         # the training forward: FCOS positives per box
+    inst = out["inst"]
+    boxes = torch.cat([t["boxes"] for t in targets])                                     # (G, 4)
+    labels = torch.cat([t["labels"] for t in targets])                                   # (G,)
+    img = torch.cat([torch.full((len(t["boxes"]),), b, dtype=torch.long) for b, t in enumerate(targets)])
+    G = len(boxes)
+    im_inds, loc_inds, gi = inst["im_inds"], inst["loc_inds"], inst["gt_inds"]
+    probs = out["mask_logits"][:, 0].sigmoid()                                           # (K, Hp/s, Wp/s)
+    missing = (torch.bincount(gi, minlength=G) == 0).nonzero().squeeze(1)                # boxes without positives
+    if len(missing):
+        extra = dict(im_inds=img[missing], loc_inds=fallback_locations(out, img[missing], boxes[missing], labels[missing]))
+        probs = torch.cat([probs, model.mask_logits(out, extra)[:, 0].sigmoid()])
+        im_inds, loc_inds = torch.cat([im_inds, extra["im_inds"]]), torch.cat([loc_inds, extra["loc_inds"]])
+        gi = torch.cat([gi, missing])
+    score = (out["cls_logits"][im_inds, loc_inds, labels[gi]].sigmoid() * out["ctr_logits"][im_inds, loc_inds].sigmoid()).sqrt()
+    best = torch.zeros(G).scatter_reduce(0, gi, score, reduce="amax", include_self=False)  # (G,)
+    if combine == "best":
+        top = torch.full((G,), -1, dtype=torch.long)
+        k = torch.arange(len(gi))
+        top = top.scatter_reduce(0, gi, torch.where(score == best[gi], k, -1), reduce="amax")
+        maps = probs[top]                                                                # (G, Hp/s, Wp/s)
+    elif combine == "mean":
+        stride = out["locations"].new_tensor(model.strides)[out["loc_level"][loc_inds]]  # (K,)
+        pred = decode_boxes(out["locations"][loc_inds], out["reg"][im_inds, loc_inds] * stride[:, None])
+        w = prototypes.positive_weights(prototypes.box_iou_pairs(pred, boxes[gi]), gi, G, mu)
+        maps = prototypes.instance_map(probs, w, gi, G)
+    else:
+        raise SystemExit(f"predict.py: --combine={combine!r} — fix: --combine=mean or --combine=best")
+    results = []
+    for b, t in enumerate(targets):
+        sel = (img == b).nonzero().squeeze(1)
+        (h, w), (H0, W0) = t["size"], t["orig_size"]
+        m = model.masks_at_original_size(maps[sel][:, None], t).cpu()                          # (N, H0, W0)
+        # cut to the box, given in the original frame: pixel centres inside it
+        box0 = t["boxes"].cpu() * torch.tensor([W0 / w, H0 / h, W0 / w, H0 / h])
+        xs, ys = torch.arange(W0) + 0.5, torch.arange(H0) + 0.5
+        inside = ((xs[None, None] > box0[:, 0, None, None]) & (xs[None, None] < box0[:, 2, None, None])
+                  & (ys[None, :, None] > box0[:, 1, None, None]) & (ys[None, :, None] < box0[:, 3, None, None]))
+        results.append(dict(masks=m & inside, scores=best[sel].cpu()))
+    return results
+
+
+def boxes_main(cfg, model, mcfg, cats, dev):
+    """--boxes: masks for every annotated box, written into a copy of the json; AP if it had masks."""
+    path = cfg["boxes"]
+    if not os.path.isfile(path):
+        raise SystemExit(f"predict.py: {path} not found — fix: --boxes=PATH of a COCO annotation json")
+    image_dir = cfg["images"] if os.path.isdir(cfg["images"]) else ""
+    if not image_dir:
+        raise SystemExit("predict.py: --boxes needs --images=DIR, the folder its file_names are relative to")
+    ds = data.CocoBoxDataset(path, image_dir, train=False, min_sizes=(mcfg["min_size_test"],),
+                             max_size=mcfg["max_size_test"], with_masks=False)
+    if ds.cat_ids != sorted(c["id"] for c in cats):
+        raise SystemExit(f"predict.py: {path}'s categories {ds.cat_ids} are not the checkpoint's "
+                         f"{[c['id'] for c in cats]} — fix: use the category ids the model was trained with")
+    with open(path) as f:
+        gt_json = json.load(f)
+    had_masks = any(a.get("segmentation") for a in gt_json.get("annotations", []))
+    anns_of = {}  # image id -> the annotations CocoBoxDataset kept, in its order
+    for i, img_id in enumerate(ds.ids):
+        anns_of[img_id] = ds.records[i]["anns"]
+    seg = {}      # annotation id -> (rle, area, score)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False, collate_fn=data.collate)
+    pictures = []
+    for batch, targets in loader:
+        tg = [dict(t, boxes=t["boxes"].to(dev), labels=t["labels"].to(dev)) for t in targets]
+        res = box_conditioned_masks(model, batch.to(dev), tg, cfg["combine"], cfg["mu"])
+        for t, r in zip(targets, res):
+            for a, m, s in zip(anns_of[t["image_id"]], r["masks"].cpu(), r["scores"].cpu().tolist()):
+                seg[a["id"]] = (to_rle(m), int(m.sum()), s)
+            if len(pictures) < cfg["n_overlays"]:
+                pictures.append((t, r))
+    # every annotation of the input keeps its fields; the ones with a usable box get the mask
+    n_empty = 0
+    for a in gt_json.get("annotations", []):
+        if a["id"] in seg:
+            a["segmentation"], a["area"], a["score"] = seg[a["id"]][0], seg[a["id"]][1], seg[a["id"]][2]
+            n_empty += seg[a["id"]][1] == 0
+    os.makedirs(cfg["out"], exist_ok=True)
+    out_json = os.path.join(cfg["out"], "masks.json")
+    evaluation.write_json_atomic(gt_json, out_json)
+    print(f"predict.py: {len(seg)} boxes -> masks ({n_empty} empty) in {out_json}")
+    for t, r in pictures:
+        rec = ds.records[ds.ids.index(t["image_id"])]
+        orig = read_rgb(rec["path"])
+        pred = dict(boxes=torch.from_numpy(rec["boxes"]), labels=torch.from_numpy(rec["labels"]), masks=r["masks"].cpu())
+        save_overlay(orig, pred, ds.class_names, os.path.join(cfg["out"], f"masks_{t['image_id']}.png"),
+                     f"masks from the given boxes ({cfg['combine']})")
+    if had_masks:  # score the box-conditioned masks against the json's own masks
+        results = [dict(image_id=a["image_id"], category_id=a["category_id"], segmentation=seg[a["id"]][0],
+                        score=seg[a["id"]][2]) for a in gt_json["annotations"] if a["id"] in seg]
+        stats = evaluation.coco_evaluate(ds.coco, results, "segm", ds.ids)
+        evaluation.write_json_atomic({"ckpt": cfg["ckpt"], "boxes": path, "combine": cfg["combine"], "segm": stats},
+                                     os.path.join(cfg["out"], "metrics.json"))
+        print(f"predict.py: box-conditioned mask AP {stats['AP']:.1f} (GT boxes in, masks scored against {path}'s)")
+    return 0
+
+# -----------------------------------------------------------------------------
+# detection on images
+
+
+def save_overlay(orig, pred, class_names, path, panel="prediction"):
+    s = evaluation.upscale_factor(*orig.shape[1:])
+    big, pred_big = evaluation.upscale(orig, pred, s)
+    panels = [("input", Image.fromarray(big.permute(1, 2, 0).numpy())),
+              (panel, evaluation.draw_predictions(big, pred_big, class_names))]
+    evaluation.save_png_atomic(evaluation.titled_row(panels), path)
+
+
+def images_main(cfg, model, mcfg, cats, dev):
+    paths = list_images(cfg["images"])
+    names = [c["name"] for c in cats]
+    os.makedirs(cfg["out"], exist_ok=True)
+    results, image_entries, n_skipped, n_pictures = [], [], 0, 0
+    for start in range(0, len(paths), cfg["batch_size"]):
+        items = []
+        for p in paths[start:start + cfg["batch_size"]]:
+            orig = read_rgb(p)
+            if orig is None:
+                n_skipped += 1
+                continue
+            items.append((p, orig, resize_for_model(orig, mcfg["min_size_test"], mcfg["max_size_test"])))
+        if not items:
+            continue
+        batch, targets = data.collate([(rs, dict(size=tuple(rs.shape[1:]), orig_size=tuple(o.shape[1:])))
+                                       for _, o, rs in items])
+        with torch.no_grad():
+            preds = model.predict(batch.to(dev), targets)
+        for (p, orig, _), pred in zip(items, preds):
+            pred = {k: v.cpu() for k, v in pred.items()}
+            image_id = len(image_entries) + 1
+            image_entries.append(dict(id=image_id, file_name=os.path.basename(p), path=os.path.abspath(p),
+                                      height=int(orig.shape[1]), width=int(orig.shape[2])))
+            results += evaluation.to_coco_results([pred], [image_id], [c["id"] for c in cats])
+            if n_pictures < cfg["n_overlays"]:
+                shown = picture_subset(pred, cfg["score_thresh"], cfg["nms_thresh"])
+                name = os.path.splitext(os.path.basename(p))[0]
+                save_overlay(orig, shown, names, os.path.join(cfg["out"], f"pred_{name}.png"),
+                             f"prediction (score >= {cfg['score_thresh']}, class-agnostic NMS)")
+                n_pictures += 1
+    anns = [dict(r, id=k + 1, iscrowd=0, area=float(mask_util.area(r["segmentation"])) if "segmentation" in r
+                 else r["bbox"][2] * r["bbox"][3]) for k, r in enumerate(results)]
+    evaluation.write_json_atomic(results, os.path.join(cfg["out"], "results.json"))
+    evaluation.write_json_atomic(dict(images=image_entries, categories=cats, annotations=anns),
+                                 os.path.join(cfg["out"], "predictions.json"))
+    skipped = f"; {n_skipped} unreadable files skipped" if n_skipped else ""
+    print(f"predict.py: {len(image_entries)} images, {len(results)} detections -> {cfg['out']}/results.json, "
+          f"predictions.json, {n_pictures} pictures{skipped}")
+    return 0
+
+
+def main(argv):
+    defaults = {k: v for k, v in globals().items() if k in
+                ("ckpt", "images", "boxes", "out", "device", "batch_size", "score_thresh", "nms_thresh", "combine",
+                 "mu", "n_overlays")}
+    try:
+        cfg = evaluation.parse_overrides(argv, defaults)
+    except ValueError as e:
+        raise SystemExit(f"predict.py: {e}")
+    if not cfg["ckpt"]:
+        raise SystemExit("predict.py: no checkpoint — fix: --ckpt=PATH (a checkpoint written by train.py)")
+    dev = torch.device(cfg["device"])
+    model, mcfg, cats = load_model(cfg["ckpt"], dev)
+    try:
+        return boxes_main(cfg, model, mcfg, cats, dev) if cfg["boxes"] else images_main(cfg, model, mcfg, cats, dev)
+    except data.DataError as e:
+        raise SystemExit(f"predict.py: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
