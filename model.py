@@ -408,20 +408,15 @@ class CondInst(nn.Module):
         return dict(cls_logits=cls, reg=reg, ctr_logits=ctr, box_feats=box_feats, mask_feats=mask_feats,
                     locations=locations, loc_level=loc_level)
 
-    def mask_logits(self, out, inst, detach_tower=False):
-        """Dynamic mask head on the instances `inst` (im_inds, loc_inds) -> (K, 1, Hp/s, Wp/s), s = mask_out_stride.
-        detach_tower: the controller reads the box tower's features without their gradient (the
-        loss on these logits trains the controller and the mask branch, not the box tower)."""
-        box_feats = [f.detach() for f in out["box_feats"]] if detach_tower else out["box_feats"]
-        params = self.head.controller_at(box_feats, inst["im_inds"], inst["loc_inds"])  # (K, P)
+    def mask_logits(self, out, inst):
+        """Dynamic mask head on the instances `inst` (im_inds, loc_inds) -> (K, 1, Hp/s, Wp/s), s = mask_out_stride."""
+        params = self.head.controller_at(out["box_feats"], inst["im_inds"], inst["loc_inds"])  # (K, P)
         return dynamic_mask_head(out["mask_feats"], params, inst["im_inds"], out["locations"][inst["loc_inds"]],
                                  out["loc_level"][inst["loc_inds"]], self.soi_levels,
                                  self.cfg["mask_head_channels"], self.cfg["mask_head_layers"], 2 * self.mask_out_stride)
 
-    def forward(self, images, targets, tower_free_logits=False):
-        """Training forward: dense outputs, FCOS targets, selected positives and their mask logits;
-        with tower_free_logits also "mask_logits_tower_free", the same logits from a controller
-        input without gradient (SIM's losses with sim_tower_grad off, sim.sim_losses)."""
+    def forward(self, images, targets):
+        """Training forward: dense outputs, FCOS targets, selected positives and their mask logits."""
         out = self.features(images)
         gt_boxes = [t["boxes"] for t in targets]
         if self.cfg["method"] == "full" and all("masks" in t for t in targets):
@@ -435,8 +430,6 @@ class CondInst(nn.Module):
             out["targets"]["num_gts"] = torch.tensor([len(b) for b in gt_boxes], device=images.device)
             out["inst"] = self.select_instances(out)
         out["mask_logits"] = self.mask_logits(out, out["inst"])          # (K, 1, Hp/s, Wp/s)
-        if tower_free_logits:
-            out["mask_logits_tower_free"] = self.mask_logits(out, out["inst"], detach_tower=True)
         return out
 
     def select_instances(self, out):

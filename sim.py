@@ -52,7 +52,7 @@ PRESETS = {
                   occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
                   lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_prob=0.5,
                   paste_replacement=False, paste_detector=True, pairwise_affinity="color", color_weight=0.0,
-                  bank_masks="teacher", sim_tower_grad=True),
+                  bank_masks="teacher"),
     # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
     # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
@@ -63,14 +63,14 @@ PRESETS = {
                      supervise_outside=False, occlusion_aware=True, pseudo_loss="official", paste_loss="official", lambda1=0.3,
                      lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
                      bank_size=50, bank_min_box_iou=0.0, paste_prob=0.5, paste_replacement=True, paste_detector=True,
-                     pairwise_affinity="color_feat", color_weight=0.0, bank_masks="teacher", sim_tower_grad=True),
+                     pairwise_affinity="color_feat", color_weight=0.0, bank_masks="teacher"),
     # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
     "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
                     proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
                     supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="official", lambda1=0.5,
                     lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
                     bank_min_box_iou=0.8, paste_prob=0.5, paste_replacement=False, paste_detector=True,
-                    pairwise_affinity="color", color_weight=0.5, bank_masks="teacher", sim_tower_grad=True),
+                    pairwise_affinity="color", color_weight=0.5, bank_masks="teacher"),
 }
 
 
@@ -205,27 +205,13 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
                 has_pos=has_pos)
 
 
-def tower_free_logits(cfg, it):
-    """Whether the student's forward at iteration `it` (0-based) makes SIM's losses their own mask logits
-    whose controller reads the box tower WITHOUT gradient (nanoSIM: sim_tower_grad=False).
-
-    Why: CondInst's controller is a conv on the box tower, which FCOS's box regression and
-    centerness also read, so in the paper (and BoxInst) every mask loss trains that tower too.
-    L_pseudo's gradient there is 2.5x the projection loss's, and SIM costs the detector box AP
-    (BENCHMARKS.md). Cut, L_pseudo and L_paste still train the controller's weights, the mask branch
-    and the FPN; BoxInst's own losses train the tower as in the reference. One more dynamic-head pass.
-    """
-    return not cfg["sim_tower_grad"] and it + 1 > cfg["sim_start_iter"]
-
-
 def sim_losses(out, pm, obj, cfg):
     """L_pseudo (Eq. 8) on the positives of ordinary objects, L_paste (Eq. 9) on those of pasted
     objects (against the pseudo mask they were pasted with; padding excluded); cfg["pseudo_loss"]
-    and cfg["paste_loss"]: "bce_dice" (the paper) or "official". The logits are the model's
-    "mask_logits_tower_free" when it made them (sim_tower_grad off: tower_free_logits)."""
+    and cfg["paste_loss"]: "bce_dice" (the paper) or "official"."""
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
-    logits = out.get("mask_logits_tower_free", out["mask_logits"])[:, 0]               # (K, Hp/4, Wp/4)
+    logits = out["mask_logits"][:, 0]                                                   # (K, Hp/4, Wp/4)
     pasted = obj["pasted"][gi]                                                          # (K,)
     keep = ~pasted
     # "official": the official code's focal-style forms (sim_official.md 6.3-6.4)

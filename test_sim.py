@@ -653,28 +653,3 @@ def test_after_step_bank_masks_from_the_rectified_map():
     want = (v[:, None] * v[None, :]) > 0.5
     want[:10], want[:, :8] = False, False
     assert want.sum() == 6 * 8 - 1 and torch.equal(e0["masks"][0], want)   # (15, 15): 0.39
-
-
-def test_sim_tower_grad_off_keeps_sim_losses_out_of_the_box_tower():
-    """sim_tower_grad=False: L_pseudo's gradient reaches the controller and the mask branch but not the
-    box tower; the tower-free logits equal the ordinary ones; on (the paper), the tower gets it too."""
-    for tower_grad in (True, False):
-        cfg = sim_cfg("nanosim", sim_start_iter=0, teacher_start_iter=0, proto_conf_thresh=0.5, paste_prob=0.0,
-                      sim_tower_grad=tower_grad)
-        model, state, images, targets = setup(cfg)
-        assert sim.tower_free_logits(cfg, 0) == (not tower_grad)
-        assert not sim.tower_free_logits(dict(cfg, sim_start_iter=10), 8)   # before the SIM losses: no extra pass
-        out = model(images, targets, sim.tower_free_logits(cfg, 0))
-        t_out = state.teacher.features(images, classify=False)
-        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], images=images)
-        pm = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, cfg)
-        if not tower_grad:
-            assert torch.allclose(out["mask_logits_tower_free"], out["mask_logits"])
-        sim.sim_losses(out, pm, obj, cfg)["loss_pseudo"].backward()
-        tower = model.head.box_tower[0].weight.grad
-        assert model.head.controller.weight.grad.abs().sum() > 0
-        assert model.mask_branch.tower[-1].weight.grad.abs().sum() > 0
-        if tower_grad:
-            assert tower is not None and tower.abs().sum() > 0
-        else:
-            assert tower is None or tower.abs().sum() == 0

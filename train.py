@@ -128,7 +128,6 @@ lambda2 = 1.0                # [preset] Eq. (10) weight of L_paste
 bank_size = 100              # [preset] copy-paste memory bank (images per process)
 bank_thresh = 0.7            # teacher mask > this = an object's pseudo mask in the bank
 bank_masks = "teacher"       # [preset] the bank's pseudo masks: "teacher" (its mean mask, official) or "rectified" (M_prob)
-sim_tower_grad = True        # [preset] L_pseudo/L_paste also train the box tower through the controller (False: not)
 bank_min_box_iou = 0.8       # [preset] pseudo masks whose tight box has IoU < this with the GT box stay out
 paste_prob = 0.5              # [preset] copy-paste probability per image
 paste_max_objects = 3
@@ -263,7 +262,7 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     if teacher_on and sim_state.teacher is None:
         sim_state.start_teacher(raw_model)
     with autocast():
-        out = model(images, targets, sim_state is not None and sim.tower_free_logits(cfg, it))
+        out = model(images, targets)
         if teacher_on:
             with torch.no_grad():
                 t_out = sim_state.teacher.features(images, classify=False)  # boxes and masks only
