@@ -43,7 +43,7 @@ def test_config_files_load(path, monkeypatch):
     cfg = dict(train.config)
     train.configure([path], cfg)
     assert set(cfg) == set(train.config)
-    assert cfg["train_json"].endswith(".json") and cfg["pretrained"] == "imagenet"
+    assert cfg["data_root"] == "datasets/coco" and cfg["dataset"] == "coco" and cfg["pretrained"] == "imagenet"
     assert cfg["method"] in ("boxinst", "full", "sim") and cfg["max_iters"] > max(cfg["lr_steps"])
     # the reference's solver and FPN size ranges, not the CPU demo's AdamW and scaled ranges
     assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
@@ -164,3 +164,42 @@ def test_sim_presets_set_exactly_their_knobs(tmp_path):
         train.configure(["--sim_variant=nope"], dict(train.config))
     with pytest.raises(SystemExit, match="--semantic_map='calibrate' is not an option"):
         train.configure(["--semantic_map=calibrate"], dict(train.config))
+
+
+def fake_tree(tmp_path, layout):
+    """A COCO 2017 or VOC (COCO-format) tree under tmp_path/layout made from a tiny synthetic set."""
+    import shutil
+    import data
+    syn = data.ensure_synthetic(str(tmp_path / "syn"), n_train=4, n_val=2)
+    root = tmp_path / layout
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        js = json.load(open(syn[f"{split}_json"]))
+        folder = root / ({"coco": f"{split}2017", "voc": "JPEGImages"}[layout])
+        folder.mkdir(exist_ok=True)
+        for im in js["images"]:  # VOC's splits share one folder: names made unique
+            name = f"{split}_{im['file_name']}" if layout == "voc" else im["file_name"]
+            shutil.copy(os.path.join(syn[f"{split}_images"], im["file_name"]), folder / name)
+            im["file_name"] = name
+        name = {"coco": f"instances_{split}2017.json", "voc": f"voc_2012_{'train_aug' if split == 'train' else 'val'}_cocostyle.json"}
+        (root / "annotations" / name[layout]).write_text(json.dumps(js))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["coco", "voc"])
+def test_data_root_alone_trains_and_evaluates(tmp_path, layout):
+    root = fake_tree(tmp_path, layout)
+    r = run_train(f"--data_root={root}", f"--dataset={layout}", "--max_iters=2", "--batch_size=2", "--n_overlays=1",
+                  "--device=cpu", f"--out_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert "AP" in m["bbox"] and "AP" in m["segm"]
+    assert f"{root}" in r.stdout  # the config printed at start names data_root's files
+
+
+def test_data_root_missing_file_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_train(f"--data_root={tmp_path / 'empty'}", "--max_iters=1", cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "instances_train2017.json not found" in last and "fix" in last
+    assert "Traceback" not in r.stderr

@@ -40,7 +40,10 @@ eval_interval = 0            # iterations between evaluations (0: only at the en
 ckpt_interval = 500          # iterations between checkpoints (written atomically)
 resume = False               # continue from out_dir/ckpt.pt
 n_overlays = 8               # PNG overlays of predictions written after the final evaluation
-# data ("" for the json/images = the embedded synthetic dataset, generated on first use)
+# data: data_root (a COCO or VOC tree, DATA_LAYOUTS below), or the four paths, or neither: the
+# embedded synthetic dataset, generated on first use. A path given explicitly wins over data_root's.
+data_root = ""
+dataset = "coco"             # data_root's layout: "coco" (COCO 2017) or "voc" (VOC 2012 + SBD, COCO-format json)
 train_json = ""
 train_images = ""
 val_json = ""
@@ -242,10 +245,31 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+# where data_root's files are, per dataset (relative to data_root). VOC: the SBD-augmented VOC 2012
+# train split (10,582 images) and the VOC 2012 val split (1,449) in COCO format, as BoxInst and SIM
+# train and test on it; README.md says how to make the two json files.
+DATA_LAYOUTS = {
+    "coco": dict(train_json="annotations/instances_train2017.json", train_images="train2017",
+                 val_json="annotations/instances_val2017.json", val_images="val2017"),
+    "voc": dict(train_json="annotations/voc_2012_train_aug_cocostyle.json", train_images="JPEGImages",
+                val_json="annotations/voc_2012_val_cocostyle.json", val_images="JPEGImages"),
+}
+
+
 def dataset_paths():
-    """The configured json/image paths, or the embedded synthetic dataset's."""
+    """The json/image paths: those given, else data_root's (DATA_LAYOUTS), else the embedded synthetic dataset's."""
+    given = dict(train_json=train_json, train_images=train_images, val_json=val_json, val_images=val_images)
+    if data_root:
+        if dataset not in DATA_LAYOUTS:
+            sys.exit(f"train.py: --dataset={dataset!r} is not a layout — fix: one of {', '.join(DATA_LAYOUTS)}")
+        paths = {k: given[k] or os.path.join(data_root, v) for k, v in DATA_LAYOUTS[dataset].items()}
+        for k, p in paths.items():
+            if not (os.path.isfile(p) if k.endswith("json") else os.path.isdir(p)):
+                sys.exit(f"train.py: {p} not found (--data_root={data_root}, --dataset={dataset}) — fix: put the "
+                         f"{dataset.upper()} {k} there (layout: train.DATA_LAYOUTS), or pass --{k}=PATH")
+        return paths
     if train_json:
-        return dict(train_json=train_json, train_images=train_images, val_json=val_json, val_images=val_images)
+        return given
     return data.ensure_synthetic(synthetic_root, low_contrast_bg=synthetic_low_contrast,
                                  min_visible_frac=synthetic_min_visible)
 

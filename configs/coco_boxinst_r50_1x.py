@@ -4,10 +4,7 @@
 # proportion (linear scaling rule) and stretch the schedule by the same factor.
 # Reference: box AP 39.4 / mask AP 30.7 on val2017.
 out_dir = "out/coco_boxinst_r50_1x"
-train_json = "datasets/coco/annotations/instances_train2017.json"
-train_images = "datasets/coco/train2017"
-val_json = "datasets/coco/annotations/instances_val2017.json"
-val_images = "datasets/coco/val2017"
+data_root = "datasets/coco"          # train2017/, val2017/, annotations/instances_{train,val}2017.json
 min_size_train = (640, 672, 704, 736, 768, 800)
 scale_per_batch = False             # the reference draws a scale per image
 max_size_train = 1333
