@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 
@@ -178,12 +179,31 @@ class CocoBoxDataset(torch.utils.data.Dataset):
                          "fix width/height in the json or the file")
         return img
 
+    def _load_readable(self, i):
+        """Training: image i, or if it cannot be read (truncated, corrupt, gone since the json was
+        checked) the next readable one, with a warning line per bad file: hours into a COCO run an
+        unreadable file costs one image, not the run. -> ((PIL image, index used), [skipped paths])."""
+        skipped = []
+        for _ in range(len(self)):
+            try:
+                return (self._load_image(i), i), skipped
+            except DataError as e:
+                print(f"warning: {e}; skipped, the next image stands in", file=sys.stderr, flush=True)
+                skipped.append(self.records[i]["path"])
+                i = (i + 1) % len(self)
+        raise _error(self.json_path, "no training image can be read", f"{len(self)} images",
+                     "check the image folder")
+
     def __getitem__(self, i):
         """i: an index, or (index, shorter side) from ScaleBatchSampler (one training scale per batch)."""
         i, short = i if isinstance(i, tuple) else (i, None)
+        skipped = []
+        if self.train:
+            (img, i), skipped = self._load_readable(i)
+        else:
+            img = self._load_image(i)
         rec = self.records[i]
         H0, W0 = rec["size"]
-        img = self._load_image(i)
         if short is None:
             short = random.choice(self.min_sizes) if self.train else self.min_sizes[0]
         h, w = resize_shape(H0, W0, short, self.max_size)
@@ -200,6 +220,8 @@ class CocoBoxDataset(torch.utils.data.Dataset):
                 # nearest-exact samples at pixel centres (as PIL NEAREST); 'nearest' shifts by half a pixel
                 target["masks"] = torch.nn.functional.interpolate(
                     masks[None], size=(h, w), mode="nearest-exact")[0]  # (N, h, w) uint8
+        if skipped:
+            target["skipped"] = skipped  # train.py counts them (pops the key before the step)
         if self.train and random.random() < self.hflip_prob:
             image = image.flip(-1)
             target["boxes"] = hflip_boxes(target["boxes"], w)

@@ -309,10 +309,24 @@ def test_corrupt_image_raises_naming_the_file(tmp_path):
     jp, d = write_coco(tmp_path, [(5, (10, 10))], anns)
     with open(os.path.join(d, "5.png"), "wb") as f:
         f.write(b"\x89PNG not really an image")
-    ds = data.CocoBoxDataset(jp, d)
+    ds = data.CocoBoxDataset(jp, d, train=False)  # evaluation: strict
     with pytest.raises(data.DataError) as e:
         ds[0]
     assert os.path.join(d, "5.png") in str(e.value) and "image id 5" in str(e.value)
+    with pytest.raises(data.DataError, match="no training image can be read"):
+        data.CocoBoxDataset(jp, d, train=True)[0]
+
+
+def test_unreadable_training_image_is_replaced_by_the_next_and_reported(tmp_path, capsys):
+    anns = [dict(id=1, image_id=5, category_id=1, bbox=[1, 1, 4, 4]), dict(id=2, image_id=6, category_id=1, bbox=[2, 2, 5, 5])]
+    jp, d = write_coco(tmp_path, [(5, (10, 10)), (6, np.full((10, 12, 3), 7, np.uint8))], anns)
+    with open(os.path.join(d, "5.png"), "wb") as f:
+        f.write(b"\x89PNG not really an image")
+    ds = data.CocoBoxDataset(jp, d, train=True, min_sizes=(10,), hflip_prob=0.0)
+    image, target = ds[0]
+    assert target["image_id"] == 6 and target["skipped"] == [os.path.join(d, "5.png")] and image.shape == (3, 10, 12)
+    assert "5.png" in capsys.readouterr().err
+    assert "skipped" not in ds[1][1]
 
 
 # -----------------------------------------------------------------------------

@@ -203,3 +203,110 @@ def test_data_root_missing_file_is_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "instances_train2017.json not found" in last and "fix" in last
     assert "Traceback" not in r.stderr
+
+
+def broken_dataset(tmp_path):
+    """One good image per kind of damage: a missing file, a truncated JPEG, an RGBA PNG, a grey PNG, an
+    image without boxes, a zero-area and an out-of-image box; plus good images to fill the batches."""
+    from PIL import Image
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    g = torch.Generator().manual_seed(0)
+    images, anns = [], []
+
+    def add(name, boxes, make=True, mode="RGB"):
+        i = len(images) + 1
+        if make:
+            arr = (torch.rand(96, 128, 3, generator=g) * 60 + 80).to(torch.uint8)
+            arr[20:60, 30:80] = torch.tensor([230, 40, 40], dtype=torch.uint8)
+            im = Image.fromarray(arr.numpy()).convert(mode)
+            im.save(img_dir / name)
+        images.append({"id": i, "file_name": name, "width": 128, "height": 96})
+        for b in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "bbox": b, "area": b[2] * b[3],
+                         "iscrowd": 0})
+
+    good = [30, 20, 50, 40]
+    for k in range(4):
+        add(f"good{k}.png", [good])
+    add("missing.png", [good], make=False)
+    add("truncated.jpg", [good])
+    data_bytes = (img_dir / "truncated.jpg").read_bytes()
+    (img_dir / "truncated.jpg").write_bytes(data_bytes[:len(data_bytes) // 3])
+    add("rgba.png", [good], mode="RGBA")
+    add("grey.png", [good], mode="L")
+    add("nobox.png", [])
+    add("zero.png", [good, [10, 10, 0, 5]])
+    add("outside.png", [good, [500, 500, 20, 20]])
+    js = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(js))
+    return str(path), str(img_dir)
+
+
+def test_broken_dataset_trains_to_the_end_with_counts(tmp_path):
+    js, img = broken_dataset(tmp_path)
+    # val: the good images (evaluation stays strict: an unreadable val image stops it with one line,
+    # after training has written its checkpoint)
+    val = json.load(open(js))
+    val["images"] = [i for i in val["images"] if i["file_name"].startswith("good")]
+    val["annotations"] = [a for a in val["annotations"] if a["image_id"] <= 4]
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    r = run_train(f"--train_json={js}", f"--train_images={img}", f"--val_json={tmp_path / 'val.json'}", f"--val_images={img}",
+                  "--method=boxinst", "--max_iters=12", "--batch_size=2", "--log_interval=4", "--n_overlays=0",
+                  "--num_workers=0", "--min_size_train=(96,)", "--device=cpu", f"--out_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert r.returncode == 0 and "training done" in r.stdout, r.stderr[-3000:]
+    assert "warning:" in r.stderr and "truncated.jpg" in r.stderr
+    final = [l for l in r.stdout.splitlines() if l.startswith("skipped:")][-1]
+    n = int(final.split(" unreadable")[0].split()[-1])
+    assert n >= 1 and "truncated.jpg" in final and "0 non-finite" in final
+    assert "1 missing files, 1 images without a valid box, 2 empty or out-of-image boxes" in final
+
+
+def test_nonfinite_loss_is_skipped_and_named(monkeypatch, capsys):
+    import losses
+    cfg = dict(train.config, **tiny_cfg(method="boxinst"))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    from test_model import scene
+    images, targets = scene(2)
+    real = losses.compute_losses
+
+    def poisoned(*a, **k):
+        loss, logs = real(*a, **k)
+        logs["loss_prj"] = logs["loss_prj"] * float("nan")
+        return loss + logs["loss_prj"], logs
+    monkeypatch.setattr(losses, "compute_losses", poisoned)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = lambda c: train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), None, images,
+                                      targets, 6, c, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    loss, _ = step(cfg)
+    assert not torch.isfinite(loss)
+    assert "iteration 7: non-finite loss_prj; step skipped" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(FloatingPointError, match="iteration 7: non-finite loss_prj"):
+        step(dict(cfg, skip_nonfinite=False))
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
+    import signal
+    import time
+    js, img = broken_dataset(tmp_path)
+    out = tmp_path / "out"
+    args = [os.path.join(HERE, "train.py"), f"--train_json={js}", f"--train_images={img}", f"--val_json={js}",
+            f"--val_images={img}", "--method=boxinst", "--max_iters=100000", "--batch_size=2", "--log_interval=1",
+            "--n_overlays=0", "--num_workers=0", "--min_size_train=(96,)", "--device=cpu", "--ckpt_interval=0",
+            f"--out_dir={out}"]
+    p = subprocess.Popen([sys.executable, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # wait for the first iterations
+        if line.startswith("iter 3/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == 143 and "SIGTERM: checkpoint at iteration" in stdout
+    it = torch.load(out / "ckpt.pt", weights_only=False)["iter"]
+    assert 3 <= it < 100000
+    r = subprocess.run([sys.executable, *args[:-1], f"--max_iters={it + 2}", f"--out_dir={out}", "--resume"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert f"resumed from {out / 'ckpt.pt'} at iteration {it}" in r.stdout and "training done" in r.stdout

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -39,6 +40,7 @@ log_interval = 20            # iterations between progress lines
 eval_interval = 0            # iterations between evaluations (0: only at the end)
 ckpt_interval = 500          # iterations between checkpoints (written atomically)
 resume = False               # continue from out_dir/ckpt.pt
+skip_nonfinite = True        # a NaN/inf loss skips its step with a warning naming the term (False: stop)
 n_overlays = 8               # PNG overlays of predictions written after the final evaluation
 # data: data_root (a COCO or VOC tree, DATA_LAYOUTS below), or the four paths, or neither: the
 # embedded synthetic dataset, generated on first use. A path given explicitly wins over data_root's.
@@ -239,10 +241,19 @@ def to_device(images, targets, device):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp file, then rename: a crash mid-write never loses the previous checkpoint."""
+    """torch.save to a temp file, flushed to disk, then renamed over the old one: a crash or kill -9
+    mid-write never loses the previous checkpoint."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself on disk
+    finally:
+        os.close(dir_fd)
 
 
 # where data_root's files are, per dataset (relative to data_root). VOC: the SBD-augmented VOC 2012
@@ -274,6 +285,14 @@ def dataset_paths():
                                  min_visible_frac=synthetic_min_visible)
 
 
+def all_finite(x):
+    """x is finite on every process (under DDP all ranks must skip a step together, or they hang)."""
+    ok = torch.isfinite(x).all().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev, autocast):
     """One iteration (it is 0-based): SIM's copy-paste, the forward passes, the losses of
     Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it."""
@@ -301,6 +320,14 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
         if cfg["pairwise_affinity"] == "color_feat":
             affinity = sim.feature_affinity(t_out)
     loss, logs = losses.compute_losses(out, images, targets, cfg, it + 1, extra, affinity)
+    if not all_finite(loss):  # no backward, no step, no SIM update: the weights never see it
+        bad = [k for k, v in logs.items() if not torch.isfinite(v).all()] or ["loss"]
+        msg = f"iteration {it + 1}: non-finite {', '.join(bad)}"
+        if not cfg["skip_nonfinite"]:
+            raise FloatingPointError(msg + " — fix: lower --lr, or --skip_nonfinite=True to skip such steps")
+        print(f"warning: {msg}; step skipped", flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        return loss, logs
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -387,17 +414,31 @@ def main():
               f"trainable parameters, method={method}, device={dev}, world_size={world_size}")
 
     def checkpoint(it):
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            print(f"warning: iteration {it}: non-finite weights, checkpoint NOT written (the previous one is kept)",
+                  flush=True)
+            return
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
                      "config": config, "sim": sim_state.state_dict() if sim_state else None,
                      "categories": train_ds.coco.loadCats(train_ds.cat_ids)}, ckpt_path)  # for predict.py
 
     # training loop
+    # SIGTERM (a cluster's pre-emption, torchrun passing on a kill): finish the step, checkpoint, exit
+    stop = torch.zeros(1)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.fill_(1))
+    n_unreadable, n_nonfinite, last_unreadable = 0, 0, ""
+
     model.train()
     t0 = t_log = time.time()
     for it in range(start_iter, max_iters):
         for g in optimizer.param_groups:
             g["lr"] = get_lr(it)
-        loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, *next(batches), it, config, dev, autocast)
+        images, targets = next(batches)
+        for t in targets:  # files the dataset could not read, replaced by the next image (data.py)
+            for p in t.pop("skipped", ()):
+                n_unreadable, last_unreadable = n_unreadable + 1, p
+        loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, config, dev, autocast)
+        n_nonfinite += not torch.isfinite(loss).all()
 
         if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters):
             dt = time.time() - t_log
@@ -407,15 +448,27 @@ def main():
             parts = " ".join(f"{k} {v.item():.3f}" for k, v in logs.items())
             print(f"iter {it + 1}/{max_iters} | loss {loss.item():.3f} | {parts} | lr {get_lr(it):.2e} | "
                   f"{ips:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+            if n_unreadable or n_nonfinite:
+                print(skip_summary(n_unreadable, last_unreadable, n_nonfinite), flush=True)
             t_log = time.time()
         if master and ckpt_interval and (it + 1) % ckpt_interval == 0:
             checkpoint(it + 1)
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
+        if stop.item():
+            if master:
+                checkpoint(it + 1)
+                print(f"SIGTERM: checkpoint at iteration {it + 1} in {ckpt_path}; continue with --resume", flush=True)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(143)
         if eval_interval and (it + 1) % eval_interval == 0 and it + 1 < max_iters:
             run_eval(raw_model, val_ds, dev, master, ddp, final=False)
             model.train()
     if master:
         checkpoint(max_iters)
         print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
+        print(skip_summary(n_unreadable, last_unreadable, n_nonfinite, train_ds.skipped), flush=True)
     run_eval(raw_model, val_ds, dev, master, ddp, final=True)
     if master and sim_state is not None and sim_state.teacher is not None:
         images, targets = to_device(*data.collate([train_ds[i] for i in range(4)]), dev)
@@ -423,6 +476,16 @@ def main():
         print(f"{len(paths)} pseudo-mask pictures (M_S, M_I, M_prob, M_hat) in {out_dir}/pseudo_*.png")
     if ddp:
         dist.destroy_process_group()
+
+
+def skip_summary(n_unreadable, last_unreadable, n_nonfinite, at_load=None):
+    """One line: what training skipped so far (and, at the end, what the dataset dropped at load)."""
+    parts = [f"{n_unreadable} unreadable images replaced" + (f" (last: {last_unreadable})" if n_unreadable else ""),
+             f"{n_nonfinite} non-finite steps skipped"]
+    if at_load is not None:
+        parts += [f"at load: {at_load['missing_files']} missing files, {at_load['no_box_images']} images without a "
+                  f"valid box, {at_load['bad_boxes']} empty or out-of-image boxes, {at_load['crowd']} crowd annotations"]
+    return "skipped: " + "; ".join(parts)
 
 
 def run_eval(raw_model, val_ds, dev, master, ddp, final):
