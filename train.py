@@ -240,6 +240,35 @@ def to_device(images, targets, device):
     return images, targets
 
 
+def rank_state(sim_state, scaler, dev):
+    """What this process needs to continue exactly: its random states (torch, CUDA, python, numpy),
+    its SIM state (teacher, prototypes, its own memory bank, copy-paste generator) and the AMP scaler."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "python": random.getstate(), "numpy": np.random.get_state(), "scaler": scaler.state_dict(),
+            "sim": sim_state.state_dict() if sim_state is not None else None}
+
+
+def set_rank_state(state, scaler, dev):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], dev)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+
+
+def rank_ckpt_path(ckpt_path, rank):
+    return ckpt_path.replace(".pt", f".rank{rank}.pt")
+
+
+def load_rank_state(ckpt_path, rank, dev):
+    path = rank_ckpt_path(ckpt_path, rank)
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location=dev, weights_only=False)["rank_state"]
+
+
 def save_atomic(obj, path):
     """torch.save to a temp file, flushed to disk, then renamed over the old one: a crash or kill -9
     mid-write never loses the previous checkpoint."""
@@ -376,7 +405,6 @@ def main():
     config.update(num_classes=num_classes, **paths)
     train_loader = data.make_loader(train_ds, batch_size, train=True, num_workers=num_workers, distributed=ddp, seed=seed,
                                     scale_per_batch=scale_per_batch)
-    batches = data.infinite(train_loader)
 
     # model, optimizer
     model = build_model(config).to(dev)
@@ -397,10 +425,16 @@ def main():
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_iter = ckpt["iter"]
+        own = ckpt.get("rank_state") if rank == 0 else load_rank_state(ckpt_path, rank, dev)
         if sim_state is not None:
-            sim_state.load_state_dict(ckpt["sim"], model)
+            sim_state.load_state_dict((own or ckpt)["sim"], model)
+        if own is not None:
+            set_rank_state(own, scaler, dev)
         if master:
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+            exact = "" if own is not None else " (a checkpoint without RNG states: not an exact continuation)"
+            print(f"resumed from {ckpt_path} at iteration {start_iter}{exact}")
+    # the data from iteration start_iter on, as an uninterrupted run would have drawn it
+    batches = data.infinite(train_loader, start_iter)
     raw_model = model
     if ddp:
         model = DDP(model, device_ids=[dev.index] if device_type == "cuda" else None)
@@ -418,9 +452,13 @@ def main():
             print(f"warning: iteration {it}: non-finite weights, checkpoint NOT written (the previous one is kept)",
                   flush=True)
             return
-        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                     "config": config, "sim": sim_state.state_dict() if sim_state else None,
-                     "categories": train_ds.coco.loadCats(train_ds.cat_ids)}, ckpt_path)  # for predict.py
+        own = rank_state(sim_state, scaler, dev)
+        if master:
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                         "config": config, "sim": own["sim"], "rank_state": own,
+                         "categories": train_ds.coco.loadCats(train_ds.cat_ids)}, ckpt_path)  # for predict.py
+        else:  # each rank's own bank and random states, beside the master's checkpoint
+            save_atomic({"iter": it, "rank_state": own}, rank_ckpt_path(ckpt_path, rank))
 
     # training loop
     # SIGTERM (a cluster's pre-emption, torchrun passing on a kill): finish the step, checkpoint, exit
@@ -451,13 +489,13 @@ def main():
             if n_unreadable or n_nonfinite:
                 print(skip_summary(n_unreadable, last_unreadable, n_nonfinite), flush=True)
             t_log = time.time()
-        if master and ckpt_interval and (it + 1) % ckpt_interval == 0:
+        if ckpt_interval and (it + 1) % ckpt_interval == 0:
             checkpoint(it + 1)
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
         if stop.item():
+            checkpoint(it + 1)
             if master:
-                checkpoint(it + 1)
                 print(f"SIGTERM: checkpoint at iteration {it + 1} in {ckpt_path}; continue with --resume", flush=True)
             if ddp:
                 dist.destroy_process_group()
@@ -465,8 +503,8 @@ def main():
         if eval_interval and (it + 1) % eval_interval == 0 and it + 1 < max_iters:
             run_eval(raw_model, val_ds, dev, master, ddp, final=False)
             model.train()
+    checkpoint(max_iters)
     if master:
-        checkpoint(max_iters)
         print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
         print(skip_summary(n_unreadable, last_unreadable, n_nonfinite, train_ds.skipped), flush=True)
     run_eval(raw_model, val_ds, dev, master, ddp, final=True)
