@@ -578,3 +578,18 @@ def update_teacher(teacher, model, momentum=0.9999):
     One fused (foreach) kernel per group instead of ~200 small ones: the same arithmetic."""
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in model.parameters()], 1 - momentum)
     torch._foreach_copy_(list(teacher.buffers()), list(model.buffers()))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        broadcast_buffers(teacher)
+
+
+def broadcast_buffers(module, src=0):
+    """Rank src's buffers on every rank, one broadcast per dtype. Under DDP the student's BN statistics
+    differ between ranks after each forward (DDP re-broadcasts rank 0's at the start of the next), so the
+    teacher copying them would drift apart across ranks."""
+    by_dtype = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        torch.distributed.broadcast(flat, src)
+        torch._foreach_copy_(bufs, [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in bufs]), bufs)])

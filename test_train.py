@@ -342,3 +342,40 @@ def test_resume_continues_exactly(tmp_path, method):
             assert torch.allclose(sa["prototypes"][k].float(), sb["prototypes"][k].float(), atol=1e-6), k
         assert len(sa["bank"]["entries"]) == len(sb["bank"]["entries"]) > 0
         assert "loss_paste" in r.stdout  # copy-paste ran after the resume
+
+
+def test_ddp_two_ranks_uneven_val_and_identical_sim_state(tmp_path):
+    """torchrun, 2 gloo processes, 3 val images (an uneven split: the sampler pads rank 1 with a repeat):
+    every val image scored once, as a single-process eval.py scores the same checkpoint; the teacher and
+    the prototypes are the same on both ranks after SIM steps (each rank's file beside the checkpoint)."""
+    import socket
+    import data
+    syn = data.ensure_synthetic(str(tmp_path / "syn"), n_train=8, n_val=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        os.path.join(HERE, "train.py"), f"--train_json={syn['train_json']}",
+                        f"--train_images={syn['train_images']}", f"--val_json={syn['val_json']}",
+                        f"--val_images={syn['val_images']}", "--batch_size=2", "--max_iters=3", "--n_overlays=0",
+                        "--device=cpu", "--teacher_start_iter=0", "--sim_start_iter=1", "--num_workers=0",
+                        f"--out_dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp_results = json.load(open(out / "results_segm.json"))
+    r1 = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), f"--ckpt={out / 'ckpt.pt'}", "--device=cpu",
+                         f"--out_dir={tmp_path / 'single'}", "--n_overlays=0"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    single = json.load(open(tmp_path / "single" / "results_segm.json"))
+    count = lambda res: sorted((d["image_id"], d["category_id"]) for d in res)
+    assert count(ddp_results) == count(single) and {d["image_id"] for d in single} <= {1, 2, 3}
+    m0 = json.load(open(out / "metrics.json"))
+    m1 = json.load(open(tmp_path / "single" / "metrics.json"))
+    assert m0["segm"]["AP"] == pytest.approx(m1["segm"]["AP"], abs=1e-6)
+    a = torch.load(out / "ckpt.pt", weights_only=False)["rank_state"]["sim"]
+    b = torch.load(out / "ckpt.rank1.pt", weights_only=False)["rank_state"]["sim"]
+    for part in ("teacher", "prototypes"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)

@@ -244,8 +244,14 @@ def rank_state(sim_state, scaler, dev):
     """What this process needs to continue exactly: its random states (torch, CUDA, python, numpy),
     its SIM state (teacher, prototypes, its own memory bank, copy-paste generator) and the AMP scaler."""
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state(), "scaler": scaler.state_dict(),
+            "python": random.getstate(), "numpy": _numpy_state_as_tensor(np.random.get_state()), "scaler": scaler.state_dict(),
             "sim": sim_state.state_dict() if sim_state is not None else None}
+
+
+def _numpy_state_as_tensor(state):
+    """numpy's RNG state with its key array as a tensor: checkpoints stay loadable with weights_only=True."""
+    name, keys, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
 
 
 def set_rank_state(state, scaler, dev):
@@ -253,7 +259,8 @@ def set_rank_state(state, scaler, dev):
     if state["cuda"] is not None and dev.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], dev)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
 
