@@ -20,3 +20,15 @@ def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
                 "--steps=1", "--rounds=2", "--warmup=1", f"--paste_prob={paste_prob}", "--device=cpu"])
     out = capsys.readouterr().out
     assert re.search(r"^SIM / BoxInst step time: \d+\.\d\dx$", out, re.M), out
+
+
+def test_compare_torchvision_prints_every_variant_and_the_ratios(capsys, monkeypatch):
+    """The torchvision comparison at 128 px (512 in the real run): a table row per variant, the ratios last."""
+    monkeypatch.setattr(bench, "TV_SIZE", 128)
+    bench.main(["--compare=torchvision", "--steps=1", "--rounds=1", "--warmup=1", "--device=cpu"])
+    out = capsys.readouterr().out
+    for name in ("torchvision FCOS", "nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"):
+        assert re.search(rf"^\| {name} \| \d+ \| \d+ \| \d+ \|$", out, re.M), out
+    last = out.strip().splitlines()[-3:]
+    assert [l.split(" /")[0] for l in last] == ["nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"]
+    assert all(re.search(r"train step \d+\.\d\dx, inference \d+\.\d\dx$", l) for l in last)
