@@ -161,7 +161,8 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     teacher's dense outputs on the same images. Returns maps on the mask-out grid (G, Hp/s, Wp/s),
     written Hp/4 below (the reference's s = 4):
     M_S, M_I, M_prob, M_hat, W, and M_mean (plain mean of the teacher's masks over the object's
-    positives, for the prototype update and the bank), and has_pos (G,).
+    positives, for the prototype update and the bank), has_pos (G,), and pos_weights (K,) (Eq. 6's
+    weight of each positive, for viz.py).
     """
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
@@ -202,7 +203,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     weight = weight * obj["valid"][obj["img"]]                                          # never on the padding
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
     return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
-                has_pos=has_pos)
+                has_pos=has_pos, pos_weights=w)
 
 
 def sim_losses(out, pm, obj, cfg):

@@ -253,7 +253,7 @@ def test_broken_dataset_trains_to_the_end_with_counts(tmp_path):
     val["annotations"] = [a for a in val["annotations"] if a["image_id"] <= 4]
     (tmp_path / "val.json").write_text(json.dumps(val))
     r = run_train(f"--train_json={js}", f"--train_images={img}", f"--val_json={tmp_path / 'val.json'}", f"--val_images={img}",
-                  "--method=boxinst", "--max_iters=12", "--batch_size=2", "--log_interval=4", "--n_overlays=0",
+                  "--method=boxinst", "--max_iters=12", "--batch_size=2", "--log_interval=4", "--n_overlays=0", "--viz_interval=12",
                   "--num_workers=0", "--min_size_train=(96,)", "--device=cpu", f"--out_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 0 and "training done" in r.stdout, r.stderr[-3000:]
     assert "warning:" in r.stderr and "truncated.jpg" in r.stderr
@@ -261,6 +261,7 @@ def test_broken_dataset_trains_to_the_end_with_counts(tmp_path):
     n = int(final.split(" unreadable")[0].split()[-1])
     assert n >= 1 and "truncated.jpg" in final and "0 non-finite" in final
     assert "1 missing files, 1 images without a valid box, 2 empty or out-of-image boxes" in final
+    assert os.path.isfile(tmp_path / "out" / "viz" / "it12_0.png")  # the viz.py grid of val image 0
 
 
 def test_nonfinite_loss_is_skipped_and_named(monkeypatch, capsys):

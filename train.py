@@ -30,6 +30,7 @@ import copypaste
 import data
 import losses
 import sim
+import viz
 from model import build_model
 
 # -----------------------------------------------------------------------------
@@ -42,6 +43,7 @@ ckpt_interval = 500          # iterations between checkpoints (written atomicall
 resume = False               # continue from out_dir/ckpt.pt
 skip_nonfinite = True        # a NaN/inf loss skips its step with a warning naming the term (False: stop)
 n_overlays = 8               # PNG overlays of predictions written after the final evaluation
+viz_interval = 400           # iterations between viz.py grids of val images 0-1 in out_dir/viz (0: never)
 # data: data_root (a COCO or VOC tree, DATA_LAYOUTS below), or the four paths, or neither: the
 # embedded synthetic dataset, generated on first use. A path given explicitly wins over data_root's.
 data_root = ""
@@ -472,6 +474,7 @@ def main():
     stop = torch.zeros(1)
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.fill_(1))
     n_unreadable, n_nonfinite, last_unreadable = 0, 0, ""
+    viz_batch = None
 
     model.train()
     t0 = t_log = time.time()
@@ -498,6 +501,9 @@ def main():
             t_log = time.time()
         if ckpt_interval and (it + 1) % ckpt_interval == 0:
             checkpoint(it + 1)
+        if master and viz_interval and (it + 1) % viz_interval == 0:  # the maps co-evolving with the model
+            viz_batch = viz_batch or to_device(*data.collate([val_ds[i] for i in range(min(2, len(val_ds)))]), dev)
+            viz.object_grids(raw_model, sim_state, config, *viz_batch, os.path.join(out_dir, "viz"), 2, f"it{it + 1}")
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
         if stop.item():
