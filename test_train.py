@@ -43,11 +43,18 @@ def test_config_files_load(path, monkeypatch):
     cfg = dict(train.config)
     train.configure([path], cfg)
     assert set(cfg) == set(train.config)
-    assert cfg["data_root"] == "datasets/coco" and cfg["dataset"] == "coco" and cfg["pretrained"] == "imagenet"
+    assert (cfg["data_root"], cfg["dataset"]) in (("datasets/coco", "coco"), ("datasets/voc", "voc"))
+    assert os.path.basename(path).startswith(cfg["dataset"]) and cfg["pretrained"] == "imagenet"
     assert cfg["method"] in ("boxinst", "full", "sim") and cfg["max_iters"] > max(cfg["lr_steps"])
-    # the reference's solver and FPN size ranges, not the CPU demo's AdamW and scaled ranges
-    assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
-    assert cfg["sizes_of_interest"] == (64, 128, 256, 512) and cfg["backbone"] in ("resnet50", "resnet101")
+    # the reference's solver (the paper's AdamW for Swin) and FPN size ranges, not the CPU demo's
+    if cfg["backbone"] == "swin_b":
+        assert (cfg["solver"], cfg["lr"], cfg["weight_decay"]) == ("adamw", 1e-4, 0.05)
+    else:
+        assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
+    assert cfg["sizes_of_interest"] == (64, 128, 256, 512)
+    assert cfg["backbone"] in ("resnet50", "resnet101", "resnet101_dcn", "swin_b")
+    if cfg["method"] == "sim":
+        assert cfg["teacher_start_iter"] < cfg["sim_start_iter"] < cfg["lr_steps"][0]
     assert cfg["mask_out_stride"] == 4  # the reference's, not the small-image demo's 2
     if "sim_r50_1x" in path:
         assert (cfg["sim_start_iter"], cfg["teacher_momentum"], cfg["proto_momentum"]) == (10000, 0.9999, 0.999)
@@ -380,3 +387,36 @@ def test_ddp_two_ranks_uneven_val_and_identical_sim_state(tmp_path):
     for part in ("teacher", "prototypes"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+@pytest.fixture(scope="module")
+def imagenet_cache(tmp_path_factory):
+    """$TORCH_HOME with random weights under the file names of the enums the configs ask for."""
+    import torchvision
+    home = tmp_path_factory.mktemp("torch_home")
+    d = home / "hub" / "checkpoints"
+    d.mkdir(parents=True)
+    for builder, enum in [(torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
+                          (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
+                          (torchvision.models.swin_b, torchvision.models.Swin_B_Weights)]:
+        torch.save(builder().state_dict(), d / os.path.basename(enum.IMAGENET1K_V1.url))
+    return home
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(HERE, "configs", "*.py"))))
+def test_every_config_trains_2_iterations_on_a_fake_tree(path, tmp_path, imagenet_cache, monkeypatch):
+    """Each config as it is (backbone, ImageNet weights from $TORCH_HOME, method, SIM settings) for 2
+    iterations on a fake tree of its layout, small images; SIM's teacher and losses from the start."""
+    cfg = dict(train.config)
+    monkeypatch.chdir(HERE)
+    train.configure([path], cfg)
+    root = fake_tree(tmp_path, cfg["dataset"])
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), path, f"--data_root={root}", "--max_iters=2",
+                        "--batch_size=1", "--num_workers=0", "--min_size_train=(64,)", "--max_size_train=96",
+                        "--min_size_test=64", "--max_size_test=96", "--n_overlays=0", "--viz_interval=0",
+                        "--teacher_start_iter=0", "--sim_start_iter=1", "--num_classes=0", "--device=cpu",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TORCH_HOME=str(imagenet_cache), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training done" in r.stdout and os.path.isfile(tmp_path / "out" / "metrics.json")
+    assert f'"backbone": "{cfg["backbone"]}"' in r.stdout and "global batch 1 (1 x 1 processes)" in r.stdout

@@ -455,6 +455,8 @@ def main():
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, {n_params / 1e6:.2f}M "
               f"trainable parameters, method={method}, device={dev}, world_size={world_size}")
+        print(f"global batch {batch_size * world_size} ({batch_size} x {world_size} processes), lr {lr}, "
+              f"{max_iters} iterations, lr steps {lr_steps}")
 
     def checkpoint(it):
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
