@@ -256,9 +256,10 @@ def feature_affinity(t_out):
 
 
 @torch.no_grad()
-def after_step(state, model, out, pm, obj, images, targets):
+def after_step(state, model, out, pm, obj, images, targets, ema=True):
     """Prototype update (Eq. 2-5) from the student's features at confident in-box pixels, the
-    memory-bank push (Eq. 11) of this batch's ordinary objects, and the teacher's EMA."""
+    memory-bank push (Eq. 11) of this batch's ordinary objects, and (ema) the teacher's EMA: once per
+    optimizer step, not per accumulated micro-batch."""
     cfg = state.cfg
     feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
     fg, bg = prototype_pixels(pm, obj, cfg)
@@ -273,7 +274,8 @@ def after_step(state, model, out, pm, obj, images, targets):
                                                   pm[bank_map][sel], (h, w), cfg["bank_thresh"],
                                                   cfg["mask_out_stride"], cfg["bank_min_box_iou"])
         state.bank.push(**entry)
-    update_teacher(state.teacher, model, cfg["teacher_momentum"])
+    if ema:
+        update_teacher(state.teacher, model, cfg["teacher_momentum"])
 
 
 @torch.no_grad()

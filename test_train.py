@@ -420,3 +420,47 @@ def test_every_config_trains_2_iterations_on_a_fake_tree(path, tmp_path, imagene
     assert r.returncode == 0, r.stderr[-3000:]
     assert "training done" in r.stdout and os.path.isfile(tmp_path / "out" / "metrics.json")
     assert f'"backbone": "{cfg["backbone"]}"' in r.stdout and "global batch 1 (1 x 1 processes)" in r.stdout
+
+
+def test_linear_scaling_rule_hand_values():
+    """Recipe batch 16 on 2 processes x 2 images: G/R = 1/4: lr / 4, iterations x 4, EMA m -> m^(1/4)."""
+    cfg = dict(train.config, batch_size=2, accum_steps=1, reference_batch=16, lr=0.01, max_iters=90000,
+               lr_steps=(60000, 80000), warmup_iters=1000, teacher_momentum=0.9999, proto_momentum=0.999)
+    s = train.scale_schedule(cfg, world_size=2)
+    assert s["lr"] == pytest.approx(0.0025) and s["max_iters"] == 360000 and s["lr_steps"] == (240000, 320000)
+    assert s["warmup_iters"] == 4000 and s["teacher_momentum"] == pytest.approx(0.9999 ** 0.25)
+    assert s["proto_momentum"] == pytest.approx(0.999 ** 0.25)
+    # 8 processes x 2 images: the recipe itself, nothing moves
+    s = train.scale_schedule(cfg, world_size=8)
+    assert s["lr"] == 0.01 and s["max_iters"] == 90000 and s["teacher_momentum"] == 0.9999
+    # accumulation counts in the global batch: 2 x 2 x 4 = 16
+    assert train.scale_schedule(dict(cfg, accum_steps=4), world_size=2)["max_iters"] == 90000
+
+
+def test_gradient_accumulation_steps_once_with_the_mean_gradient():
+    """Two micro-batches: no step after the first; after the second the SGD step of the mean of the two
+    micro-batches' gradients (each measured alone by a one-micro-batch step from the same start)."""
+    import copy
+    from test_model import scene
+    cfg = dict(train.config, **tiny_cfg(method="boxinst"))
+    torch.manual_seed(0)
+    base = build_model(cfg)
+    images, targets = scene(4)
+    halves = [(images[:2], targets[:2]), (images[2:], targets[2:])]
+    step = lambda model, batch, micro: train.train_step(
+        model, model, opt_of(model), torch.amp.GradScaler("cpu", enabled=False), None, *batch, 5, cfg,
+        torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False), micro)
+    opts = {}
+    opt_of = lambda model: opts.setdefault(id(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    p0 = [p.detach().clone() for p in base.parameters()]
+    single = []
+    for batch in halves:
+        m = copy.deepcopy(base)
+        step(m, batch, (0, 1))
+        single.append([(a - p.detach()) / 0.1 for a, p in zip(p0, m.parameters())])   # its gradient
+    acc = copy.deepcopy(base)
+    step(acc, halves[0], (0, 2))
+    assert all(torch.equal(a, p) for a, p in zip(p0, acc.parameters()))           # no step yet
+    step(acc, halves[1], (1, 2))
+    for a, p, g1, g2 in zip(p0, acc.parameters(), *single):
+        assert torch.allclose(p.detach(), a - 0.1 * (g1 + g2) / 2, atol=1e-5)

@@ -13,6 +13,7 @@ The reference (COCO R50 1x) values are in configs/.
 """
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -61,6 +62,9 @@ max_size_train = 320
 min_size_test = 160
 max_size_test = 320
 batch_size = 4               # per process (small batches learn more per image on the CPU demo)
+accum_steps = 1              # gradient accumulation: micro-batches per step (global batch = batch_size x processes x this)
+reference_batch = 4          # the global batch the schedule below is written for (COCO configs: 16)
+linear_scaling = False       # True: lr x global/reference batch, iterations (and EMA momenta) x reference/global
 num_workers = 1
 bottom_pixels_removed = 0    # BoxInst's COCO trick (10): bottom rows not used as pairwise neighbours
 # model (model.py reads these)
@@ -323,6 +327,26 @@ def dataset_paths():
                                  min_visible_frac=synthetic_min_visible)
 
 
+ITERATION_KEYS = ("max_iters", "warmup_iters", "lr_steps", "sim_start_iter", "teacher_start_iter",
+                  "pairwise_warmup_iters", "lambda1_ramp_iters", "ckpt_interval", "eval_interval", "viz_interval")
+
+
+def scale_schedule(cfg, world_size):
+    """The linear scaling rule (Goyal et al. 2017) from the recipe's global batch R (reference_batch) to
+    this run's G = batch_size x world_size x accum_steps: lr x G/R; every iteration count x R/G (the same
+    number of images seen at each point); the per-iteration EMA momenta m -> m^(G/R) (the same horizon in
+    images). -> the changed keys."""
+    G, R = cfg["batch_size"] * world_size * cfg["accum_steps"], cfg["reference_batch"]
+    k = R / G
+    out = {"lr": cfg["lr"] * G / R}
+    for key in ITERATION_KEYS:
+        v = cfg[key]
+        out[key] = tuple(int(round(x * k)) for x in v) if isinstance(v, tuple) else int(round(v * k))
+    for key in ("teacher_momentum", "proto_momentum"):
+        out[key] = cfg[key] ** (1 / k)
+    return out
+
+
 def all_finite(x):
     """x is finite on every process (under DDP all ranks must skip a step together, or they hang)."""
     ok = torch.isfinite(x).all().float()
@@ -331,9 +355,13 @@ def all_finite(x):
     return bool(ok)
 
 
-def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev, autocast):
+def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev, autocast, micro=(0, 1)):
     """One iteration (it is 0-based): SIM's copy-paste, the forward passes, the losses of
-    Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it."""
+    Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it.
+    micro = (m, n): micro-batch m of n (gradient accumulation): the loss is divided by n, the
+    optimizer steps and the teacher's EMA moves after the last one only (DDP syncs only then)."""
+    m, n = micro
+    last = m == n - 1
     if sim_state is not None and it >= cfg["sim_start_iter"] and cfg["paste_prob"] > 0:  # online copy-paste (bank on the CPU)
         images, targets = copypaste.copy_paste_batch(images, targets, sim_state.bank, cfg["paste_prob"],
                                                      sim_state.generator, cfg["paste_max_objects"],
@@ -363,15 +391,18 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
         msg = f"iteration {it + 1}: non-finite {', '.join(bad)}"
         if not cfg["skip_nonfinite"]:
             raise FloatingPointError(msg + " — fix: lower --lr, or --skip_nonfinite=True to skip such steps")
-        print(f"warning: {msg}; step skipped", flush=True)
-        optimizer.zero_grad(set_to_none=True)
+        print(f"warning: {msg}; {'step' if n == 1 else f'micro-batch {m + 1}/{n}'} skipped", flush=True)
+        if last:  # its backward would have been the synchronising one: the accumulated step is dropped too
+            optimizer.zero_grad(set_to_none=True)
         return loss, logs
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        scaler.scale(loss / n).backward()
+    if last:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     if teacher_on:
-        sim.after_step(sim_state, raw_model, out, pm, obj, images, targets)
+        sim.after_step(sim_state, raw_model, out, pm, obj, images, targets, ema=last)
     return loss, logs
 
 
@@ -389,6 +420,10 @@ def main():
     else:
         dev, rank, world_size = device, 0, 1
     master = rank == 0
+    if linear_scaling:  # the schedule written for reference_batch, moved to this run's global batch
+        scaled = scale_schedule(config, world_size)
+        config.update(scaled)
+        globals().update(scaled)
     dev = torch.device(dev)
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
@@ -443,7 +478,7 @@ def main():
             exact = "" if own is not None else " (a checkpoint without RNG states: not an exact continuation)"
             print(f"resumed from {ckpt_path} at iteration {start_iter}{exact}")
     # the data from iteration start_iter on, as an uninterrupted run would have drawn it
-    batches = data.infinite(train_loader, start_iter)
+    batches = data.infinite(train_loader, start_iter * accum_steps)
     raw_model = model
     if ddp:
         model = DDP(model, device_ids=[dev.index] if device_type == "cuda" else None)
@@ -455,8 +490,9 @@ def main():
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, {n_params / 1e6:.2f}M "
               f"trainable parameters, method={method}, device={dev}, world_size={world_size}")
-        print(f"global batch {batch_size * world_size} ({batch_size} x {world_size} processes), lr {lr}, "
-              f"{max_iters} iterations, lr steps {lr_steps}")
+        print(f"global batch {batch_size * world_size * accum_steps} ({batch_size} x {world_size} processes"
+              f"{f' x {accum_steps} accumulated' if accum_steps > 1 else ''}), lr {lr}, {max_iters} iterations, "
+              f"lr steps {lr_steps}" + (f" (linear scaling from the recipe's batch {reference_batch})" if linear_scaling else ""))
 
     def checkpoint(it):
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
@@ -483,17 +519,19 @@ def main():
     for it in range(start_iter, max_iters):
         for g in optimizer.param_groups:
             g["lr"] = get_lr(it)
-        images, targets = next(batches)
-        for t in targets:  # files the dataset could not read, replaced by the next image (data.py)
-            for p in t.pop("skipped", ()):
-                n_unreadable, last_unreadable = n_unreadable + 1, p
-        loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, config, dev, autocast)
-        n_nonfinite += not torch.isfinite(loss).all()
+        for m in range(accum_steps):
+            images, targets = next(batches)
+            for t in targets:  # files the dataset could not read, replaced by the next image (data.py)
+                for p in t.pop("skipped", ()):
+                    n_unreadable, last_unreadable = n_unreadable + 1, p
+            loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, config, dev,
+                                    autocast, (m, accum_steps))
+            n_nonfinite += not torch.isfinite(loss).all()
 
         if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters):
             dt = time.time() - t_log
             n_iters = (it + 1 - start_iter) % log_interval or log_interval
-            ips = n_iters * batch_size * world_size / dt
+            ips = n_iters * batch_size * world_size * accum_steps / dt
             eta = (max_iters - it - 1) * dt / n_iters
             parts = " ".join(f"{k} {v.item():.3f}" for k, v in logs.items())
             print(f"iter {it + 1}/{max_iters} | loss {loss.item():.3f} | {parts} | lr {get_lr(it):.2e} | "
