@@ -6,6 +6,7 @@ ratio is meaningful on a noisy machine. Runs train.py's own train_step (nanoGPT'
     python bench.py --device=cuda --steps=20 # any train.py setting can be overridden
     python bench.py --compare=scale          # BoxInst steps, one training scale per image vs per batch
     python bench.py --compare=torchvision    # ResNet-50-FPN at 512 px: torchvision's FCOS vs nanoSIM
+    python bench.py --profile=True           # and the top operators of a SIM step (torch.profiler)
 
 Prints the median step time of each method over interleaved rounds and the SIM / BoxInst ratio.
 SIM runs with everything its preset switches on from the first step (teacher, pseudo masks,
@@ -34,6 +35,7 @@ import train
 from model import build_model
 
 steps = 5       # timed steps per round and method
+profile = False  # also print torch.profiler's top ops of the SIM steps (--profile=True)
 compare = "method"  # "method": BoxInst vs SIM; "scale": BoxInst with a scale per image vs per batch
 rounds = 4      # rounds, alternating the methods
 warmup = 2      # untimed steps per method first
@@ -186,7 +188,7 @@ def compare_torchvision(cfg, argv):
 
 
 def main(argv):
-    cfg = dict(train.config, steps=steps, rounds=rounds, warmup=warmup, compare=compare)
+    cfg = dict(train.config, steps=steps, rounds=rounds, warmup=warmup, compare=compare, profile=profile)
     train.configure(argv, cfg)
     if cfg["compare"] == "torchvision":
         return compare_torchvision(cfg, [a for a in argv if not a.startswith("--compare")])
@@ -260,6 +262,12 @@ def main(argv):
         print(f"{m:16s} median step {t * 1000:8.1f} ms | padded batch {pixels:.0f} pixels per image")
     num, den, label = ratio
     print(f"{label} step time: {med[num] / med[den]:.2f}x")
+    if cfg["profile"] and "sim" in runners:  # where a SIM step's time goes, by operator (self time)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])) as p:
+            run("sim", cfg["steps"], 1000)
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(p.key_averages().table(sort_by=key, row_limit=15))
 
 
 if __name__ == "__main__":

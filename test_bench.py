@@ -17,9 +17,12 @@ def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
     bench.main([f"--train_json={p['train_json']}", f"--train_images={p['train_images']}", "--backbone=resnet18",
                 "--fpn_channels=32", "--head_channels=32", "--head_convs=1", "--mask_branch_channels=16",
                 "--mask_branch_convs=1", "--min_size_train=(128,)", "--max_size_train=128", "--batch_size=2",
-                "--steps=1", "--rounds=2", "--warmup=1", f"--paste_prob={paste_prob}", "--device=cpu"])
+                "--steps=1", "--rounds=2", "--warmup=1", f"--paste_prob={paste_prob}", "--device=cpu",
+                f"--profile={paste_prob == '0.5'}"])
     out = capsys.readouterr().out
     assert re.search(r"^SIM / BoxInst step time: \d+\.\d\dx$", out, re.M), out
+    if paste_prob == "0.5":  # --profile=True: the operator table follows the ratio line
+        assert "Self CPU" in out.split("SIM / BoxInst step time")[1]
 
 
 def test_compare_torchvision_prints_every_variant_and_the_ratios(capsys, monkeypatch):
