@@ -130,13 +130,15 @@ def _nanosim_variant(base, dev, name, images, targets):
 
 
 def peak_memory_child(name, argv):
-    """Peak resident memory (MB) of a child process running only variant `name` (CPU)."""
+    """Peak resident memory (MB) of a child process running only variant `name` (CPU): its VmHWM (Linux;
+    getrusage's maxrss would include the parent's pages at the fork)."""
     import subprocess
-    code = ("import resource, sys, bench, train; bench.TV_SIZE = int(sys.argv[2]); "
+    code = ("import sys, bench, train; bench.TV_SIZE = int(sys.argv[2]); "
             "cfg = dict(train.config, steps=1, rounds=1, warmup=1, compare='torchvision'); "
             "train.configure(sys.argv[3:], cfg); "
             "import torch; torch.manual_seed(0); v = bench.tv_variants(cfg, torch.device('cpu'), sys.argv[1])[sys.argv[1]]; "
-            "[v[0]() for _ in range(2)]; v[1](); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "[v[0]() for _ in range(2)]; v[1](); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     r = subprocess.run([sys.executable, "-c", code, name, str(TV_SIZE), *argv], capture_output=True, text=True,
                        cwd=__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
     return int(r.stdout.strip().splitlines()[-1]) / 1024 if r.returncode == 0 else float("nan")
