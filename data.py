@@ -195,8 +195,9 @@ class CocoBoxDataset(torch.utils.data.Dataset):
                      "check the image folder")
 
     def __getitem__(self, i):
-        """i: an index, or (index, shorter side) from ScaleBatchSampler (one training scale per batch)."""
-        i, short = i if isinstance(i, tuple) else (i, None)
+        """i: an index, or (index, shorter side, flip) from TrainBatchSampler (the training loader's
+        draws; (index, shorter side) draws the flip here)."""
+        i, short, flip = (tuple(i) + (None,))[:3] if isinstance(i, tuple) else (i, None, None)
         skipped = []
         if self.train:
             (img, i), skipped = self._load_readable(i)
@@ -222,7 +223,9 @@ class CocoBoxDataset(torch.utils.data.Dataset):
                     masks[None], size=(h, w), mode="nearest-exact")[0]  # (N, h, w) uint8
         if skipped:
             target["skipped"] = skipped  # train.py counts them (pops the key before the step)
-        if self.train and random.random() < self.hflip_prob:
+        if flip is None:
+            flip = self.train and random.random() < self.hflip_prob
+        if flip:
             image = image.flip(-1)
             target["boxes"] = hflip_boxes(target["boxes"], w)
             if self.with_masks:
@@ -244,73 +247,84 @@ def collate(batch, size_divisibility=32):
     return out, list(targets)
 
 
-class ScaleBatchSampler(torch.utils.data.Sampler):
-    """Training batches of (index, shorter side) pairs: one scale per batch, drawn from min_sizes.
+class TrainBatchSampler(torch.utils.data.Sampler):
+    """Training batches of (index, shorter side, flip) triples, every draw a function of (seed, epoch):
+    the image order comes from a DistributedSampler (one rank: num_replicas 1), the scales and flips
+    from a generator seeded per epoch, in the main process. So the data of any iteration can be
+    replayed: set_epoch(epoch, start) skips the first `start` batches of that epoch without loading
+    them (exact resume, train.py), and the workers hold no random state.
 
-    The reference draws a scale per image, and the batch is padded to its largest image: on the demo's
-    160-200 px images with scales (144, 160, 176), a batch of 4 then holds 1.1x the pixels it holds
-    with one scale per batch, and a demo step takes 1.1x as long (`python bench.py --compare=scale`,
-    BENCHMARKS.md). Each image still sees every scale over the epochs. The COCO configs keep the
-    reference's per-image draw.
+    scale_per_batch: one shorter side per batch (the demo) instead of one per image (the reference). The
+    reference pads a batch to its largest image: on the demo's 160-200 px images with scales (144, 160,
+    176), a batch of 4 then holds 1.1x the pixels it holds with one scale per batch, and a demo step
+    takes 1.1x as long (`python bench.py --compare=scale`, BENCHMARKS.md). Each image still sees every
+    scale over the epochs. drop_last: an incomplete last batch is not yielded.
     """
 
-    def __init__(self, sampler, batch_size, min_sizes, seed=0):
+    def __init__(self, sampler, batch_size, min_sizes, scale_per_batch=True, hflip_prob=0.5, seed=0):
         self.sampler, self.batch_size, self.min_sizes = sampler, batch_size, tuple(min_sizes)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.scale_per_batch, self.hflip_prob, self.seed = scale_per_batch, hflip_prob, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        """Epoch `epoch` next, from its batch `start` on (0: all of it)."""
+        self.epoch, self.start = epoch, start
+        self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        batch = []
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n, batch, k = self.batch_size, [], 0
         for i in self.sampler:
             batch.append(i)
-            if len(batch) == self.batch_size:  # drop_last: an incomplete last batch is not yielded
-                short = self.min_sizes[int(torch.randint(len(self.min_sizes), (1,), generator=self.generator))]
-                yield [(j, short) for j in batch]
-                batch = []
+            if len(batch) == n:
+                scales = torch.randint(len(self.min_sizes), (1 if self.scale_per_batch else n,), generator=g)
+                flips = torch.rand(n, generator=g) < self.hflip_prob
+                if k >= self.start:
+                    yield [(j, self.min_sizes[int(scales[0 if self.scale_per_batch else m])], bool(flips[m]))
+                           for m, j in enumerate(batch)]
+                batch, k = [], k + 1
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
 
 
 def make_loader(dataset, batch_size, train, num_workers=2, distributed=False, seed=0, scale_per_batch=False):
-    """DataLoader with the repo's collate. train: shuffled, drop_last; eval: in order.
-    scale_per_batch (train only): one random training scale per batch (ScaleBatchSampler).
+    """DataLoader with the repo's collate. train: shuffled, drop_last, TrainBatchSampler (the image order,
+    scales and flips drawn per epoch from `seed`; scale_per_batch: one training scale per batch); eval:
+    in order.
 
-    Under DDP the sampler splits the images over ranks; in eval, DistributedSampler pads the last
-    round with repeated images so that all ranks get the same count (the evaluator should keep one
-    result per image_id).
+    Under DDP the images are split over ranks; in eval, DistributedSampler pads the last round with
+    repeated images so that all ranks get the same count (the evaluator keeps one result per image_id).
     """
-    rank = torch.distributed.get_rank() if distributed and torch.distributed.is_initialized() else 0
+    dist_on = distributed and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist_on else (0, 1)
     if train:
-        sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed) if distributed else
-                   torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)))
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         if len(sampler) < batch_size:
             raise _error(getattr(dataset, "json_path", "training set"),
                          f"{len(sampler)} images per rank, fewer than batch_size {batch_size}",
                          "no full batch with drop_last", "lower --batch_size or add images")
+        # the scales and flips differ per rank (the order already does)
+        batching = dict(batch_sampler=TrainBatchSampler(sampler, batch_size, dataset.min_sizes, scale_per_batch,
+                                                        dataset.hflip_prob, seed + 1000 * rank))
     else:
         sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed else
                    torch.utils.data.SequentialSampler(dataset))
-    if train and scale_per_batch:
-        batching = dict(batch_sampler=ScaleBatchSampler(sampler, batch_size, dataset.min_sizes, seed + 1000 * rank))
-    else:
-        batching = dict(batch_size=batch_size, sampler=sampler, drop_last=train)
-    return torch.utils.data.DataLoader(
-        dataset, **batching, collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0,
-        # torch seeds python random, numpy and torch in each worker with base_seed + worker_id, base_seed
-        # drawn from this generator: the flips and scales repeat for a seed; the rank offset makes ranks differ.
-        # (with num_workers=0 the main process's python random is used: seed it in the training script)
-        generator=torch.Generator().manual_seed(seed + 1000 * rank))
+        batching = dict(batch_size=batch_size, sampler=sampler, drop_last=False)
+    # its own generator: starting an epoch's iterator (it draws the workers' base seed) leaves the global RNG alone
+    return torch.utils.data.DataLoader(dataset, **batching, collate_fn=collate, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(seed + 1000 * rank))
 
 
-def infinite(loader):
-    """Yield batches forever, one epoch after another (set_epoch reshuffles a DistributedSampler)."""
-    epoch = 0
-    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)  # the index sampler under either batching
+def infinite(loader, start_iter=0):
+    """Yield training batches forever, one epoch after another, starting at batch `start_iter` of the
+    whole sequence (a resumed run continues with the batch it would have seen)."""
+    epoch, start = divmod(start_iter, len(loader))
     while True:
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch, start)
         yield from loader
-        epoch += 1
+        epoch, start = epoch + 1, 0
 
 
 # -----------------------------------------------------------------------------

@@ -91,7 +91,52 @@ RESNETS = {  # name -> (builder, torchvision weights enum, channels of C2, C3, C
     "resnet34": (torchvision.models.resnet34, "ResNet34_Weights", (64, 128, 256, 512)),
     "resnet50": (torchvision.models.resnet50, "ResNet50_Weights", (256, 512, 1024, 2048)),
     "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", (256, 512, 1024, 2048)),
+    # the paper's Tab. 1 backbones: ResNet-101 with deformable 3x3 convs (DCNv2) in res3-res5, Swin-B
+    "resnet101_dcn": (torchvision.models.resnet101, "ResNet101_Weights", (256, 512, 1024, 2048)),
+    "swin_b": (torchvision.models.swin_b, "Swin_B_Weights", (128, 256, 512, 1024)),
 }
+DEFORMABLE_STAGES = {"resnet101_dcn": ("layer2", "layer3", "layer4")}  # torchvision's names of res3-res5
+
+
+class ModulatedDeformConv(torchvision.ops.DeformConv2d):
+    """DCNv2 (modulated deformable conv) in place of a ResNet block's 3x3 conv: a 3x3 conv on the input
+    predicts 9 (dy, dx) offsets and 9 modulation weights per location, torchvision.ops.deform_conv2d
+    samples there. The offset conv starts at zero (a plain conv with every tap weighted by 0.5, as
+    detectron2's DeformBottleneckBlock starts); `weight` keeps the replaced conv's ImageNet weights."""
+
+    def __init__(self, conv):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        self.offset = nn.Conv2d(conv.in_channels, 3 * k, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x):
+        o = self.offset(x)                                             # (B, 3k, H', W')
+        k2 = 2 * o.shape[1] // 3
+        return torchvision.ops.deform_conv2d(x, o[:, :k2], self.weight, self.bias, self.stride, self.padding,
+                                             self.dilation, mask=o[:, k2:].sigmoid())
+
+
+class SwinTrunk(nn.Module):
+    """torchvision's Swin transformer as a C2-C5 trunk: the outputs of its 4 stages (strides 4-32,
+    NHWC inside) each through a LayerNorm of its own (the detection backbones' per-stage norms), as NCHW."""
+
+    def __init__(self, net, channels):
+        super().__init__()
+        self.features = net.features                                   # [embed, s1, merge, s2, merge, s3, merge, s4]
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
+
+    def forward(self, x):
+        outs = []
+        for i, f in enumerate(self.features):
+            x = f(x)                                                   # (B, H/s, W/s, C)
+            if i % 2 == 1:
+                outs.append(self.norms[i // 2](x).permute(0, 3, 1, 2).contiguous())
+        return outs                                                    # C2, C3, C4, C5
 
 
 def load_backbone_weights(name, pretrained):
@@ -118,7 +163,7 @@ def load_backbone_weights(name, pretrained):
 
 
 class Backbone(nn.Module):
-    """ResNet trunk returning C2, C3, C4, C5 (strides 4, 8, 16, 32; C2 only feeds a stride-2 mask output).
+    """ResNet (or Swin) trunk returning C2, C3, C4, C5 (strides 4, 8, 16, 32; C2 only feeds a stride-2 mask output).
 
     norm='frozen' is the reference (FrozenBatchNorm2d with ImageNet statistics); norm='bn' trains
     BatchNorm, which is what a from-scratch run (the embedded demo, no ImageNet weights) needs.
@@ -127,17 +172,31 @@ class Backbone(nn.Module):
 
     def __init__(self, name="resnet50", pretrained="", norm="frozen", freeze_at=2):
         super().__init__()
+        if name not in RESNETS:
+            raise SystemExit(f"model.py: --backbone={name!r} is not a backbone — fix: one of {', '.join(RESNETS)}")
         builder, _, self.out_channels = RESNETS[name]
+        swin = name.startswith("swin")
         norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
-        net = builder(weights=None, norm_layer=norm_layer)
+        net = builder(weights=None) if swin else builder(weights=None, norm_layer=norm_layer)
         if pretrained:
             sd = load_backbone_weights(name, pretrained)
-            sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+            head = ("head.",) if swin else ("fc.",)
+            sd = {k: v for k, v in sd.items() if not k.startswith(head)}
             missing, unexpected = net.load_state_dict(sd, strict=False)
-            missing = [k for k in missing if not k.startswith("fc.")]
+            missing = [k for k in missing if not k.startswith(head)]
             if missing:
                 raise SystemExit(f"model.py: {pretrained}: not a {name} state dict (missing {missing[:3]}...) "
-                                 f"— fix: pass weights of the same ResNet depth")
+                                 f"— fix: pass weights of the same network")
+        if swin:  # LayerNorm throughout: norm does not apply; freeze_at 1 freezes the patch embedding, 2 also stage 1
+            self.trunk = SwinTrunk(net, self.out_channels)
+            for m in list(self.trunk.features)[:freeze_at]:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+            return
+        self.trunk = None
+        for stage in DEFORMABLE_STAGES.get(name, ()):
+            for block in getattr(net, stage):
+                block.conv2 = ModulatedDeformConv(block.conv2)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         frozen = [self.stem, self.layer1][:freeze_at]
@@ -146,6 +205,8 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x):
+        if self.trunk is not None:
+            return self.trunk(x)
         c2 = self.layer1(self.stem(x))  # (B, C2, H/4, W/4)
         c3 = self.layer2(c2)            # (B, C3, H/8, W/8)
         c4 = self.layer3(c3)            # (B, C4, H/16, W/16)
@@ -578,3 +639,18 @@ def update_teacher(teacher, model, momentum=0.9999):
     One fused (foreach) kernel per group instead of ~200 small ones: the same arithmetic."""
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in model.parameters()], 1 - momentum)
     torch._foreach_copy_(list(teacher.buffers()), list(model.buffers()))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        broadcast_buffers(teacher)
+
+
+def broadcast_buffers(module, src=0):
+    """Rank src's buffers on every rank, one broadcast per dtype. Under DDP the student's BN statistics
+    differ between ranks after each forward (DDP re-broadcasts rank 0's at the start of the next), so the
+    teacher copying them would drift apart across ranks."""
+    by_dtype = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        torch.distributed.broadcast(flat, src)
+        torch._foreach_copy_(bufs, [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in bufs]), bufs)])

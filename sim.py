@@ -161,7 +161,8 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     teacher's dense outputs on the same images. Returns maps on the mask-out grid (G, Hp/s, Wp/s),
     written Hp/4 below (the reference's s = 4):
     M_S, M_I, M_prob, M_hat, W, and M_mean (plain mean of the teacher's masks over the object's
-    positives, for the prototype update and the bank), and has_pos (G,).
+    positives, for the prototype update and the bank), has_pos (G,), and pos_weights (K,) (Eq. 6's
+    weight of each positive, for viz.py).
     """
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
@@ -202,7 +203,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     weight = weight * obj["valid"][obj["img"]]                                          # never on the padding
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
     return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
-                has_pos=has_pos)
+                has_pos=has_pos, pos_weights=w)
 
 
 def sim_losses(out, pm, obj, cfg):
@@ -255,9 +256,10 @@ def feature_affinity(t_out):
 
 
 @torch.no_grad()
-def after_step(state, model, out, pm, obj, images, targets):
+def after_step(state, model, out, pm, obj, images, targets, ema=True):
     """Prototype update (Eq. 2-5) from the student's features at confident in-box pixels, the
-    memory-bank push (Eq. 11) of this batch's ordinary objects, and the teacher's EMA."""
+    memory-bank push (Eq. 11) of this batch's ordinary objects, and (ema) the teacher's EMA: once per
+    optimizer step, not per accumulated micro-batch."""
     cfg = state.cfg
     feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
     fg, bg = prototype_pixels(pm, obj, cfg)
@@ -272,7 +274,8 @@ def after_step(state, model, out, pm, obj, images, targets):
                                                   pm[bank_map][sel], (h, w), cfg["bank_thresh"],
                                                   cfg["mask_out_stride"], cfg["bank_min_box_iou"])
         state.bank.push(**entry)
-    update_teacher(state.teacher, model, cfg["teacher_momentum"])
+    if ema:
+        update_teacher(state.teacher, model, cfg["teacher_momentum"])
 
 
 @torch.no_grad()

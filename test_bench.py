@@ -17,6 +17,21 @@ def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
     bench.main([f"--train_json={p['train_json']}", f"--train_images={p['train_images']}", "--backbone=resnet18",
                 "--fpn_channels=32", "--head_channels=32", "--head_convs=1", "--mask_branch_channels=16",
                 "--mask_branch_convs=1", "--min_size_train=(128,)", "--max_size_train=128", "--batch_size=2",
-                "--steps=1", "--rounds=2", "--warmup=1", f"--paste_prob={paste_prob}", "--device=cpu"])
+                "--steps=1", "--rounds=2", "--warmup=1", f"--paste_prob={paste_prob}", "--device=cpu",
+                f"--profile={paste_prob == '0.5'}"])
     out = capsys.readouterr().out
     assert re.search(r"^SIM / BoxInst step time: \d+\.\d\dx$", out, re.M), out
+    if paste_prob == "0.5":  # --profile=True: the operator table follows the ratio line
+        assert "Self CPU" in out.split("SIM / BoxInst step time")[1]
+
+
+def test_compare_torchvision_prints_every_variant_and_the_ratios(capsys, monkeypatch):
+    """The torchvision comparison at 128 px (512 in the real run): a table row per variant, the ratios last."""
+    monkeypatch.setattr(bench, "TV_SIZE", 128)
+    bench.main(["--compare=torchvision", "--steps=1", "--rounds=1", "--warmup=1", "--device=cpu"])
+    out = capsys.readouterr().out
+    for name in ("torchvision FCOS", "nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"):
+        assert re.search(rf"^\| {name} \| \d+ \| \d+ \| \d+ \|$", out, re.M), out
+    last = out.strip().splitlines()[-3:]
+    assert [l.split(" /")[0] for l in last] == ["nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"]
+    assert all(re.search(r"train step \d+\.\d\dx, inference \d+\.\d\dx$", l) for l in last)

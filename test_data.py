@@ -391,3 +391,21 @@ def test_scale_per_batch_gives_one_scale_per_batch_and_reshuffles(tmp_path):
     assert all(sorted(e) == list(range(1, n + 1)) for e in epochs) and epochs[0] != epochs[1]
     again = data.make_loader(ds, batch_size=4, train=True, num_workers=1, seed=0, scale_per_batch=True)
     assert [b[1][0]["size"] for _, b in zip(range(4), again)] == [b[1][0]["size"] for b in batches[:4]]
+
+
+def test_infinite_from_any_iteration_replays_the_same_batches(tmp_path):
+    """Exact resume's data half: batches k, k+1, ... of a fresh loader started at k are those the
+    uninterrupted loader gave at k, k+1, ... (image, scale and flip), also across an epoch's end."""
+    n = 10
+    anns = [dict(id=i, image_id=i, category_id=1, bbox=[1, 1, 4 + i % 3, 4]) for i in range(1, n + 1)]
+    jp, d = write_coco(tmp_path, [(i, noise_image(10, 20)) for i in range(1, n + 1)], anns)
+    ds = data.CocoBoxDataset(jp, d, train=True, min_sizes=(10, 20, 30), max_size=100)
+    key = lambda b: [(t["image_id"], t["size"], t["boxes"][0, 0].item()) for t in b[1]]
+    for per_batch in (True, False):
+        mk = lambda: data.make_loader(ds, batch_size=3, train=True, num_workers=1, seed=4, scale_per_batch=per_batch)
+        straight = [key(b) for _, b in zip(range(8), data.infinite(mk()))]   # 3 batches per epoch: 2+ epochs
+        assert len({str(s) for s in straight}) > 1 and sorted(i for s in straight[:3] for i, _, _ in s) != list(range(1, 10))
+        for k in (2, 3, 5):
+            assert [key(b) for _, b in zip(range(8 - k), data.infinite(mk(), start_iter=k))] == straight[k:]
+        flips = {x0 for s in straight for _, _, x0 in s}
+        assert len(flips) > 3   # boxes at x0 = 1 (unflipped) and mirrored ones

@@ -390,3 +390,40 @@ def test_ddp_gradients_equal_big_batch():
     assert set(got) == set(ref)
     for n in ref:
         assert torch.allclose(torch.from_numpy(got[n]), ref[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_dcn_starts_as_half_the_plain_conv_and_learns_offsets():
+    """ModulatedDeformConv with its zero-initialised offset conv: offsets 0, modulation sigmoid(0) = 0.5,
+    so it computes 0.5 x the conv it replaced; the offsets get a gradient."""
+    from model import ModulatedDeformConv
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+    dcn = ModulatedDeformConv(conv)
+    x = torch.randn(2, 4, 9, 11)
+    assert torch.allclose(dcn(x), 0.5 * conv(x), atol=1e-5)
+    dcn(x).square().sum().backward()
+    assert dcn.offset.weight.grad.abs().sum() > 0
+
+
+def test_tab1_backbones_load_imagenet_weights_offline(tmp_path, monkeypatch):
+    """ResNet-101-DCN (deformable 3x3 in res3-res5 only, the rest the ResNet's) and Swin-B (C2-C5 at strides
+    4-32): random weights under the enum's file name in $TORCH_HOME are loaded through torchvision's API."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ckpt_dir = tmp_path / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    from model import Backbone, ModulatedDeformConv
+    for name, builder, enum in [("resnet101_dcn", torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
+                                ("swin_b", torchvision.models.swin_b, torchvision.models.Swin_B_Weights)]:
+        torch.manual_seed(0)
+        ref = builder()
+        torch.save(ref.state_dict(), ckpt_dir / os.path.basename(enum.IMAGENET1K_V1.url))
+        b = Backbone(name, "imagenet", "frozen", 2)
+        outs = b(torch.randn(1, 3, 64, 96))
+        assert [o.shape[1:] for o in outs] == [(c, 64 // s, 96 // s) for c, s in zip(b.out_channels, (4, 8, 16, 32))]
+        if name == "swin_b":
+            assert torch.equal(b.trunk.features[5][3].mlp[0].weight, ref.features[5][3].mlp[0].weight)
+            assert not any(p.requires_grad for p in b.trunk.features[1].parameters())   # freeze_at 2
+        else:
+            assert isinstance(b.layer2[0].conv2, ModulatedDeformConv) and isinstance(b.layer1[0].conv2, torch.nn.Conv2d)
+            assert torch.equal(b.layer3[5].conv2.weight, ref.layer3[5].conv2.weight)
+        os.remove(ckpt_dir / os.path.basename(enum.IMAGENET1K_V1.url))

@@ -653,3 +653,21 @@ def test_after_step_bank_masks_from_the_rectified_map():
     want = (v[:, None] * v[None, :]) > 0.5
     want[:10], want[:, :8] = False, False
     assert want.sum() == 6 * 8 - 1 and torch.equal(e0["masks"][0], want)   # (15, 15): 0.39
+
+
+def test_viz_grids_for_sim_and_boxinst(tmp_path):
+    """viz.object_grids: one PNG per object with positives, two rows of panels; SIM's grid has the
+    prototype and pseudo-label panels (with copy-paste once the bank is full), BoxInst's only its own."""
+    from PIL import Image
+    import viz
+    cfg = sim_cfg("nanosim", proto_conf_thresh=0.5, bank_size=2, bank_thresh=-1.0, bank_min_box_iou=0.0)
+    model, state, images, targets = setup(cfg)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    sim.after_step(state, model, out, pm, obj, images, targets)          # fills the bank (2 images)
+    assert state.bank.full
+    sim_paths = viz.object_grids(model, state, cfg, images, targets, str(tmp_path / "sim"), n=2)
+    box_paths = viz.object_grids(model, None, cfg, images, targets, str(tmp_path / "boxinst"), n=5)
+    assert len(sim_paths) == 2 and len(box_paths) == int(pm["has_pos"].sum())
+    a, b = Image.open(sim_paths[0]), Image.open(box_paths[0])
+    assert a.width > 2 * b.width   # rows of 5 panels (SIM) against 2 (BoxInst)
+    assert model.training                                          # the mode is restored

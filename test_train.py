@@ -43,11 +43,18 @@ def test_config_files_load(path, monkeypatch):
     cfg = dict(train.config)
     train.configure([path], cfg)
     assert set(cfg) == set(train.config)
-    assert cfg["data_root"] == "datasets/coco" and cfg["dataset"] == "coco" and cfg["pretrained"] == "imagenet"
+    assert (cfg["data_root"], cfg["dataset"]) in (("datasets/coco", "coco"), ("datasets/voc", "voc"))
+    assert os.path.basename(path).startswith(cfg["dataset"]) and cfg["pretrained"] == "imagenet"
     assert cfg["method"] in ("boxinst", "full", "sim") and cfg["max_iters"] > max(cfg["lr_steps"])
-    # the reference's solver and FPN size ranges, not the CPU demo's AdamW and scaled ranges
-    assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
-    assert cfg["sizes_of_interest"] == (64, 128, 256, 512) and cfg["backbone"] in ("resnet50", "resnet101")
+    # the reference's solver (the paper's AdamW for Swin) and FPN size ranges, not the CPU demo's
+    if cfg["backbone"] == "swin_b":
+        assert (cfg["solver"], cfg["lr"], cfg["weight_decay"]) == ("adamw", 1e-4, 0.05)
+    else:
+        assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
+    assert cfg["sizes_of_interest"] == (64, 128, 256, 512)
+    assert cfg["backbone"] in ("resnet50", "resnet101", "resnet101_dcn", "swin_b")
+    if cfg["method"] == "sim":
+        assert cfg["teacher_start_iter"] < cfg["sim_start_iter"] < cfg["lr_steps"][0]
     assert cfg["mask_out_stride"] == 4  # the reference's, not the small-image demo's 2
     if "sim_r50_1x" in path:
         assert (cfg["sim_start_iter"], cfg["teacher_momentum"], cfg["proto_momentum"]) == (10000, 0.9999, 0.999)
@@ -253,7 +260,7 @@ def test_broken_dataset_trains_to_the_end_with_counts(tmp_path):
     val["annotations"] = [a for a in val["annotations"] if a["image_id"] <= 4]
     (tmp_path / "val.json").write_text(json.dumps(val))
     r = run_train(f"--train_json={js}", f"--train_images={img}", f"--val_json={tmp_path / 'val.json'}", f"--val_images={img}",
-                  "--method=boxinst", "--max_iters=12", "--batch_size=2", "--log_interval=4", "--n_overlays=0",
+                  "--method=boxinst", "--max_iters=12", "--batch_size=2", "--log_interval=4", "--n_overlays=0", "--viz_interval=12",
                   "--num_workers=0", "--min_size_train=(96,)", "--device=cpu", f"--out_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 0 and "training done" in r.stdout, r.stderr[-3000:]
     assert "warning:" in r.stderr and "truncated.jpg" in r.stderr
@@ -261,6 +268,7 @@ def test_broken_dataset_trains_to_the_end_with_counts(tmp_path):
     n = int(final.split(" unreadable")[0].split()[-1])
     assert n >= 1 and "truncated.jpg" in final and "0 non-finite" in final
     assert "1 missing files, 1 images without a valid box, 2 empty or out-of-image boxes" in final
+    assert os.path.isfile(tmp_path / "out" / "viz" / "it12_0.png")  # the viz.py grid of val image 0
 
 
 def test_nonfinite_loss_is_skipped_and_named(monkeypatch, capsys):
@@ -310,3 +318,149 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
     r = subprocess.run([sys.executable, *args[:-1], f"--max_iters={it + 2}", f"--out_dir={out}", "--resume"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert f"resumed from {out / 'ckpt.pt'} at iteration {it}" in r.stdout and "training done" in r.stdout
+
+
+@pytest.mark.parametrize("method", ["boxinst", "sim"])
+def test_resume_continues_exactly(tmp_path, method):
+    """2N iterations straight, and N, stop, --resume, N more: the same weights (and for SIM the same
+    teacher, prototypes and bank). SIM with its teacher, prototypes and copy-paste on from the start."""
+    import data
+    syn = data.ensure_synthetic(str(tmp_path / "syn"), n_train=6, n_val=2)
+    args = [f"--train_json={syn['train_json']}", f"--train_images={syn['train_images']}", f"--val_json={syn['val_json']}",
+            f"--val_images={syn['val_images']}", f"--method={method}", "--batch_size=2", "--n_overlays=0",
+            "--device=cpu", "--teacher_start_iter=1", "--sim_start_iter=2", "--bank_size=2", "--paste_prob=1.0",
+            "--bank_thresh=-1.0", "--warmup_iters=2", "--log_interval=1"]
+    # 3 batches per epoch: the stop at 4 falls mid-epoch
+    r = run_train(*args, "--max_iters=8", f"--out_dir={tmp_path / 'straight'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_train(*args, "--max_iters=4", f"--out_dir={tmp_path / 'resumed'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_train(*args, "--max_iters=8", f"--out_dir={tmp_path / 'resumed'}", "--resume", cwd=tmp_path)
+    assert r.returncode == 0 and "resumed from" in r.stdout and "not an exact" not in r.stdout, r.stderr[-2000:]
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
+    assert a["iter"] == b["iter"] == 8
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+    if method == "sim":
+        sa, sb = a["sim"], b["sim"]
+        for k in sa["teacher"]:
+            assert torch.allclose(sa["teacher"][k].float(), sb["teacher"][k].float(), atol=1e-6), k
+        for k in sa["prototypes"]:
+            assert torch.allclose(sa["prototypes"][k].float(), sb["prototypes"][k].float(), atol=1e-6), k
+        assert len(sa["bank"]["entries"]) == len(sb["bank"]["entries"]) > 0
+        assert "loss_paste" in r.stdout  # copy-paste ran after the resume
+
+
+def test_ddp_two_ranks_uneven_val_and_identical_sim_state(tmp_path):
+    """torchrun, 2 gloo processes, 3 val images (an uneven split: the sampler pads rank 1 with a repeat):
+    every val image scored once, as a single-process eval.py scores the same checkpoint; the teacher and
+    the prototypes are the same on both ranks after SIM steps (each rank's file beside the checkpoint)."""
+    import socket
+    import data
+    syn = data.ensure_synthetic(str(tmp_path / "syn"), n_train=8, n_val=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        os.path.join(HERE, "train.py"), f"--train_json={syn['train_json']}",
+                        f"--train_images={syn['train_images']}", f"--val_json={syn['val_json']}",
+                        f"--val_images={syn['val_images']}", "--batch_size=2", "--max_iters=3", "--n_overlays=0",
+                        "--device=cpu", "--teacher_start_iter=0", "--sim_start_iter=1", "--num_workers=0",
+                        f"--out_dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp_results = json.load(open(out / "results_segm.json"))
+    r1 = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), f"--ckpt={out / 'ckpt.pt'}", "--device=cpu",
+                         f"--out_dir={tmp_path / 'single'}", "--n_overlays=0"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    single = json.load(open(tmp_path / "single" / "results_segm.json"))
+    count = lambda res: sorted((d["image_id"], d["category_id"]) for d in res)
+    assert count(ddp_results) == count(single) and {d["image_id"] for d in single} <= {1, 2, 3}
+    m0 = json.load(open(out / "metrics.json"))
+    m1 = json.load(open(tmp_path / "single" / "metrics.json"))
+    assert m0["segm"]["AP"] == pytest.approx(m1["segm"]["AP"], abs=1e-6)
+    a = torch.load(out / "ckpt.pt", weights_only=False)["rank_state"]["sim"]
+    b = torch.load(out / "ckpt.rank1.pt", weights_only=False)["rank_state"]["sim"]
+    for part in ("teacher", "prototypes"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+@pytest.fixture(scope="module")
+def imagenet_cache(tmp_path_factory):
+    """$TORCH_HOME with random weights under the file names of the enums the configs ask for."""
+    import torchvision
+    home = tmp_path_factory.mktemp("torch_home")
+    d = home / "hub" / "checkpoints"
+    d.mkdir(parents=True)
+    for builder, enum in [(torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
+                          (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
+                          (torchvision.models.swin_b, torchvision.models.Swin_B_Weights)]:
+        torch.save(builder().state_dict(), d / os.path.basename(enum.IMAGENET1K_V1.url))
+    return home
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(HERE, "configs", "*.py"))))
+def test_every_config_trains_2_iterations_on_a_fake_tree(path, tmp_path, imagenet_cache, monkeypatch):
+    """Each config as it is (backbone, ImageNet weights from $TORCH_HOME, method, SIM settings) for 2
+    iterations on a fake tree of its layout, small images; SIM's teacher and losses from the start."""
+    cfg = dict(train.config)
+    monkeypatch.chdir(HERE)
+    train.configure([path], cfg)
+    root = fake_tree(tmp_path, cfg["dataset"])
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), path, f"--data_root={root}", "--max_iters=2",
+                        "--batch_size=1", "--num_workers=0", "--min_size_train=(64,)", "--max_size_train=96",
+                        "--min_size_test=64", "--max_size_test=96", "--n_overlays=0", "--viz_interval=0",
+                        "--teacher_start_iter=0", "--sim_start_iter=1", "--num_classes=0", "--device=cpu",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TORCH_HOME=str(imagenet_cache), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training done" in r.stdout and os.path.isfile(tmp_path / "out" / "metrics.json")
+    assert f'"backbone": "{cfg["backbone"]}"' in r.stdout and "global batch 1 (1 x 1 processes)" in r.stdout
+
+
+def test_linear_scaling_rule_hand_values():
+    """Recipe batch 16 on 2 processes x 2 images: G/R = 1/4: lr / 4, iterations x 4, EMA m -> m^(1/4)."""
+    cfg = dict(train.config, batch_size=2, accum_steps=1, reference_batch=16, lr=0.01, max_iters=90000,
+               lr_steps=(60000, 80000), warmup_iters=1000, teacher_momentum=0.9999, proto_momentum=0.999)
+    s = train.scale_schedule(cfg, world_size=2)
+    assert s["lr"] == pytest.approx(0.0025) and s["max_iters"] == 360000 and s["lr_steps"] == (240000, 320000)
+    assert s["warmup_iters"] == 4000 and s["teacher_momentum"] == pytest.approx(0.9999 ** 0.25)
+    assert s["proto_momentum"] == pytest.approx(0.999 ** 0.25)
+    # 8 processes x 2 images: the recipe itself, nothing moves
+    s = train.scale_schedule(cfg, world_size=8)
+    assert s["lr"] == 0.01 and s["max_iters"] == 90000 and s["teacher_momentum"] == 0.9999
+    # accumulation counts in the global batch: 2 x 2 x 4 = 16
+    assert train.scale_schedule(dict(cfg, accum_steps=4), world_size=2)["max_iters"] == 90000
+
+
+def test_gradient_accumulation_steps_once_with_the_mean_gradient():
+    """Two micro-batches: no step after the first; after the second the SGD step of the mean of the two
+    micro-batches' gradients (each measured alone by a one-micro-batch step from the same start)."""
+    import copy
+    from test_model import scene
+    cfg = dict(train.config, **tiny_cfg(method="boxinst"))
+    torch.manual_seed(0)
+    base = build_model(cfg)
+    images, targets = scene(4)
+    halves = [(images[:2], targets[:2]), (images[2:], targets[2:])]
+    step = lambda model, batch, micro: train.train_step(
+        model, model, opt_of(model), torch.amp.GradScaler("cpu", enabled=False), None, *batch, 5, cfg,
+        torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False), micro)
+    opts = {}
+    opt_of = lambda model: opts.setdefault(id(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    p0 = [p.detach().clone() for p in base.parameters()]
+    single = []
+    for batch in halves:
+        m = copy.deepcopy(base)
+        step(m, batch, (0, 1))
+        single.append([(a - p.detach()) / 0.1 for a, p in zip(p0, m.parameters())])   # its gradient
+    acc = copy.deepcopy(base)
+    step(acc, halves[0], (0, 2))
+    assert all(torch.equal(a, p) for a, p in zip(p0, acc.parameters()))           # no step yet
+    step(acc, halves[1], (1, 2))
+    for a, p, g1, g2 in zip(p0, acc.parameters(), *single):
+        assert torch.allclose(p.detach(), a - 0.1 * (g1 + g2) / 2, atol=1e-5)

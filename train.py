@@ -13,6 +13,7 @@ The reference (COCO R50 1x) values are in configs/.
 """
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import copypaste
 import data
 import losses
 import sim
+import viz
 from model import build_model
 
 # -----------------------------------------------------------------------------
@@ -42,6 +44,7 @@ ckpt_interval = 500          # iterations between checkpoints (written atomicall
 resume = False               # continue from out_dir/ckpt.pt
 skip_nonfinite = True        # a NaN/inf loss skips its step with a warning naming the term (False: stop)
 n_overlays = 8               # PNG overlays of predictions written after the final evaluation
+viz_interval = 400           # iterations between viz.py grids of val images 0-1 in out_dir/viz (0: never)
 # data: data_root (a COCO or VOC tree, DATA_LAYOUTS below), or the four paths, or neither: the
 # embedded synthetic dataset, generated on first use. A path given explicitly wins over data_root's.
 data_root = ""
@@ -59,6 +62,9 @@ max_size_train = 320
 min_size_test = 160
 max_size_test = 320
 batch_size = 4               # per process (small batches learn more per image on the CPU demo)
+accum_steps = 1              # gradient accumulation: micro-batches per step (global batch = batch_size x processes x this)
+reference_batch = 4          # the global batch the schedule below is written for (COCO configs: 16)
+linear_scaling = False       # True: lr x global/reference batch, iterations (and EMA momenta) x reference/global
 num_workers = 1
 bottom_pixels_removed = 0    # BoxInst's COCO trick (10): bottom rows not used as pairwise neighbours
 # model (model.py reads these)
@@ -240,6 +246,42 @@ def to_device(images, targets, device):
     return images, targets
 
 
+def rank_state(sim_state, scaler, dev):
+    """What this process needs to continue exactly: its random states (torch, CUDA, python, numpy),
+    its SIM state (teacher, prototypes, its own memory bank, copy-paste generator) and the AMP scaler."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "python": random.getstate(), "numpy": _numpy_state_as_tensor(np.random.get_state()), "scaler": scaler.state_dict(),
+            "sim": sim_state.state_dict() if sim_state is not None else None}
+
+
+def _numpy_state_as_tensor(state):
+    """numpy's RNG state with its key array as a tensor: checkpoints stay loadable with weights_only=True."""
+    name, keys, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def set_rank_state(state, scaler, dev):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], dev)
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+
+
+def rank_ckpt_path(ckpt_path, rank):
+    return ckpt_path.replace(".pt", f".rank{rank}.pt")
+
+
+def load_rank_state(ckpt_path, rank, dev):
+    path = rank_ckpt_path(ckpt_path, rank)
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location=dev, weights_only=False)["rank_state"]
+
+
 def save_atomic(obj, path):
     """torch.save to a temp file, flushed to disk, then renamed over the old one: a crash or kill -9
     mid-write never loses the previous checkpoint."""
@@ -285,6 +327,26 @@ def dataset_paths():
                                  min_visible_frac=synthetic_min_visible)
 
 
+ITERATION_KEYS = ("max_iters", "warmup_iters", "lr_steps", "sim_start_iter", "teacher_start_iter",
+                  "pairwise_warmup_iters", "lambda1_ramp_iters", "ckpt_interval", "eval_interval", "viz_interval")
+
+
+def scale_schedule(cfg, world_size):
+    """The linear scaling rule (Goyal et al. 2017) from the recipe's global batch R (reference_batch) to
+    this run's G = batch_size x world_size x accum_steps: lr x G/R; every iteration count x R/G (the same
+    number of images seen at each point); the per-iteration EMA momenta m -> m^(G/R) (the same horizon in
+    images). -> the changed keys."""
+    G, R = cfg["batch_size"] * world_size * cfg["accum_steps"], cfg["reference_batch"]
+    k = R / G
+    out = {"lr": cfg["lr"] * G / R}
+    for key in ITERATION_KEYS:
+        v = cfg[key]
+        out[key] = tuple(int(round(x * k)) for x in v) if isinstance(v, tuple) else int(round(v * k))
+    for key in ("teacher_momentum", "proto_momentum"):
+        out[key] = cfg[key] ** (1 / k)
+    return out
+
+
 def all_finite(x):
     """x is finite on every process (under DDP all ranks must skip a step together, or they hang)."""
     ok = torch.isfinite(x).all().float()
@@ -293,9 +355,13 @@ def all_finite(x):
     return bool(ok)
 
 
-def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev, autocast):
+def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev, autocast, micro=(0, 1)):
     """One iteration (it is 0-based): SIM's copy-paste, the forward passes, the losses of
-    Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it."""
+    Eq. (10), backward and SGD step, then SIM's prototype/bank/teacher updates. bench.py times it.
+    micro = (m, n): micro-batch m of n (gradient accumulation): the loss is divided by n, the
+    optimizer steps and the teacher's EMA moves after the last one only (DDP syncs only then)."""
+    m, n = micro
+    last = m == n - 1
     if sim_state is not None and it >= cfg["sim_start_iter"] and cfg["paste_prob"] > 0:  # online copy-paste (bank on the CPU)
         images, targets = copypaste.copy_paste_batch(images, targets, sim_state.bank, cfg["paste_prob"],
                                                      sim_state.generator, cfg["paste_max_objects"],
@@ -325,15 +391,18 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
         msg = f"iteration {it + 1}: non-finite {', '.join(bad)}"
         if not cfg["skip_nonfinite"]:
             raise FloatingPointError(msg + " — fix: lower --lr, or --skip_nonfinite=True to skip such steps")
-        print(f"warning: {msg}; step skipped", flush=True)
-        optimizer.zero_grad(set_to_none=True)
+        print(f"warning: {msg}; {'step' if n == 1 else f'micro-batch {m + 1}/{n}'} skipped", flush=True)
+        if last:  # its backward would have been the synchronising one: the accumulated step is dropped too
+            optimizer.zero_grad(set_to_none=True)
         return loss, logs
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        scaler.scale(loss / n).backward()
+    if last:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     if teacher_on:
-        sim.after_step(sim_state, raw_model, out, pm, obj, images, targets)
+        sim.after_step(sim_state, raw_model, out, pm, obj, images, targets, ema=last)
     return loss, logs
 
 
@@ -351,6 +420,10 @@ def main():
     else:
         dev, rank, world_size = device, 0, 1
     master = rank == 0
+    if linear_scaling:  # the schedule written for reference_batch, moved to this run's global batch
+        scaled = scale_schedule(config, world_size)
+        config.update(scaled)
+        globals().update(scaled)
     dev = torch.device(dev)
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
@@ -376,7 +449,6 @@ def main():
     config.update(num_classes=num_classes, **paths)
     train_loader = data.make_loader(train_ds, batch_size, train=True, num_workers=num_workers, distributed=ddp, seed=seed,
                                     scale_per_batch=scale_per_batch)
-    batches = data.infinite(train_loader)
 
     # model, optimizer
     model = build_model(config).to(dev)
@@ -397,10 +469,16 @@ def main():
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_iter = ckpt["iter"]
+        own = ckpt.get("rank_state") if rank == 0 else load_rank_state(ckpt_path, rank, dev)
         if sim_state is not None:
-            sim_state.load_state_dict(ckpt["sim"], model)
+            sim_state.load_state_dict((own or ckpt)["sim"], model)
+        if own is not None:
+            set_rank_state(own, scaler, dev)
         if master:
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+            exact = "" if own is not None else " (a checkpoint without RNG states: not an exact continuation)"
+            print(f"resumed from {ckpt_path} at iteration {start_iter}{exact}")
+    # the data from iteration start_iter on, as an uninterrupted run would have drawn it
+    batches = data.infinite(train_loader, start_iter * accum_steps)
     raw_model = model
     if ddp:
         model = DDP(model, device_ids=[dev.index] if device_type == "cuda" else None)
@@ -412,38 +490,48 @@ def main():
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, {n_params / 1e6:.2f}M "
               f"trainable parameters, method={method}, device={dev}, world_size={world_size}")
+        print(f"global batch {batch_size * world_size * accum_steps} ({batch_size} x {world_size} processes"
+              f"{f' x {accum_steps} accumulated' if accum_steps > 1 else ''}), lr {lr}, {max_iters} iterations, "
+              f"lr steps {lr_steps}" + (f" (linear scaling from the recipe's batch {reference_batch})" if linear_scaling else ""))
 
     def checkpoint(it):
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             print(f"warning: iteration {it}: non-finite weights, checkpoint NOT written (the previous one is kept)",
                   flush=True)
             return
-        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                     "config": config, "sim": sim_state.state_dict() if sim_state else None,
-                     "categories": train_ds.coco.loadCats(train_ds.cat_ids)}, ckpt_path)  # for predict.py
+        own = rank_state(sim_state, scaler, dev)
+        if master:
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                         "config": config, "sim": own["sim"], "rank_state": own,
+                         "categories": train_ds.coco.loadCats(train_ds.cat_ids)}, ckpt_path)  # for predict.py
+        else:  # each rank's own bank and random states, beside the master's checkpoint
+            save_atomic({"iter": it, "rank_state": own}, rank_ckpt_path(ckpt_path, rank))
 
     # training loop
     # SIGTERM (a cluster's pre-emption, torchrun passing on a kill): finish the step, checkpoint, exit
     stop = torch.zeros(1)
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.fill_(1))
     n_unreadable, n_nonfinite, last_unreadable = 0, 0, ""
+    viz_batch = None
 
     model.train()
     t0 = t_log = time.time()
     for it in range(start_iter, max_iters):
         for g in optimizer.param_groups:
             g["lr"] = get_lr(it)
-        images, targets = next(batches)
-        for t in targets:  # files the dataset could not read, replaced by the next image (data.py)
-            for p in t.pop("skipped", ()):
-                n_unreadable, last_unreadable = n_unreadable + 1, p
-        loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, config, dev, autocast)
-        n_nonfinite += not torch.isfinite(loss).all()
+        for m in range(accum_steps):
+            images, targets = next(batches)
+            for t in targets:  # files the dataset could not read, replaced by the next image (data.py)
+                for p in t.pop("skipped", ()):
+                    n_unreadable, last_unreadable = n_unreadable + 1, p
+            loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, config, dev,
+                                    autocast, (m, accum_steps))
+            n_nonfinite += not torch.isfinite(loss).all()
 
         if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters):
             dt = time.time() - t_log
             n_iters = (it + 1 - start_iter) % log_interval or log_interval
-            ips = n_iters * batch_size * world_size / dt
+            ips = n_iters * batch_size * world_size * accum_steps / dt
             eta = (max_iters - it - 1) * dt / n_iters
             parts = " ".join(f"{k} {v.item():.3f}" for k, v in logs.items())
             print(f"iter {it + 1}/{max_iters} | loss {loss.item():.3f} | {parts} | lr {get_lr(it):.2e} | "
@@ -451,13 +539,16 @@ def main():
             if n_unreadable or n_nonfinite:
                 print(skip_summary(n_unreadable, last_unreadable, n_nonfinite), flush=True)
             t_log = time.time()
-        if master and ckpt_interval and (it + 1) % ckpt_interval == 0:
+        if ckpt_interval and (it + 1) % ckpt_interval == 0:
             checkpoint(it + 1)
+        if master and viz_interval and (it + 1) % viz_interval == 0:  # the maps co-evolving with the model
+            viz_batch = viz_batch or to_device(*data.collate([val_ds[i] for i in range(min(2, len(val_ds)))]), dev)
+            viz.object_grids(raw_model, sim_state, config, *viz_batch, os.path.join(out_dir, "viz"), 2, f"it{it + 1}")
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
         if stop.item():
+            checkpoint(it + 1)
             if master:
-                checkpoint(it + 1)
                 print(f"SIGTERM: checkpoint at iteration {it + 1} in {ckpt_path}; continue with --resume", flush=True)
             if ddp:
                 dist.destroy_process_group()
@@ -465,8 +556,8 @@ def main():
         if eval_interval and (it + 1) % eval_interval == 0 and it + 1 < max_iters:
             run_eval(raw_model, val_ds, dev, master, ddp, final=False)
             model.train()
+    checkpoint(max_iters)
     if master:
-        checkpoint(max_iters)
         print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
         print(skip_summary(n_unreadable, last_unreadable, n_nonfinite, train_ds.skipped), flush=True)
     run_eval(raw_model, val_ds, dev, master, ddp, final=True)

@@ -1,7 +1,7 @@
 # BoxInst, ResNet-50, 1x schedule on COCO 2017: AdelaiDet's configs/BoxInst/MS_R_50_1x.yaml.
 # torchrun --nproc_per_node=8 train.py configs/coco_boxinst_r50_1x.py
-# Batch 16 = 8 processes x 2 images; with fewer GPUs keep batch_size * nproc * lr / 16 * 0.01 in
-# proportion (linear scaling rule) and stretch the schedule by the same factor.
+# Batch 16 = 8 processes x 2 images. With fewer GPUs: --linear_scaling=True scales lr and every iteration
+# count to your global batch (train.scale_schedule), or --accum_steps=N accumulates N micro-batches.
 # Reference: box AP 39.4 / mask AP 30.7 on val2017.
 out_dir = "out/coco_boxinst_r50_1x"
 data_root = "datasets/coco"          # train2017/, val2017/, annotations/instances_{train,val}2017.json
@@ -11,6 +11,7 @@ max_size_train = 1333
 min_size_test = 800
 max_size_test = 1333
 batch_size = 2                      # per GPU
+reference_batch = 16                # the recipe's global batch: --linear_scaling=True adapts lr and schedule to yours
 num_workers = 4
 bottom_pixels_removed = 10
 method = "boxinst"

@@ -1,0 +1,202 @@
+"""
+Pictures that teach: every intermediate map of SIM for one object, in one labelled grid.
+
+    python viz.py --ckpt=out/demo/ckpt.pt                  # grids for objects of val image 0
+    python viz.py --ckpt=out/demo/ckpt.pt --index=3 --n=4 --split=train --out=out/viz
+
+Top row: the object's crop with its box; BoxInst's colour affinity (the share of each pixel's 8
+dilated neighbours whose colour similarity passes color_thresh: the pairs the pairwise loss links);
+M_S by Eq. 1 and by nanoSIM's calibrated map (against background sub-centres); each pixel's nearest
+class sub-centre (one colour per sub-centre, Eq. 1's argmax). Bottom row: M_I (Eq. 6) with the
+positives that made it (dots, area by their exp(mu * IoU) weight, Fig. 7); M_C (nanoSIM's colour map,
+when on); M_prob (Eq. 7); M_hat (white object, black background, orange ignored: Fig. 1 / 6); and the
+image after online copy-paste with its updated boxes (Fig. 4; pasted objects in magenta).
+A BoxInst checkpoint (no teacher, no prototypes) gives the panels it has: crop, affinity, the network's
+own M_I. train.py writes these grids for a fixed val image every viz_interval iterations.
+"""
+
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw
+
+import copypaste
+import eval as evaluation  # the module, not the builtin
+import losses
+import prototypes
+import sim
+from model import decode_boxes
+
+ORANGE, MAGENTA, CYAN = (255, 150, 0), (255, 0, 255), (0, 255, 255)
+
+
+def _heat(m):
+    """(h, w) in [0, 1] -> PIL RGB."""
+    return Image.fromarray(evaluation.heat_colormap(m.detach().float().cpu()).numpy())
+
+
+def _labels_picture(m_hat, weight):
+    """M_hat with its ignore band: white object, black background, orange ignored -> PIL RGB."""
+    rgb = torch.zeros(*m_hat.shape, 3, dtype=torch.uint8)
+    rgb[(m_hat > 0.5) & (weight > 0)] = 255
+    rgb[weight == 0] = torch.tensor(ORANGE, dtype=torch.uint8)
+    return Image.fromarray(rgb.cpu().numpy())
+
+
+def _categorical(idx, valid):
+    """(h, w) long sub-centre index -> PIL RGB, palette colour per index, black where not valid."""
+    rgb = torch.zeros(*idx.shape, 3, dtype=torch.uint8)
+    for k in idx[valid].unique().tolist():
+        rgb[(idx == k) & valid] = torch.tensor(evaluation.palette(k), dtype=torch.uint8)
+    return Image.fromarray(rgb.cpu().numpy())
+
+
+def _up(m, s):
+    """Mask-grid map (h, w) -> pixel grid (h*s, w*s), nearest."""
+    return m.repeat_interleave(s, 0).repeat_interleave(s, 1)
+
+
+def _grid(rows, path):
+    """rows: lists of (title, PIL image) -> one PNG, rows stacked."""
+    pics = [evaluation.titled_row(r) for r in rows if r]
+    out = Image.new("RGB", (max(p.width for p in pics), sum(p.height for p in pics) + 4 * (len(pics) - 1)), (255, 255, 255))
+    y = 0
+    for p in pics:
+        out.paste(p, (0, y))
+        y += p.height + 4
+    evaluation.save_png_atomic(out, path)
+
+
+@torch.no_grad()
+def object_grids(model, state, cfg, images, targets, out_dir, n=3, prefix="grid"):
+    """Write one grid per object (the first n objects with positives) of the batch -> paths.
+    model: the student (eval mode here); state: sim.SIMState with a teacher, or None (BoxInst)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _object_grids(model, state, cfg, images, targets, out_dir, n, prefix)
+    finally:
+        model.train(was_training)
+
+
+def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
+    s = cfg["mask_out_stride"]
+    out = model(images, targets)
+    teacher = state.teacher if state is not None and state.teacher is not None else None
+    obj = sim.objects(targets, images.shape[-2:], s, cfg["occlusion_aware"], images)
+    inst = out["inst"]
+    if teacher is not None:
+        t_out = teacher.features(images, classify=False)
+        pm = sim.pseudo_masks(out, t_out, teacher, state.protos, obj, cfg)
+        feats = prototypes.normalize_features(t_out["mask_feats"])                      # (B, D, h, w)
+        inside = obj["box_mask"] > 0
+        eq1 = state.protos.semantic_maps(feats, obj["img"], obj["cls"], False, inside)  # (G, h, w)
+        calib = state.protos.semantic_maps(feats, obj["img"], obj["cls"], True, inside)
+        w_pos, m_i = pm["pos_weights"], pm["M_I"]
+        has_pos = pm["has_pos"]
+    else:  # BoxInst: the network's own masks at its positives, Eq. 6's weights
+        G = len(obj["boxes"])
+        gi = inst["gt_inds"]
+        probs = out["mask_logits"][:, 0].sigmoid()
+        stride = out["locations"].new_tensor(model.strides)[out["loc_level"][inst["loc_inds"]]]
+        pred = decode_boxes(out["locations"][inst["loc_inds"]], out["reg"][inst["im_inds"], inst["loc_inds"]] * stride[:, None])
+        w_pos = prototypes.positive_weights(prototypes.box_iou_pairs(pred, obj["boxes"][gi]), gi, G, cfg["mu"])
+        m_i = prototypes.instance_map(probs, w_pos, gi, G)
+        has_pos = torch.bincount(gi, minlength=G) > 0
+    links = (losses.color_similarity(images, obj["valid"], s) >= cfg["color_thresh"]).float().mean(1)  # (B, h, w)
+    pasted = None
+    if state is not None and state.bank.full:  # Fig. 4: this batch after copy-paste (a private generator)
+        p_images, p_targets = copypaste.copy_paste_batch(images.cpu(), [{k: v.cpu() if torch.is_tensor(v) else v
+                                                         for k, v in t.items()} for t in targets], state.bank, 1.0,
+                                                         torch.Generator().manual_seed(0), cfg["paste_max_objects"])
+        pasted = (p_images, p_targets)
+    paths = []
+    for g in has_pos.nonzero().squeeze(1)[:n].tolist():
+        b = int(obj["img"][g])
+        h, w = targets[b]["size"]
+        box = obj["boxes"][g].cpu()
+        m = 0.5 * float((box[2:] - box[:2]).max())
+        x0, y0 = max(int(box[0] - m), 0), max(int(box[1] - m), 0)
+        x1, y1 = min(int(box[2] + m) + 1, w), min(int(box[3] + m) + 1, h)
+        crop = lambda t: _up(t.cpu(), s)[y0:y1, x0:x1]
+        k = max(1, evaluation.upscale_factor(y1 - y0, x1 - x0) // 2)
+        big = lambda pil: pil.resize((pil.width * k, pil.height * k), Image.NEAREST)
+        rel = (box - torch.tensor([x0, y0, x0, y0])) * k
+
+        def boxed(pil, colour=CYAN):
+            pil = big(pil)
+            ImageDraw.Draw(pil).rectangle(rel.tolist(), outline=colour, width=2)
+            return pil
+        image = Image.fromarray(images[b, :, y0:y1, x0:x1].permute(1, 2, 0).cpu().numpy())
+        top = [("image, box", boxed(image)), (f"colour links (S >= {cfg['color_thresh']})", boxed(_heat(crop(links[b]))))]
+        bottom = []
+        # M_I and its positives: dots at the positives' locations, area by weight
+        mi = boxed(_heat(crop(m_i[g])))
+        draw = ImageDraw.Draw(mi)
+        sel = (inst["gt_inds"] == g).nonzero().squeeze(1)
+        wmax = float(w_pos[sel].max()) if len(sel) else 1.0
+        for j in sel.tolist():
+            px, py = out["locations"][inst["loc_inds"][j]].tolist()
+            r = 2 + 5 * (float(w_pos[j]) / wmax) ** 0.5
+            cx, cy = (px - x0) * k, (py - y0) * k
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 255, 0), width=2)
+        bottom.append(("M_I (Eq. 6), positives by weight", mi))
+        if teacher is not None:
+            top += [("M_S Eq. 1", boxed(_heat(crop(eq1[g])))), ("M_S calibrated", boxed(_heat(crop(calib[g]))))]
+            z = feats[b]                                                                   # (D, h, w)
+            cos = torch.einsum("dhw,ld->lhw", z, state.protos.protos[obj["cls"][g]])       # (L, h, w)
+            top.append(("nearest sub-centre (in box)", boxed(_categorical(crop(cos.argmax(0)), crop(inside[g])))))
+            if pm["M_C"] is not None:
+                bottom.append(("M_C (colour)", boxed(_heat(crop(pm["M_C"][g] * obj["box_mask"][g])))))
+            bottom += [("M_prob (Eq. 7)", boxed(_heat(crop(pm["M_prob"][g])))),
+                       ("M_hat (orange: ignored)", boxed(_labels_picture(crop(pm["M_hat"][g]), crop(pm["W"][g]))))]
+        if pasted is not None:
+            p_img, p_t = pasted[0][b], pasted[1][b]
+            pil = Image.fromarray(p_img[:, :h, :w].permute(1, 2, 0).numpy())
+            scale = max(1, evaluation.upscale_factor(h, w) // 2)
+            pil = pil.resize((w * scale, h * scale), Image.NEAREST)
+            d = ImageDraw.Draw(pil)
+            for bx, is_p in zip(p_t["boxes"].tolist(), p_t["pasted"].tolist()):
+                d.rectangle([v * scale for v in bx], outline=MAGENTA if is_p else CYAN, width=2)
+            bottom.append(("copy-paste (Fig. 4), updated boxes", pil))
+        path = os.path.join(out_dir, f"{prefix}_{len(paths)}.png")
+        _grid([top, bottom], path)
+        paths.append(path)
+    return paths
+
+
+def main(argv):
+    import data
+    import train
+    from model import build_model
+    defaults = dict(ckpt="", index=0, n=3, split="val", out="", device="cpu")
+    try:
+        opt = evaluation.parse_overrides(argv, defaults)
+    except ValueError as e:
+        raise SystemExit(f"viz.py: {e}")
+    if not os.path.isfile(opt["ckpt"]):
+        raise SystemExit(f"viz.py: {opt['ckpt']!r} not found — fix: --ckpt=PATH of a checkpoint written by train.py")
+    ck = torch.load(opt["ckpt"], map_location="cpu", weights_only=True)
+    cfg = dict(train.config)
+    cfg.update(ck["config"])
+    dev = torch.device(opt["device"])
+    model = build_model(cfg).to(dev)
+    model.load_state_dict(ck["model"])
+    state = None
+    if ck.get("sim") is not None:
+        state = sim.SIMState(cfg, dev)
+        state.load_state_dict(ck["sim"], model)
+    ds = data.CocoBoxDataset(cfg[f"{opt['split']}_json"], cfg[f"{opt['split']}_images"], train=False,
+                             min_sizes=(cfg["min_size_test"],), max_size=cfg["max_size_test"])
+    if not 0 <= opt["index"] < len(ds):
+        raise SystemExit(f"viz.py: --index={opt['index']} but {ds.json_path} has {len(ds)} images — fix: 0..{len(ds) - 1}")
+    images, targets = train.to_device(*data.collate([ds[opt["index"]], ds[(opt["index"] + 1) % len(ds)]]), dev)
+    out = opt["out"] or os.path.join(os.path.dirname(os.path.abspath(opt["ckpt"])), "viz")
+    paths = object_grids(model, state, cfg, images, targets, out, opt["n"])
+    print(f"viz.py: {len(paths)} grids in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
