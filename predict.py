@@ -38,7 +38,8 @@ from torchvision.ops import nms
 import data
 import eval as evaluation  # the module, not the builtin
 import prototypes
-from model import build_model, decode_boxes
+import sim
+from model import build_model
 
 # -----------------------------------------------------------------------------
 # settings (--key=value)
@@ -175,9 +176,8 @@ def box_conditioned_masks(model, batch, targets, combine="mean", mu=5.0):
         top = top.scatter_reduce(0, gi, torch.where(score == best[gi], k, -1), reduce="amax")
         maps = probs[top]                                                                # (G, Hp/s, Wp/s)
     elif combine == "mean":
-        stride = out["locations"].new_tensor(model.strides)[out["loc_level"][loc_inds]]  # (K,)
-        pred = decode_boxes(out["locations"][loc_inds], out["reg"][im_inds, loc_inds] * stride[:, None])
-        w = prototypes.positive_weights(prototypes.box_iou_pairs(pred, boxes[gi]), gi, G, mu)
+        ious = sim.positive_box_ious(out, im_inds, loc_inds, model.strides, boxes[gi])    # (K,)
+        w = prototypes.positive_weights(ious, gi, G, mu)
         maps = prototypes.instance_map(probs, w, gi, G)
     else:
         raise SystemExit(f"predict.py: --combine={combine!r} — fix: --combine=mean or --combine=best")

@@ -153,6 +153,15 @@ def objects(targets, padded_hw, stride=4, occlusion_aware=True, images=None):
                 paste_mask=torch.cat(paste) if len(paste) == len(targets) else None)
 
 
+def positive_box_ious(out, im_inds, loc_inds, strides, gt_boxes):
+    """Eq. (6)'s IoU: the box a network's dense output `out` predicts at each positive (image im_inds,
+    location loc_inds (K,)) against its object's box gt_boxes (K, 4) -> (K,). Shared by the pseudo
+    masks, predict.py's box-conditioned masks and viz.py."""
+    stride = out["locations"].new_tensor(strides)[out["loc_level"][loc_inds]]          # (K,)
+    ltrb = out["reg"][im_inds, loc_inds].float() * stride[:, None]                      # (K, 4)
+    return prototypes.box_iou_pairs(decode_boxes(out["locations"][loc_inds], ltrb), gt_boxes)
+
+
 @torch.no_grad()
 def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     """Eq. (1), (6), (7) and the two thresholds, for every GT object of the batch.
@@ -174,11 +183,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
                                inside)                                                  # (G, Hp/4, Wp/4), 0 outside the box
     # Eq. (6): the teacher's mask at each positive, weighted by exp(mu * IoU(its box, the GT box))
     probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/4, Wp/4)
-    stride = t_out["locations"].new_tensor(teacher.strides)[t_out["loc_level"][inst["loc_inds"]]]  # (K,)
-    xy = t_out["locations"][inst["loc_inds"]]                                           # (K, 2)
-    ltrb = t_out["reg"][inst["im_inds"], inst["loc_inds"]].float() * stride[:, None]   # (K, 4)
-    pred_boxes = decode_boxes(xy, ltrb)                                                 # (K, 4)
-    ious = prototypes.box_iou_pairs(pred_boxes, obj["boxes"][gi])                       # (K,)
+    ious = positive_box_ious(t_out, inst["im_inds"], inst["loc_inds"], teacher.strides, obj["boxes"][gi])  # (K,)
     w = prototypes.positive_weights(ious, gi, G, cfg["mu"])                             # (K,)
     m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/4, Wp/4)
     m_mean = prototypes.instance_map(probs, prototypes.positive_weights(ious, gi, G, 0.0), gi, G)

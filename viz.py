@@ -26,7 +26,6 @@ import eval as evaluation  # the module, not the builtin
 import losses
 import prototypes
 import sim
-from model import decode_boxes
 
 ORANGE, MAGENTA, CYAN = (255, 150, 0), (255, 0, 255), (0, 255, 255)
 
@@ -99,9 +98,8 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
         G = len(obj["boxes"])
         gi = inst["gt_inds"]
         probs = out["mask_logits"][:, 0].sigmoid()
-        stride = out["locations"].new_tensor(model.strides)[out["loc_level"][inst["loc_inds"]]]
-        pred = decode_boxes(out["locations"][inst["loc_inds"]], out["reg"][inst["im_inds"], inst["loc_inds"]] * stride[:, None])
-        w_pos = prototypes.positive_weights(prototypes.box_iou_pairs(pred, obj["boxes"][gi]), gi, G, cfg["mu"])
+        ious = sim.positive_box_ious(out, inst["im_inds"], inst["loc_inds"], model.strides, obj["boxes"][gi])
+        w_pos = prototypes.positive_weights(ious, gi, G, cfg["mu"])
         m_i = prototypes.instance_map(probs, w_pos, gi, G)
         has_pos = torch.bincount(gi, minlength=G) > 0
     links = (losses.color_similarity(images, obj["valid"], s) >= cfg["color_thresh"]).float().mean(1)  # (B, h, w)
