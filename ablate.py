@@ -48,6 +48,7 @@ import sys
 
 import torch
 
+import box_ops
 import losses
 
 RUNS = {  # name: train.py arguments (SIM runs use the default preset, nanosim, unless they say otherwise)
@@ -301,7 +302,7 @@ def pair_stats(strides=(4, 2), color_thresh=0.3):
             owner = (gt * torch.arange(1, len(gt) + 1)[:, None, None]).amax(0)             # (h, w), 0 = background
             nb_owner = losses.unfold_wo_center(owner[None, None].float(), 3, 2)[0, 0]       # (8, h, w)
             nb_valid = losses.unfold_wo_center(valid[:, None].float(), 3, 2)[0, 0] > 0      # (8, h, w)
-            in_box = (losses.box_masks(t["boxes"], hw, s).amax(0) > 0).expand_as(linked)  # (8, h, w)
+            in_box = (box_ops.box_masks_inclusive(t["boxes"], hw, s).amax(0) > 0).expand_as(linked)  # (8, h, w)
             o = owner.expand_as(linked)
             regions = ((o > 0) & (o == nb_owner), (o == 0) & (nb_owner == 0) & in_box,
                        (o == 0) & (nb_owner == 0) & ~in_box, o != nb_owner)

@@ -13,10 +13,8 @@ targets of the Eq. (9) paste loss, which lives with the other losses).
 The bank holds its tensors on the CPU (uint8 images, bool masks) to save accelerator memory;
 each DDP rank has its own bank and nothing is communicated, as in the official code.
 
-Pixel convention (used everywhere here): a box (x0, y0, x1, y1) covers the pixel rows
-floor(y0) .. ceil(y1) - 1 and columns floor(x0) .. ceil(x1) - 1 (at least one row/column,
-clipped to the image); a mask's tight box is (first col, first row, last col + 1, last row + 1).
-So box -> mask -> box is the identity for integer boxes.
+Boxes and masks follow box_ops.py's end-exclusive convention (box -> mask -> box is the identity
+for integer boxes).
 """
 
 import collections
@@ -24,7 +22,7 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from prototypes import box_iou_pairs
+from box_ops import box_iou_pairs, box_masks_exclusive, masks_to_boxes
 
 # Deliberate storage placement: bank entries are kept in host memory, not on the accelerator.
 BANK_DEVICE = torch.device('cpu')
@@ -32,34 +30,7 @@ BANK_DEVICE = torch.device('cpu')
 PER_OBJECT_KEYS = ('boxes', 'labels', 'masks', 'pasted', 'paste_masks')
 
 # -----------------------------------------------------------------------------
-# box <-> mask helpers and the Eq. (11) score
-
-def box_masks(boxes, h, w):
-    """Filled-rectangle masks (N, h, w) bool of xyxy boxes, with the module's pixel convention."""
-    rows = torch.arange(h, device=boxes.device)  # (h,)
-    cols = torch.arange(w, device=boxes.device)  # (w,)
-    x0, y0 = boxes[:, 0].floor(), boxes[:, 1].floor()  # (N,), (N,)
-    # a zero-width/-height box still covers one pixel line, so no object vanishes by rounding
-    x1 = torch.maximum(boxes[:, 2].ceil(), x0 + 1)  # (N,)
-    y1 = torch.maximum(boxes[:, 3].ceil(), y0 + 1)  # (N,)
-    in_rows = (rows[None] >= y0[:, None]) & (rows[None] < y1[:, None])  # (N, h)
-    in_cols = (cols[None] >= x0[:, None]) & (cols[None] < x1[:, None])  # (N, w)
-    return in_rows[:, :, None] & in_cols[:, None, :]  # (N, h, w)
-
-
-def masks_to_boxes(masks):
-    """Tight xyxy boxes (N, 4) float of bool masks (N, h, w): x1 = last col + 1; zeros if empty."""
-    n, h, w = masks.shape
-    rows = masks.any(2).to(torch.uint8)  # (N, h)
-    cols = masks.any(1).to(torch.uint8)  # (N, w)
-    # argmax returns the first maximal index: first occupied row/col, and from the flipped side the last
-    y0 = rows.argmax(1)  # (N,)
-    y1 = h - rows.flip(1).argmax(1)  # (N,)
-    x0 = cols.argmax(1)  # (N,)
-    x1 = w - cols.flip(1).argmax(1)  # (N,)
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()  # (N, 4)
-    return boxes * masks.flatten(1).any(1)[:, None]  # (N, 4)
-
+# the Eq. (11) score and what enters the bank
 
 def object_scores(mask_probs, pseudo_masks):
     """Eq. (11): s_k = sum_i M_k(i) * M̂_k(i) / (sum_i M̂_k(i) + 1).
@@ -91,7 +62,7 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
     # than the s x s blocks of nearest up-sampling; the stride-s cell i covers pixels s*i..s*i+s-1
     probs = F.interpolate(mask_probs[:, None].float(), scale_factor=stride, mode='bilinear',
                           align_corners=False)[:, 0, :h, :w]  # (N, h, w)
-    masks = (probs > thresh) & box_masks(boxes, h, w)  # (N, h, w)
+    masks = (probs > thresh) & box_masks_exclusive(boxes, h, w)  # (N, h, w)
     scores = object_scores(probs, masks)  # (N,)
     keep = masks.flatten(1).any(1)  # (N,)
     if min_box_iou > 0:
@@ -239,7 +210,7 @@ def paste(image, target, entry, idx, size):
     # the remainder intersected with the old box, so sub-pixel edges that were not covered (and
     # every object the paste does not touch) keep their exact float coordinates
     boxes = target['boxes'].to(dev)  # (N, 4)
-    remaining = box_masks(boxes, h, w) & ~alpha  # (N, h, w)
+    remaining = box_masks_exclusive(boxes, h, w) & ~alpha  # (N, h, w)
     tight = masks_to_boxes(remaining)  # (N, 4)
     old_boxes = torch.cat([torch.maximum(boxes[:, :2], tight[:, :2]),
                            torch.minimum(boxes[:, 2:], tight[:, 2:])], 1)  # (N, 4)

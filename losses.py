@@ -16,27 +16,12 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from copypaste import masks_to_boxes
+from box_ops import box_masks_inclusive, masks_to_boxes, stride_grid
 
 # -----------------------------------------------------------------------------
 # FCOS target assignment
 
 INF = 1e8  # upper end of the last FCOS size range (P7), as the reference
-
-
-def box_mask_centers(boxes, padded_hw=None):
-    """Centroid (x, y) of each box's rasterised mask: the mean pixel index of rows
-    floor(y0)..floor(y1) and cols floor(x0)..floor(x1) inclusive (no +0.5), which is what the
-    reference centre sampling reads from BoxInst's `gt_bitmasks_full`. Those index sets are
-    arithmetic runs, so the mean is the midpoint of the first and last index. padded_hw
-    (Hp, Wp), when given, clips the last index to the padded canvas as the reference slicing
-    does (a box ending exactly on the bottom/right border of a full-height image)."""
-    lo = boxes[:, :2].floor()  # (N, 2) first col, first row
-    hi = boxes[:, 2:].floor()  # (N, 2) last col, last row
-    if padded_hw is not None:
-        hp, wp = padded_hw
-        hi = torch.minimum(hi, hi.new_tensor([wp - 1, hp - 1]))  # (N, 2)
-    return (lo + hi) / 2  # (N, 2)
 
 
 def fcos_targets(locations, loc_level, strides, gt_boxes, gt_labels, num_classes,
@@ -220,32 +205,11 @@ def dice_loss(x, y, eps=1e-5):
     return 1 - 2 * (x * y).sum(1) / ((x * x).sum(1) + (y * y).sum(1) + eps)
 
 
-def _grid(n_full, stride, device):
-    """Full-resolution pixel indices of the stride grid, i.e. arange(n_full)[stride//2::stride]."""
-    return torch.arange(stride // 2, n_full, stride, device=device)
-
-
-def box_masks(boxes, padded_hw, stride=4):
-    """BoxInst box masks at the mask-out stride: the full-resolution mask with rows
-    floor(y0)..floor(y1) and cols floor(x0)..floor(x1) (inclusive) set to 1, sampled at
-    [stride//2::stride, stride//2::stride]. Built directly on the sampled grid: pixel (r, c)
-    of the full mask is 1 iff floor(y0) <= r <= floor(y1) and floor(x0) <= c <= floor(x1),
-    and slicing at the padded border only drops indices that the grid never visits.
-    boxes (N, 4) xyxy -> float (N, Hp//stride, Wp//stride)."""
-    hp, wp = padded_hw
-    ys = _grid(hp, stride, boxes.device).to(boxes.dtype)  # (h,)
-    xs = _grid(wp, stride, boxes.device).to(boxes.dtype)  # (w,)
-    b = boxes.floor()  # (N, 4)
-    in_y = (ys[None] >= b[:, 1:2]) & (ys[None] <= b[:, 3:4])  # (N, h)
-    in_x = (xs[None] >= b[:, 0:1]) & (xs[None] <= b[:, 2:3])  # (N, w)
-    return (in_y[:, :, None] & in_x[:, None, :]).to(boxes.dtype)  # (N, h, w)
-
-
 def image_valid_masks(sizes, orig_sizes, padded_hw, stride=4, bottom_pixels_removed=10, device=None):
     """Image-valid masks for BoxInst's colour similarity: 1 over the real (resized) image,
     0 on the padding, and the last floor(bottom_pixels_removed * h / H0) rows of the resized
     image set to 0 (COCO boxes at the bottom border are unreliable; 10 px in the original
-    frame). Sampled at [stride//2::stride] like box_masks.
+    frame). Sampled at [stride//2::stride] like box_ops.box_masks_inclusive.
     sizes: per-image (h, w); orig_sizes: per-image (H0, W0); device: where to build it (the
     inputs are host-side ints) -> float (B, Hp//s, Wp//s)."""
     hp, wp = padded_hw
@@ -253,8 +217,8 @@ def image_valid_masks(sizes, orig_sizes, padded_hw, stride=4, bottom_pixels_remo
     removed = [int(bottom_pixels_removed * float(h) / float(h0)) for (h, _), (h0, _) in zip(sizes, orig_sizes)]
     rows = torch.tensor([h - r for (h, _), r in zip(sizes, removed)], device=device)  # (B,) valid rows
     cols = torch.tensor([w for _, w in sizes], device=device)  # (B,) valid cols
-    ys = _grid(hp, stride, device)  # (h,)
-    xs = _grid(wp, stride, device)  # (w,)
+    ys = stride_grid(hp, stride, device)  # (h,)
+    xs = stride_grid(wp, stride, device)  # (w,)
     valid = (ys[None, :, None] < rows[:, None, None]) & (xs[None, None, :] < cols[:, None, None])  # (B, h, w)
     return valid.float()
 
@@ -550,7 +514,7 @@ def object_box_masks(targets, padded_hw, stride=4, occlusion_aware=True):
     pairwise and pseudo-mask losses. The official code does the same (box AND NOT pasted,
     sim_official.md 7.4). Targets without a paste keep their plain box masks."""
     boxes = torch.cat([t['boxes'] for t in targets])  # (G, 4)
-    masks = box_masks(boxes, padded_hw, stride)  # (G, Hp/s, Wp/s)
+    masks = box_masks_inclusive(boxes, padded_hw, stride)  # (G, Hp/s, Wp/s)
     if occlusion_aware and any('paste_area' in t for t in targets):
         other = [t['paste_area'][None] & ~t['paste_masks'].bool() if 'paste_area' in t
                  else torch.zeros(len(t['boxes']), *t['size'], dtype=torch.bool, device=boxes.device)
@@ -565,20 +529,20 @@ def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None
     pair_affinity (B, 8, Hp/s, Wp/s): a factor on the colour similarity (feature_similarity).
     Returns (total, dict of the weighted terms for logging)."""
     image_weights = None
-    if not cfg.get('paste_detector', True) and any('pasted' in t for t in targets):
+    if not cfg['paste_detector'] and any('pasted' in t for t in targets):
         # composites out of the detector's losses: copy-paste trains the masks only
         image_weights = torch.stack([(~t['pasted'].any()).float() if 'pasted' in t else torch.ones(())
                                      for t in targets]).to(images.device)  # (B,)
     terms = fcos_losses(out['cls_logits'], out['reg'], out['ctr_logits'], out['targets'], image_weights)
     inst, logits = out['inst'], out['mask_logits']  # gt_inds (K,), (K, 1, Hp/s, Wp/s)
     padded_hw = images.shape[-2:]
-    s = cfg.get('mask_out_stride', 4)  # the stride of the mask logits (reference 4)
+    s = cfg['mask_out_stride']  # the stride of the mask logits
     if cfg['method'] == 'full':  # CondInst: dice against the GT masks
         gt = torch.cat([gt_mask_targets(t['masks'], padded_hw, s) for t in targets])[inst['gt_inds']]  # (K, Hp/s, Wp/s)
         n_inst = reduce_mean(torch.tensor(float(logits.shape[0]), device=logits.device))
         terms['loss_mask'] = dice_loss(logits.float().sigmoid(), gt[:, None]).sum() / n_inst.clamp(min=1.0)
     else:  # BoxInst: projection + pairwise from the boxes alone
-        bmask = object_box_masks(targets, padded_hw, s, cfg.get('occlusion_aware', True))[inst['gt_inds']][:, None]  # (K, 1, Hp/s, Wp/s)
+        bmask = object_box_masks(targets, padded_hw, s, cfg['occlusion_aware'])[inst['gt_inds']][:, None]  # (K, 1, Hp/s, Wp/s)
         valid = image_valid_masks([t['size'] for t in targets], [t['orig_size'] for t in targets], padded_hw, s,
                                   bottom_pixels_removed=cfg['bottom_pixels_removed'], device=images.device)
         sim = color_similarity(images, valid, s)  # (B, 8, Hp/s, Wp/s)
@@ -588,5 +552,5 @@ def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None
             sim, thresh = sim * pair_affinity, cfg['color_feat_thresh']
         terms['loss_pairwise'] = pairwise_loss(logits, sim, bmask, thresh, im_inds=inst['im_inds'])
     terms.update(extra or {})
-    return total_loss(terms, it, cfg.get('lambda1', 0.5), cfg.get('lambda2', 1.0), cfg.get('sim_start_iter', 0),
-                      cfg['pairwise_warmup_iters'], cfg.get('lambda1_ramp_iters', 0), cfg.get('lambda1_ramp_origin', -1))
+    return total_loss(terms, it, cfg['lambda1'], cfg['lambda2'], cfg['sim_start_iter'],
+                      cfg['pairwise_warmup_iters'], cfg['lambda1_ramp_iters'], cfg['lambda1_ramp_origin'])

@@ -6,21 +6,21 @@ only in their losses (losses.py) and in what is built around it (prototypes.py, 
 References: FCOS (Tian et al. 2019), CondInst (Tian et al. 2020), BoxInst (Tian et al. 2021),
 as the AdelaiDet reference implements them (../shared/spec/boxinst.md).
 
-Reading order: aligned_bilinear -> Backbone -> FPN -> FCOSHead -> MaskBranch ->
-dynamic mask head -> CondInst (training forward, then inference) -> build_model -> teacher.
+Reading order: aligned_bilinear -> FPN -> FCOSHead -> MaskBranch -> dynamic mask head ->
+CondInst (training forward, then inference) -> build_model. The backbones are in backbone.py,
+box helpers in box_ops.py, SIM's EMA teacher in sim.py.
 """
 
-import copy
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.ops import FrozenBatchNorm2d, batched_nms
+from torchvision.ops import batched_nms
 
 import losses
+from backbone import Backbone
+from box_ops import box_mask_centers, decode_boxes
 
 # -----------------------------------------------------------------------------
 
@@ -52,11 +52,6 @@ def _upsample2_aligned(x, dim):
     return torch.stack([(prev + x) * 0.5, x], dim).flatten(dim - 1, dim)    # even, odd interleaved
 
 
-def decode_boxes(locations, ltrb):
-    """FCOS boxes from locations (N, 2) (x, y) and distances ltrb (N, 4) in pixels -> (N, 4) xyxy."""
-    return torch.cat([locations - ltrb[:, :2], locations + ltrb[:, 2:]], 1)
-
-
 def compute_locations(feature_sizes, strides, device):
     """Pixel coordinates of every feature cell, all levels concatenated (level-major, row-major).
 
@@ -74,144 +69,7 @@ def compute_locations(feature_sizes, strides, device):
 
 
 # -----------------------------------------------------------------------------
-# Backbone and FPN
-
-
-def resnet10(weights=None, **kwargs):
-    """torchvision's ResNet with one BasicBlock per stage: half of ResNet-18's compute. There are no
-    ImageNet weights for it; it exists for the from-scratch CPU demo, where iterations per minute
-    matter more than depth."""
-    assert weights is None, "resnet10 has no pretrained weights"
-    return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
-
-
-RESNETS = {  # name -> (builder, torchvision weights enum, channels of C2, C3, C4, C5)
-    "resnet10": (resnet10, None, (64, 128, 256, 512)),
-    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", (64, 128, 256, 512)),
-    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights", (64, 128, 256, 512)),
-    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights", (256, 512, 1024, 2048)),
-    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", (256, 512, 1024, 2048)),
-    # the paper's Tab. 1 backbones: ResNet-101 with deformable 3x3 convs (DCNv2) in res3-res5, Swin-B
-    "resnet101_dcn": (torchvision.models.resnet101, "ResNet101_Weights", (256, 512, 1024, 2048)),
-    "swin_b": (torchvision.models.swin_b, "Swin_B_Weights", (128, 256, 512, 1024)),
-}
-DEFORMABLE_STAGES = {"resnet101_dcn": ("layer2", "layer3", "layer4")}  # torchvision's names of res3-res5
-
-
-class ModulatedDeformConv(torchvision.ops.DeformConv2d):
-    """DCNv2 (modulated deformable conv) in place of a ResNet block's 3x3 conv: a 3x3 conv on the input
-    predicts 9 (dy, dx) offsets and 9 modulation weights per location, torchvision.ops.deform_conv2d
-    samples there. The offset conv starts at zero (a plain conv with every tap weighted by 0.5, as
-    detectron2's DeformBottleneckBlock starts); `weight` keeps the replaced conv's ImageNet weights."""
-
-    def __init__(self, conv):
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, bias=conv.bias is not None)
-        with torch.no_grad():
-            self.weight.copy_(conv.weight)
-        k = conv.kernel_size[0] * conv.kernel_size[1]
-        self.offset = nn.Conv2d(conv.in_channels, 3 * k, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
-
-    def forward(self, x):
-        o = self.offset(x)                                             # (B, 3k, H', W')
-        k2 = 2 * o.shape[1] // 3
-        return torchvision.ops.deform_conv2d(x, o[:, :k2], self.weight, self.bias, self.stride, self.padding,
-                                             self.dilation, mask=o[:, k2:].sigmoid())
-
-
-class SwinTrunk(nn.Module):
-    """torchvision's Swin transformer as a C2-C5 trunk: the outputs of its 4 stages (strides 4-32,
-    NHWC inside) each through a LayerNorm of its own (the detection backbones' per-stage norms), as NCHW."""
-
-    def __init__(self, net, channels):
-        super().__init__()
-        self.features = net.features                                   # [embed, s1, merge, s2, merge, s3, merge, s4]
-        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
-
-    def forward(self, x):
-        outs = []
-        for i, f in enumerate(self.features):
-            x = f(x)                                                   # (B, H/s, W/s, C)
-            if i % 2 == 1:
-                outs.append(self.norms[i // 2](x).permute(0, 3, 1, 2).contiguous())
-        return outs                                                    # C2, C3, C4, C5
-
-
-def load_backbone_weights(name, pretrained):
-    """State dict for a torchvision ResNet: 'imagenet' (torchvision's weights API, cached in
-    $TORCH_HOME/hub/checkpoints) or a path to a .pth file. Offline without a cache -> one clear line."""
-    if pretrained == "imagenet":
-        if RESNETS[name][1] is None:
-            raise SystemExit(f"model.py: {name} has no ImageNet weights — fix: --pretrained='' (random init) "
-                             f"or a deeper ResNet (resnet18/34/50/101)")
-        weights = getattr(torchvision.models, RESNETS[name][1]).IMAGENET1K_V1
-        try:
-            return weights.get_state_dict(progress=True)
-        except Exception as e:  # URLError, socket errors, ...: all mean "could not download"
-            fname = os.path.basename(weights.url)
-            raise SystemExit(
-                f"model.py: cannot load ImageNet weights for {name} ({type(e).__name__}: {e}) — fix: connect "
-                f"to the internet once, or put {fname} in $TORCH_HOME/hub/checkpoints/, or pass "
-                f"--pretrained=/path/to/{fname}, or --pretrained='' for random init")
-    if not os.path.isfile(pretrained):
-        raise SystemExit(f"model.py: {pretrained}: backbone weights file not found — fix: pass an existing "
-                         f".pth path, --pretrained=imagenet, or --pretrained='' for random init")
-    sd = torch.load(pretrained, map_location="cpu", weights_only=True)
-    return sd.get("model", sd) if isinstance(sd, dict) else sd
-
-
-class Backbone(nn.Module):
-    """ResNet (or Swin) trunk returning C2, C3, C4, C5 (strides 4, 8, 16, 32; C2 only feeds a stride-2 mask output).
-
-    norm='frozen' is the reference (FrozenBatchNorm2d with ImageNet statistics); norm='bn' trains
-    BatchNorm, which is what a from-scratch run (the embedded demo, no ImageNet weights) needs.
-    freeze_at=2 freezes the stem and res2 (torchvision's layer1), as the reference does.
-    """
-
-    def __init__(self, name="resnet50", pretrained="", norm="frozen", freeze_at=2):
-        super().__init__()
-        if name not in RESNETS:
-            raise SystemExit(f"model.py: --backbone={name!r} is not a backbone — fix: one of {', '.join(RESNETS)}")
-        builder, _, self.out_channels = RESNETS[name]
-        swin = name.startswith("swin")
-        norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
-        net = builder(weights=None) if swin else builder(weights=None, norm_layer=norm_layer)
-        if pretrained:
-            sd = load_backbone_weights(name, pretrained)
-            head = ("head.",) if swin else ("fc.",)
-            sd = {k: v for k, v in sd.items() if not k.startswith(head)}
-            missing, unexpected = net.load_state_dict(sd, strict=False)
-            missing = [k for k in missing if not k.startswith(head)]
-            if missing:
-                raise SystemExit(f"model.py: {pretrained}: not a {name} state dict (missing {missing[:3]}...) "
-                                 f"— fix: pass weights of the same network")
-        if swin:  # LayerNorm throughout: norm does not apply; freeze_at 1 freezes the patch embedding, 2 also stage 1
-            self.trunk = SwinTrunk(net, self.out_channels)
-            for m in list(self.trunk.features)[:freeze_at]:
-                for p in m.parameters():
-                    p.requires_grad_(False)
-            return
-        self.trunk = None
-        for stage in DEFORMABLE_STAGES.get(name, ()):
-            for block in getattr(net, stage):
-                block.conv2 = ModulatedDeformConv(block.conv2)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        frozen = [self.stem, self.layer1][:freeze_at]
-        for m in frozen:
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def forward(self, x):
-        if self.trunk is not None:
-            return self.trunk(x)
-        c2 = self.layer1(self.stem(x))  # (B, C2, H/4, W/4)
-        c3 = self.layer2(c2)            # (B, C3, H/8, W/8)
-        c4 = self.layer3(c3)            # (B, C4, H/16, W/16)
-        c5 = self.layer4(c4)            # (B, C5, H/32, W/32)
-        return [c2, c3, c4, c5]
+# FPN (the backbones are in backbone.py)
 
 
 class FPN(nn.Module):
@@ -483,7 +341,7 @@ class CondInst(nn.Module):
         if self.cfg["method"] == "full" and all("masks" in t for t in targets):
             centers = [mask_centers(t["masks"]) for t in targets]       # CondInst: mask centroid
         else:
-            centers = [losses.box_mask_centers(b, images.shape[-2:]) for b in gt_boxes]  # BoxInst: box-mask centroid
+            centers = [box_mask_centers(b, images.shape[-2:]) for b in gt_boxes]  # BoxInst: box-mask centroid
         with torch.no_grad():
             out["targets"] = losses.fcos_targets(out["locations"], out["loc_level"], self.strides, gt_boxes,
                                                  [t["labels"] for t in targets], self.num_classes,
@@ -596,12 +454,11 @@ def mask_centers(masks):
 
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = dict(  # what build_model reads from the config, with the reference's values
-    backbone="resnet50", pretrained="imagenet", backbone_norm="frozen", freeze_at=2, fpn_channels=256,
-    head_channels=256, head_convs=4, num_classes=80, mask_branch_channels=128, mask_branch_convs=4,
-    mask_out_channels=16, mask_out_stride=4, mask_head_channels=8, mask_head_layers=3, sizes_of_interest=(64, 128, 256, 512),
-    center_radius=1.5, topk_proposals_per_im=64, max_proposals=-1, method="boxinst", score_thresh=0.05,
-    pre_nms_topk=1000, nms_thresh=0.6, max_dets=100, mask_thresh=0.5, channels_last=False,
+MODEL_KEYS = (  # what build_model reads from the config (train.py's names and defaults)
+    "backbone", "pretrained", "backbone_norm", "freeze_at", "fpn_channels", "head_channels", "head_convs",
+    "num_classes", "mask_branch_channels", "mask_branch_convs", "mask_out_channels", "mask_out_stride",
+    "mask_head_channels", "mask_head_layers", "sizes_of_interest", "center_radius", "topk_proposals_per_im",
+    "max_proposals", "method", "score_thresh", "pre_nms_topk", "nms_thresh", "max_dets", "mask_thresh", "channels_last",
 )
 
 
@@ -617,40 +474,3 @@ def build_model(cfg):
         raise SystemExit("model.py: head_channels must equal fpn_channels (the head is shared over FPN levels)")
     model = CondInst(cfg)
     return model.to(memory_format=torch.channels_last) if cfg["channels_last"] else model
-
-
-# -----------------------------------------------------------------------------
-# SIM's momentum teacher: an EMA copy of the whole network (no hand-built twin)
-
-
-def make_teacher(model):
-    """A deep copy of the student; no gradients; eval mode, so its BN uses running statistics.
-    (sim.md lets us choose: the official code runs it in train mode; eval mode keeps the
-    teacher's features independent of the batch, which is what a teacher is for.)"""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-@torch.no_grad()
-def update_teacher(teacher, model, momentum=0.9999):
-    """theta_t <- m * theta_t + (1 - m) * theta_s for parameters; buffers copied from the student.
-    One fused (foreach) kernel per group instead of ~200 small ones: the same arithmetic."""
-    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in model.parameters()], 1 - momentum)
-    torch._foreach_copy_(list(teacher.buffers()), list(model.buffers()))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        broadcast_buffers(teacher)
-
-
-def broadcast_buffers(module, src=0):
-    """Rank src's buffers on every rank, one broadcast per dtype. Under DDP the student's BN statistics
-    differ between ranks after each forward (DDP re-broadcasts rank 0's at the start of the next), so the
-    teacher copying them would drift apart across ranks."""
-    by_dtype = {}
-    for b in module.buffers():
-        by_dtype.setdefault(b.dtype, []).append(b)
-    for bufs in by_dtype.values():
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        torch.distributed.broadcast(flat, src)
-        torch._foreach_copy_(bufs, [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in bufs]), bufs)])

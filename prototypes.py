@@ -336,16 +336,6 @@ class PrototypeMemory(nn.Module):
 # Eq. (6)-(7): self-correction
 
 
-def box_iou_pairs(a, b):
-    """IoU of matched pairs of xyxy boxes: a (K, 4), b (K, 4) -> (K,); 0 for empty unions."""
-    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)  # (K, 2)
-    inter = wh[:, 0] * wh[:, 1]                                                        # (K,)
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)       # (K,)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)       # (K,)
-    union = area_a + area_b - inter                                                    # (K,)
-    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)                     # (K,)
-
-
 def positive_weights(ious, obj_index, n_obj, mu=5.0):
     """Eq. (6): w_pos = exp(mu * IoU), normalised over the positives of the same object.
 

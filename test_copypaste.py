@@ -5,8 +5,9 @@ import io
 import pytest
 import torch
 
-from copypaste import (MemoryBank, bank_entry_from_teacher, box_masks, box_quality_gate, copy_paste_batch,
-                       masks_to_boxes, object_scores, paste, sample_objects, with_paste_fields)
+from box_ops import box_masks_exclusive, masks_to_boxes
+from copypaste import (MemoryBank, bank_entry_from_teacher, box_quality_gate, copy_paste_batch,
+                       object_scores, paste, sample_objects, with_paste_fields)
 
 
 def rect(h, w, y0, y1, x0, x1):
@@ -41,18 +42,6 @@ def test_object_scores_hand_example():
     s = object_scores(probs, masks)
     torch.testing.assert_close(s, torch.tensor([1.7 / 3, 0.0, 2.0 / 5]))
 
-
-def test_box_mask_convention_and_round_trip():
-    m = box_masks(torch.tensor([[1.0, 2.0, 3.0, 5.0], [0.5, 0.25, 1.5, 1.75]]), 6, 6)
-    assert torch.equal(m[0], rect(6, 6, 2, 5, 1, 3))  # integer box: rows 2..4, cols 1..2
-    assert torch.equal(m[1], rect(6, 6, 0, 2, 0, 2))  # float box: every touched pixel
-    assert torch.equal(box_masks(torch.tensor([[3.0, 0, 3, 5]]), 6, 6)[0], rect(6, 6, 0, 5, 3, 4))  # zero width
-    g = torch.Generator().manual_seed(0)
-    xy0 = torch.randint(0, 8, (50, 2), generator=g)
-    xy1 = xy0 + torch.randint(1, 8, (50, 2), generator=g)
-    boxes = torch.cat([xy0, xy1], 1).float()  # integer boxes inside a 16x16 image
-    assert torch.equal(masks_to_boxes(box_masks(boxes, 16, 16)), boxes)
-    assert torch.equal(masks_to_boxes(torch.zeros(1, 4, 4, dtype=torch.bool)), torch.zeros(1, 4))
 
 # -----------------------------------------------------------------------------
 # memory bank
@@ -158,7 +147,7 @@ def test_paste_hides_one_object_and_shrinks_others():
                           [0.5, 2.5, 1.5, 6.5],      # D: rows 2..6, keeps rows 4..6 -> [0.5, 4, 1.5, 6.5]
                           [6, 5, 6, 8]],             # E: zero width, untouched -> kept unchanged
                          [0, 1, 2, 3, 4], (h, w))
-    target['masks'] = box_masks(target['boxes'], h, w).to(torch.uint8)
+    target['masks'] = box_masks_exclusive(target['boxes'], h, w).to(torch.uint8)
     band = rect(h, w, 0, 4, 0, 8)  # pasted object: rows 0..3, full width
     other = rect(h, w, 6, 8, 0, 2)  # not pasted
     entry = make_entry(torch.full((3, h, w), 200, dtype=torch.uint8), torch.stack([band, other]),

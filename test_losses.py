@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import losses as L
+from box_ops import box_mask_centers
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -129,7 +130,7 @@ def test_fcos_targets_matches_naive_on_random_scenes():
             wh = torch.rand(n, 2, generator=g) * 250 + 4
             boxes.append(torch.cat([xy, (xy + wh).clamp(max=256)], 1).floor())  # integer coords: ties happen
             labels.append(torch.randint(0, 4, (n,), generator=g))
-        centers = [L.box_mask_centers(b, (256, 256)) for b in boxes]
+        centers = [box_mask_centers(b, (256, 256)) for b in boxes]
         t = L.fcos_targets(locs, lv, STRIDES, boxes, labels, 4, gt_centers=centers)
         lab, reg, ind = naive_fcos_targets(locs, lv, boxes, labels, centers, 4)
         assert (lab != 4).sum() > 10
@@ -146,21 +147,6 @@ def test_fcos_targets_uses_given_centers_and_empty_batch():
     assert t['labels'][0, i(36, 36)] == 0 and t['labels'][0, i(12, 12)] == 2
     t = L.fcos_targets(locs, lv, STRIDES, [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)], 2)
     assert (t['labels'] == 2).all() and (t['gt_inds'] == -1).all() and (t['reg_targets'] == 0).all()
-
-
-def test_box_mask_centers():
-    boxes = torch.tensor([[0.5, 2.7, 10.2, 5.1], [0., 0., 32., 16.]])
-    # cols 0..10 -> 5, rows 2..5 -> 3.5; second box: cols 0..32 -> 16, rows 0..16 -> 8
-    assert torch.equal(L.box_mask_centers(boxes), torch.tensor([[5.0, 3.5], [16.0, 8.0]]))
-    # on a 32 x 32 canvas col 32 does not exist: cols 0..31 -> 15.5 (what the reference's mask gives)
-    c = L.box_mask_centers(boxes, (32, 32))
-    assert torch.equal(c, torch.tensor([[5.0, 3.5], [15.5, 8.0]]))
-    full = torch.zeros(2, 32, 32)
-    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        full[k, int(y0):int(y1 + 1), int(x0):int(x1 + 1)] = 1
-    ys, xs = torch.meshgrid(torch.arange(32.), torch.arange(32.), indexing='ij')
-    cen = torch.stack([(full * xs).sum((1, 2)), (full * ys).sum((1, 2))], 1) / full.sum((1, 2))[:, None]
-    assert torch.allclose(c, cen)
 
 # -----------------------------------------------------------------------------
 # FCOS losses
@@ -258,27 +244,6 @@ def test_dice_loss():
     # sum xy = 1, sum x^2 = sum y^2 = 2 -> 1 - 2/4; identical -> 1 - 4/4 = 0 (up to eps)
     expected = torch.tensor([1 - 2 / (4 + 1e-5), 1 - 4 / (4 + 1e-5)])
     assert torch.allclose(L.dice_loss(x, y), expected)
-
-
-def naive_box_masks(boxes, hp, wp, stride=4):
-    full = torch.zeros(boxes.shape[0], hp, wp)
-    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        full[k, int(y0):int(y1 + 1), int(x0):int(x1 + 1)] = 1
-    return full[:, stride // 2::stride, stride // 2::stride]
-
-
-def test_box_masks_hand_case_and_naive():
-    # rows 2..9, cols 2..6 of a 16 x 16 canvas; the grid visits 2, 6, 10, 14
-    m = L.box_masks(torch.tensor([[2.0, 2.0, 6.5, 9.0]]), (16, 16))
-    expected = torch.zeros(1, 4, 4)
-    expected[0, :2, :2] = 1
-    assert torch.equal(m, expected)
-    g = torch.Generator().manual_seed(1)
-    xy = torch.rand(40, 2, generator=g) * torch.tensor([64., 32.])
-    wh = torch.rand(40, 2, generator=g) * 30
-    boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([64., 32.]))], 1)  # some end on the border
-    boxes = torch.cat([boxes, torch.tensor([[0., 0., 64., 32.], [5.9, 6.0, 6.0, 6.1]])])
-    assert torch.equal(L.box_masks(boxes, (32, 64)), naive_box_masks(boxes, 32, 64))
 
 
 def test_image_valid_masks_bottom_trick():

@@ -12,13 +12,17 @@ import torch.nn.functional as F
 import torchvision
 
 import losses
-from model import (MODEL_KEYS, aligned_bilinear, build_model, compute_locations, dynamic_mask_head,
-                   mask_centers, num_dynamic_params, make_teacher, update_teacher)
+import train  # its defaults: the one set of defaults
+from model import (aligned_bilinear, build_model, compute_locations, dynamic_mask_head,
+                   mask_centers, num_dynamic_params)
+from sim import make_teacher, update_teacher
 
 
 def tiny_cfg(**kw):
-    cfg = dict(MODEL_KEYS, backbone="resnet18", pretrained="", backbone_norm="bn", freeze_at=0, fpn_channels=32,
+    """train.py's defaults with a tiny BoxInst network at the reference's mask stride (4) and size ranges."""
+    cfg = dict(train.config, backbone="resnet18", pretrained="", backbone_norm="bn", freeze_at=0, fpn_channels=32,
                head_channels=32, head_convs=1, num_classes=3, mask_branch_channels=16, mask_branch_convs=1,
+               mask_out_stride=4, sizes_of_interest=(64, 128, 256, 512), method="boxinst", channels_last=False,
                bottom_pixels_removed=0, color_thresh=0.3, pairwise_warmup_iters=1)
     cfg.update(kw)
     return cfg
@@ -181,8 +185,7 @@ def test_mask_out_stride_2_gives_stride_2_masks():
     out = model(images, targets)
     assert out["mask_feats"].shape == (2, 16, 16, 16)
     assert out["mask_logits"].shape[1:] == (1, 32, 32)
-    loss, logs = losses.compute_losses(out, images, targets, dict(model.cfg, bottom_pixels_removed=0, color_thresh=0.3,
-                                                                   pairwise_warmup_iters=1), it=1)
+    loss, logs = losses.compute_losses(out, images, targets, tiny_cfg(mask_out_stride=2), it=1)
     loss.backward()
     assert torch.isfinite(loss) and logs["loss_pairwise"] > 0
     assert model.fpn.lateral_p2.weight.grad.abs().sum() > 0
@@ -395,7 +398,7 @@ def test_ddp_gradients_equal_big_batch():
 def test_dcn_starts_as_half_the_plain_conv_and_learns_offsets():
     """ModulatedDeformConv with its zero-initialised offset conv: offsets 0, modulation sigmoid(0) = 0.5,
     so it computes 0.5 x the conv it replaced; the offsets get a gradient."""
-    from model import ModulatedDeformConv
+    from backbone import ModulatedDeformConv
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
     dcn = ModulatedDeformConv(conv)
@@ -411,7 +414,7 @@ def test_tab1_backbones_load_imagenet_weights_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     ckpt_dir = tmp_path / "hub" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
-    from model import Backbone, ModulatedDeformConv
+    from backbone import Backbone, ModulatedDeformConv
     for name, builder, enum in [("resnet101_dcn", torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
                                 ("swin_b", torchvision.models.swin_b, torchvision.models.Swin_B_Weights)]:
         torch.manual_seed(0)

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import prototypes
-from prototypes import (PrototypeMemory, box_iou_pairs, cluster_centroids, ema_update, instance_map,
+from prototypes import (PrototypeMemory, cluster_centroids, ema_update, instance_map,
                         normalize_features, object_semantic_maps, positive_weights, pseudo_labels,
                         pseudo_labels_adaptive, rectified_map, semantic_map, sinkhorn)
 
@@ -133,11 +133,6 @@ def test_object_semantic_maps_match_per_image():
 
 
 # ----------------------------------------------------------------------------- Eq. (6)-(7)
-
-def test_box_iou_pairs():
-    a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 1, 1]])
-    b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2], [2, 2, 3, 3]])
-    assert torch.allclose(box_iou_pairs(a, b), torch.tensor([1 / 7, 1.0, 0.0]))
 
 
 def test_positive_weights_hand():

@@ -17,6 +17,7 @@ from PIL import Image
 
 torch.set_num_threads(1)  # 2 cores, shared with other work
 
+import box_ops
 import copypaste
 import eval as evaluation  # the module, not the builtin
 import losses
@@ -393,10 +394,10 @@ def test_after_step_bank_entries():
     e0, e1 = state.bank.entries
     assert torch.equal(e0["image"], images[0, :, :, :60])
     assert torch.equal(e0["boxes"], targets[0]["boxes"][:1]) and e0["labels"].tolist() == [0]
-    assert torch.equal(e0["masks"], copypaste.box_masks(e0["boxes"], 64, 60))
+    assert torch.equal(e0["masks"], box_ops.box_masks_exclusive(e0["boxes"], 64, 60))
     assert torch.equal(e1["image"], images[1])
     assert torch.equal(e1["boxes"], targets[1]["boxes"][1:]) and e1["labels"].tolist() == [2]
-    assert torch.equal(e1["masks"], copypaste.box_masks(e1["boxes"], 64, 64))
+    assert torch.equal(e1["masks"], box_ops.box_masks_exclusive(e1["boxes"], 64, 64))
     assert ((e0["scores"] > 0) & (e0["scores"] < 1)).all()
 
 
@@ -588,7 +589,7 @@ def test_nanosim_background_outside_the_box_on_pasted_pixels_not_padding():
     targets = [copypaste.with_paste_fields(t, t["size"]) for t in targets]
     targets[0]["paste_area"] = pasted
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
-    box = losses.box_masks(torch.cat([t["boxes"] for t in targets]), (64, 64), 4) > 0  # plain boxes (G, 16, 16)
+    box = box_ops.box_masks_inclusive(torch.cat([t["boxes"] for t in targets]), (64, 64), 4) > 0  # plain boxes (G, 16, 16)
     valid = obj["valid"][obj["img"]] > 0                                                  # (G, 16, 16)
     on_paste = torch.zeros(4, 16, 16, dtype=torch.bool)
     on_paste[0] = pasted[2::4, 2::4]                   # grid rows 14, 18 and columns 10, 14
