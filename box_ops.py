@@ -91,3 +91,14 @@ def box_mask_centers(boxes, padded_hw=None):
         hp, wp = padded_hw
         hi = torch.minimum(hi, hi.new_tensor([wp - 1, hp - 1]))  # (N, 2)
     return (lo + hi) / 2  # (N, 2)
+
+
+def mask_centers(masks):
+    """Centre of mass (x, y) of each GT mask (N, h, w), in pixel indices (CondInst's centre sampling)."""
+    m = masks.float()                                                                        # (N, h, w)
+    area = m.sum((1, 2)).clamp(min=1)
+    ys = torch.arange(m.shape[1], device=m.device, dtype=m.dtype)
+    xs = torch.arange(m.shape[2], device=m.device, dtype=m.dtype)
+    cx = (m.sum(1) * xs).sum(1) / area
+    cy = (m.sum(2) * ys).sum(1) / area
+    return torch.stack([cx, cy], 1)                                                          # (N, 2)

@@ -1,17 +1,11 @@
 """
 Online weakly-supervised copy-paste (SIM, Sec. 3.3 and supplement, Eq. 9 and 11).
 
-A FIFO memory bank keeps recent training images with the teacher's pseudo masks of their
-objects and each object's Eq. (11) score. With probability `prob` per image (once the bank is
-full) one bank entry is drawn uniformly, a few of its objects are drawn by importance sampling
-(probability proportional to score^3), and their pixels are pasted onto the current image at
-their original positions (no scaling, shifting or blending). The annotations follow: existing
-objects lose the covered pixels, shrink to what stays visible or disappear, and the pasted
-objects are appended with 'pasted' = True and their pseudo masks as 'paste_masks' (the
-targets of the Eq. (9) paste loss, which lives with the other losses).
-
-The bank holds its tensors on the CPU (uint8 images, bool masks) to save accelerator memory;
-each DDP rank has its own bank and nothing is communicated, as in the official code.
+A FIFO bank keeps recent training images with the teacher's pseudo masks and Eq. (11) scores. Once
+it is full, with probability `prob` per image one entry is drawn, a few of its objects by importance
+sampling (score^3), and their pixels pasted at their original positions (no scaling or blending).
+Covered objects shrink or vanish; pasted ones are appended with 'pasted' = True and their pseudo
+masks as 'paste_masks' (Eq. 9's targets). The bank lives on the CPU, one per DDP rank (as official).
 
 Boxes and masks follow box_ops.py's end-exclusive convention (box -> mask -> box is the identity
 for integer boxes).
@@ -46,16 +40,9 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
     """Bank entry of one image from the teacher: dict(image, boxes, labels, masks, scores).
 
     image uint8 (3, h, w) unpadded; boxes (N, 4); labels (N,); mask_probs (N, Hp/s, Wp/s) the
-    teacher's mean mask probability per object on the padded frame at the mask-out stride s
-    (4 in the reference); size (h, w). Pseudo mask = [prob upsampled x s > thresh] restricted to
-    the box, cropped to (h, w); score by Eq. (11) on the upsampled probability. Objects with an
-    empty pseudo mask are dropped (they can never be pasted). The result is ready for
-    `bank.push(**entry)`.
-
-    min_box_iou > 0 is nanoSIM's quality gate (box_quality_gate): a pasted object's box is the
-    tight box of its pseudo mask and trains the detector as a GT box, so a mask whose tight box
-    misses the object's real (annotated) box is dropped, and the Eq. (11) score of the others is
-    multiplied by that IoU (importance sampling prefers masks that fill their box).
+    teacher's mask probability per object at the mask-out stride s; size (h, w). Pseudo mask =
+    [prob upsampled x s > thresh] in the box; Eq. (11) score; empty masks dropped. For bank.push(**entry).
+    min_box_iou > 0: nanoSIM's quality gate (box_quality_gate).
     """
     h, w = size
     # bilinear (align_corners=False) then threshold, as the official code: a smooth outline rather
@@ -73,10 +60,9 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
 
 
 def box_quality_gate(masks, boxes, scores, min_iou=0.8):
-    """nanoSIM's gate on what enters the bank: IoU of each pseudo mask's tight box with the object's
-    GT box (pixel-aligned outwards). Returns (scores * IoU, IoU >= min_iou). masks (N, h, w) bool,
-    boxes (N, 4), scores (N,). Why: issue 16 measured ~14% of pasted boxes at IoU < 0.75 with the
-    object's true box; the detector learns them as GT boxes."""
+    """nanoSIM's gate on what enters the bank: IoU of each pseudo mask's tight box with the object's GT
+    box (pixel-aligned outwards) -> (scores * IoU, IoU >= min_iou). Why: a pasted object's box is its
+    mask's tight box and trains the detector as a GT box (BENCHMARKS.md, Decisions)."""
     gt = torch.cat([boxes[:, :2].floor(), boxes[:, 2:].ceil()], 1).clamp(min=0)  # (N, 4) pixel-aligned
     iou = box_iou_pairs(masks_to_boxes(masks), gt)  # (N,)
     return scores * iou, iou >= min_iou
@@ -141,13 +127,9 @@ class MemoryBank:
 def sample_objects(scores, generator=None, max_n=3, power=3, replacement=False):
     """Indices of the objects to paste, in paste order.
 
-    n = clamp(floor(0.5 * N), 1, max_n) objects drawn with probability proportional to
-    score^power (importance sampling, supplement of the paper). Default without replacement, the
-    paper's intent ("a subset of instances"); replacement=True is the official code, where a
-    duplicate pastes the same object twice (the later copy then hides the earlier one entirely,
-    so `paste` keeps only one). If every score is 0 the draw is uniform; without replacement, n is
-    capped at the number of objects with a non-zero score (zero-probability objects cannot be drawn).
-    The paper's text says "a quarter of the instances, 1~3 per image"; 0.5 follows the official code.
+    n = clamp(floor(0.5 * N), 1, max_n) (the official code; the paper says a quarter) drawn with
+    probability ~ score^power. Without replacement by default (the paper's "a subset"); replacement=True
+    is the official code. All scores 0: uniform; n never exceeds the objects with a non-zero score.
     """
     weights = scores.float().clamp(min=0) ** power  # (N,)
     if weights.sum() <= 0:
@@ -159,9 +141,7 @@ def sample_objects(scores, generator=None, max_n=3, power=3, replacement=False):
 
 
 def _fit(t, h, w):
-    """Crop or zero-pad the last two dims of t to (h, w), anchored top-left.
-
-    Equivalent to padding source and target to the larger size and cropping back to the target."""
+    """Crop or zero-pad the last two dims of t to (h, w), anchored top-left."""
     out = t.new_zeros(*t.shape[:-2], h, w)
     hh, ww = min(h, t.shape[-2]), min(w, t.shape[-1])
     out[..., :hh, :ww] = t[..., :hh, :ww]
@@ -241,10 +221,8 @@ def paste(image, target, entry, idx, size):
 def copy_paste_batch(images, targets, bank, prob=0.5, generator=None, max_n=3, replacement=False):
     """Online copy-paste over a batch: images uint8 (B, 3, Hp, Wp), targets list of dicts.
 
-    Per image (each image decides on its own; the official code decides once per batch): if the
-    bank is full and a uniform draw < prob, draw a bank entry, sample objects (Eq. 11 scores
-    cubed) and paste them. Every returned target carries 'pasted' and 'paste_masks'. Inputs
-    are not modified. `generator` is a CPU generator (None: the global one).
+    Each image on its own (official: once per batch): if the bank is full and a draw < prob, paste
+    sampled objects of a random entry. Every target gets the paste fields; inputs are not modified.
     """
     out_images = images.clone()  # (B, 3, Hp, Wp)
     out_targets = []

@@ -1,15 +1,8 @@
 """
-All losses of nanoSIM, as pure functions, in the order a training step meets them:
-
-  1. FCOS target assignment (which location learns which GT box),
-  2. FCOS losses (focal classification, GIoU regression, centerness BCE),
-  3. BoxInst box-supervised mask losses (projection + colour-pairwise terms, and the
-     fully supervised dice loss of CondInst),
-  4. SIM: pseudo-mask loss (Eq. 8), copy-paste loss (Eq. 9) and the total loss (Eq. 10).
-
-Everything is batched (no Python loops over GTs or locations), syncs with the host only for the
-pairwise loss's window size (one read per step), and runs on whatever device its inputs live on. Behaviours follow
-shared/spec/boxinst_reference.md (AdelaiDet) and shared/spec/sim.md.
+All losses, as pure functions, in the order a training step meets them: FCOS target assignment, the
+FCOS losses, BoxInst's projection and colour-pairwise terms (and CondInst's dice), SIM's Eq. (8)-(10).
+Batched (no Python loop over objects or locations), on the inputs' device; one host read per step
+(the pairwise windows). Behaviours follow ../shared/spec/boxinst.md (AdelaiDet) and ../shared/spec/sim.md.
 """
 
 import torch
@@ -164,9 +157,8 @@ def fcos_losses(cls_logits, reg, ctr_logits, targets, image_weights=None):
       loss_fcos_cls = focal(all locations, all classes) / num_pos,
       loss_fcos_loc = sum_pos (1 - GIoU) * c* / sum_pos c*,
       loss_fcos_ctr = sum_pos BCE(ctr_logit, c*) / num_pos,
-    with num_pos averaged over ranks (min 1) and sum c* averaged over ranks (min 1e-6).
-    Positives are selected by masking rather than indexing (no host sync); with no positive
-    the loc/ctr losses are exactly 0 and still attached to the graph.
+    with num_pos averaged over ranks (min 1) and sum c* averaged over ranks (min 1e-6). Positives
+    are masked, not indexed (no host sync); with none, loc/ctr are 0 and still attached to the graph.
     """
     # losses in fp32 even when the network ran under autocast
     cls_logits, reg, ctr_logits = cls_logits.float(), reg.float(), ctr_logits.float()
@@ -289,18 +281,6 @@ def color_similarity(images_uint8, valid, stride=4, kernel_size=3, dilation=2):
     return sim * nb_valid
 
 
-def feature_similarity(feats, kernel_size=3, dilation=2):
-    """The official SIM code's feature affinity (not a paper equation; `official` preset only):
-    S_feat(i, j) = exp(-||f_i - f_j||_2) between each pixel and its 8 dilated neighbours, f the
-    teacher's mask features on the mask-out grid, not normalised; 0 for neighbours off the map.
-    Multiplied into BoxInst's colour similarity, thresholded at 0.1 (sim_official.md 6.2).
-    feats (B, D, H, W) -> (B, k*k-1, H, W)."""
-    f = feats.float()
-    diff = f[:, :, None] - unfold_wo_center(f, kernel_size, dilation)  # (B, D, 8, H, W)
-    on_map = unfold_wo_center(torch.ones_like(f[:, :1]), kernel_size, dilation)[:, 0]  # (B, 8, H, W)
-    return torch.exp(-diff.pow(2).sum(1).sqrt()) * on_map
-
-
 def box_windows(x, top, left, hc, wc, index):
     """Windows of (hc, wc) cells from the maps x (B, C, H, W): window k starts at row top[k], column
     left[k] (either may be negative) of map index[k]. Cells off the map read the nearest
@@ -323,23 +303,13 @@ def box_window_valid(top, left, hc, wc, H, W):
 
 
 def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_size=3, dilation=2, im_inds=None):
-    """BoxInst pairwise term: l_ij = -log( p_i p_j + (1 - p_i)(1 - p_j) ), computed stably as
-    -(logsig(m_i) + logsig(m_j) + softplus(-(m_i + m_j))) (the same as the reference's
-    -logsumexp(logsig(m_i) + logsig(m_j), logsig(-m_i) + logsig(-m_j))); weights
-    w_ij = [S_ij >= color_thresh] * B(i) (box mask at the centre pixel only);
-    loss = sum w l / max(sum w, 1), normalised over all instances at once (and, like the
-    FCOS normalisers, over all ranks: sum w is averaged with reduce_mean).
-    mask_logits (N, 1, H, W), similarity (N, 8, H, W) (the image's S for each instance) or, with
-    im_inds (N,) (each instance's image), the images' S (B, 8, H, W); box_masks (N, 1, H, W) -> scalar.
-    S must be 0 for neighbours off the map (color_similarity's is).
-
-    Speed, not maths: w = 0 wherever B(i) = 0, so the sums only need the cells of each
-    instance's box plus the neighbours' reach (dilation * (kernel_size // 2)). They are taken on
-    windows around every box (box_windows) instead of the whole map, one window size per group of
-    instances: the instances sorted by box area and split in two halves, each half's windows as large
-    as its largest box (so one big object does not blow up the windows of all the small ones). The
-    same sums (test_losses checks them against the whole-map formula), 4-30x fewer cells. The box
-    sizes are one host read per step (a device sync on CUDA)."""
+    """BoxInst pairwise term: l_ij = -log( p_i p_j + (1 - p_i)(1 - p_j) ), stably
+    -(logsig(m_i) + logsig(m_j) + softplus(-(m_i + m_j))); weights w_ij = [S_ij >= color_thresh] * B(i)
+    (box mask at the centre pixel); loss = sum w l / max(sum w, 1) over all instances (sum w averaged
+    over ranks). mask_logits (N, 1, H, W); similarity (N, 8, H, W), or the images' (B, 8, H, W) with
+    im_inds (N,); box_masks (N, 1, H, W) -> scalar. S is 0 for neighbours off the map.
+    Speed: w = 0 outside the box, so the sums run on windows around each box (box_windows), one size
+    per half of the instances sorted by area: the same sums (test_losses checks), 4-30x fewer cells."""
     mask_logits = mask_logits.float()  # fp32 even under autocast
     pad = dilation * (kernel_size // 2)
     H, W = mask_logits.shape[-2:]
@@ -379,13 +349,9 @@ def pairwise_warmup(it, warmup_iters=10000):
 
 
 def weighted_bce_dice(mask_logits, target, weight):
-    """l_mask of Eq. (8)/(9) per instance: BCE averaged over the instance's weighted pixels,
-    sum(w * bce) / max(sum(w), 1), plus dice(sigmoid(m) * w, target * w).
-    Choice: both terms are normalised per instance, so every positive counts once in the
-    outer 1/N_pos mean of Eq. 8, whatever its box size. Ignored pixels (w = 0) drop out of
-    both terms. An instance with no weighted foreground has a constant dice of 1 (no
-    gradient), the usual behaviour of dice on an empty target; its BCE still teaches
-    background. mask_logits, target, weight (N, ...) -> (N,)."""
+    """l_mask of Eq. (8)/(9) per instance: sum(w * bce) / max(sum(w), 1) + dice(sigmoid(m) w, target w).
+    Both terms per instance, so every positive counts once in Eq. 8's 1/N_pos whatever its box size;
+    ignored pixels (w = 0) drop out. mask_logits, target, weight (N, ...) -> (N,)."""
     m = mask_logits.float().flatten(1)  # (N, P), fp32 even under autocast
     t = target.flatten(1).to(m.dtype)  # (N, P)
     w = weight.flatten(1).to(m.dtype)  # (N, P)
@@ -405,15 +371,10 @@ def pseudo_mask_loss(mask_logits, pseudo_masks, weights):
 
 
 def paste_loss(mask_logits, paste_masks, pasted, weights=None):
-    """Eq. (9): L_paste = sum_k 1_paste(k) l_mask(M_pred^k, M_hat'^k), over the positives of
-    pasted objects, against the pseudo mask the object was pasted with.
-    Choices: (a) the sum is averaged over the pasted positives (as Eq. 8), so that lambda2 = 1
-    does not scale with how many positives an object has; (b) weights default to 1 on every
-    pixel: a pasted object's mask is fully known (fg inside its pseudo mask, bg everywhere
-    else), as the official code supervises it; pass the image-valid mask as weights to leave
-    the padding out.
-    mask_logits, paste_masks (N, ...), pasted (N,) bool, weights (N, ...) or None -> scalar,
-    0 attached to the graph when no positive is pasted."""
+    """Eq. (9): L_paste = sum_k 1_paste(k) l_mask(M_pred^k, M_hat'^k) over the positives of pasted
+    objects, against the mask each was pasted with; averaged over them (as Eq. 8). weights default to
+    1 everywhere: a pasted object's mask is fully known. mask_logits, paste_masks (N, ...), pasted (N,)
+    bool, weights (N, ...) or None -> scalar (0, attached, when nothing is pasted)."""
     if weights is None:
         weights = torch.ones_like(mask_logits)
     if mask_logits.shape[0] == 0:
@@ -455,9 +416,8 @@ def official_paste_loss(mask_logits, paste_masks, pasted, weights=None):
 def pseudo_loss_weight(it, lambda1=0.5, sim_start_iter=10000, ramp_iters=0, ramp_origin=-1):
     """Eq. (10)'s weight of L_pseudo at 1-based iteration it: 0 until sim_start_iter, then lambda1,
     or with ramp_iters > 0 lambda1 * min((it - origin) / ramp_iters, 1), origin = sim_start_iter
-    when ramp_origin < 0. The paper switches L_pseudo on at full strength; nanoSIM ramps it (the
-    pseudo labels of a young teacher arrive at peak lr otherwise, and a jump in the loss's
-    gradient follows); the official code ramps from iteration 0 over 270k (origin 0)."""
+    when ramp_origin < 0. The paper steps; nanoSIM ramps (a young teacher's labels would arrive at
+    peak lr at full strength: BENCHMARKS.md, Decisions); the official code ramps from 0 over 270k."""
     if it <= sim_start_iter:
         return 0.0
     if ramp_iters <= 0:
@@ -474,13 +434,9 @@ LOSS_KEYS = ('loss_fcos_cls', 'loss_fcos_loc', 'loss_fcos_ctr',  # FCOS
 
 def total_loss(losses, it, lambda1=0.5, lambda2=1.0, sim_start_iter=10000, pair_warmup_iters=10000,
                lambda1_ramp_iters=0, lambda1_ramp_origin=-1):
-    """Eq. (10): L = L_fcos + L_proj + w_pair(it) L_pair + lambda1 L_pseudo + lambda2 L_paste,
-    L_fcos = cls + loc + ctr. `it` is 1-based. The SIM terms count from iteration
-    sim_start_iter + 1 on: the first sim_start_iter iterations are the BoxInst-only warm-up
-    (official: counter > 10000); lambda1 may ramp (pseudo_loss_weight). Absent keys are absent
-    terms, so BoxInst (no SIM keys) and full supervision ('loss_mask', weight 1) use the same
-    function; an unknown key is an error.
-    Returns (total, dict of the weighted terms, detached, for logging)."""
+    """Eq. (10): L = L_fcos + L_proj + w_pair(it) L_pair + lambda1 L_pseudo + lambda2 L_paste, `it`
+    1-based; the SIM terms count after sim_start_iter (the BoxInst warm-up). Absent keys are absent
+    terms (BoxInst, full supervision); an unknown key is an error. -> (total, weighted terms detached)."""
     unknown = set(losses) - set(LOSS_KEYS)
     if unknown:
         raise KeyError(f'unknown loss terms {sorted(unknown)}')
@@ -508,11 +464,9 @@ def gt_mask_targets(masks, padded_hw, stride=4):
 def object_box_masks(targets, padded_hw, stride=4, occlusion_aware=True):
     """Every object's box mask on the mask-out grid, batch order -> float (G, Hp/s, Wp/s).
 
-    occlusion_aware: pixels that copy-paste covered with ANOTHER object are taken out of the box
-    (target 'paste_area', the union of the pasted pixels, minus the object's own 'paste_masks'):
-    an occluded object's box no longer claims its occluder as foreground in the projection,
-    pairwise and pseudo-mask losses. The official code does the same (box AND NOT pasted,
-    sim_official.md 7.4). Targets without a paste keep their plain box masks."""
+    occlusion_aware: pixels copy-paste covered with ANOTHER object ('paste_area' minus the object's own
+    'paste_masks') leave the box, so an occluded object does not claim its occluder in any loss (the
+    official code: box AND NOT pasted, sim_official.md 7.4)."""
     boxes = torch.cat([t['boxes'] for t in targets])  # (G, 4)
     masks = box_masks_inclusive(boxes, padded_hw, stride)  # (G, Hp/s, Wp/s)
     if occlusion_aware and any('paste_area' in t for t in targets):
@@ -526,7 +480,7 @@ def object_box_masks(targets, padded_hw, stride=4, occlusion_aware=True):
 def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None):
     """All loss terms of a training step from the model's training output (model.CondInst.forward),
     combined by Eq. (10). it is 1-based. extra: further terms (SIM's loss_pseudo, loss_paste);
-    pair_affinity (B, 8, Hp/s, Wp/s): a factor on the colour similarity (feature_similarity).
+    pair_affinity (B, 8, Hp/s, Wp/s): a factor on the colour similarity (sim.feature_affinity).
     Returns (total, dict of the weighted terms for logging)."""
     image_weights = None
     if not cfg['paste_detector'] and any('pasted' in t for t in targets):

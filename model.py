@@ -20,7 +20,7 @@ from torchvision.ops import batched_nms
 
 import losses
 from backbone import Backbone
-from box_ops import box_mask_centers, decode_boxes
+from box_ops import box_mask_centers, decode_boxes, mask_centers
 
 # -----------------------------------------------------------------------------
 
@@ -28,10 +28,8 @@ from box_ops import box_mask_centers, decode_boxes
 def aligned_bilinear(x, factor):
     """Upsample (N, C, h, w) -> (N, C, f*h, f*w) keeping stride-grid cell centres aligned.
 
-    A plain F.interpolate shifts a stride-s map by half a cell against the stride-s/f grid;
-    CondInst pads, resizes with align_corners=True and re-crops so cell centres line up.
-    Factor 2 (the dynamic mask head's, on every instance of every step) uses the same numbers in
-    closed form (_upsample2_aligned): its backward is ~4x faster on CPU than F.interpolate's.
+    CondInst pads, resizes with align_corners=True and re-crops so cell centres line up (a plain
+    F.interpolate is half a cell off). Factor 2 in closed form (_upsample2_aligned: 4x faster backward).
     """
     if factor == 1:
         return x
@@ -75,9 +73,8 @@ def compute_locations(feature_sizes, strides, device):
 class FPN(nn.Module):
     """Feature pyramid P3-P7: lateral 1x1 + output 3x3 on C3-C5, nearest top-down, P6 from P5, P7 from ReLU(P6).
 
-    with_p2 adds a stride-4 level for a mask branch at stride 4 (mask_out_stride 2, the small-image
-    demo): P2 = lateral(C2) + up(P3's top-down sum), without a 3x3 output conv: the mask branch's own
-    3x3 refine conv comes right after it, and the head never sees P2.
+    with_p2 adds P2 = lateral(C2) + up(P3's top-down sum) for the stride-4 mask branch (mask_out_stride
+    2), without an output conv: the mask branch's refine conv follows, and the head never sees P2.
     """
 
     def __init__(self, in_channels, channels=256, with_p2=False):
@@ -125,14 +122,10 @@ def conv_gn_relu(cin, cout):
 
 
 class FCOSHead(nn.Module):
-    """Shared over levels: cls tower -> class logits; box tower -> ltrb, centerness and the
-    controller, which emits the dynamic mask head's parameters at a location (CondInst).
-
-    The controller is a 3x3 conv on the box tower like the other outputs, but only the few
-    locations that get a mask (training positives, kept detections) ever use its output, so
-    forward() returns the box tower's features and controller_at() evaluates the conv at those
-    locations alone: the same numbers as the dense conv (test_model checks it), without the
-    dense map's cost (P = 233 output channels: 11% of the demo model's FLOPs).
+    """Shared over levels: cls tower -> class logits; box tower -> ltrb, centerness and the controller
+    (CondInst: the dynamic mask head's parameters at a location). Only the few locations that get a mask
+    read the controller, so controller_at() evaluates its 3x3 conv there alone (the dense conv's
+    numbers, test_model checks; the dense map would be 11% of the demo model's FLOPs).
     """
 
     def __init__(self, channels, num_classes, num_params, num_convs=4, num_levels=5, prior_prob=0.01):
@@ -352,12 +345,9 @@ class CondInst(nn.Module):
         return out
 
     def select_instances(self, out):
-        """Positives that train the mask head.
-
-        BoxInst/SIM (topk_proposals_per_im > 0): per image k = max(64 // G, 1) per GT object
-        (G = GT objects with positives), the k with the highest sigmoid(cls max) * sigmoid(ctr).
-        CondInst full supervision (max_proposals > 0): a random subset of all positives.
-        """
+        """Positives that train the mask head. BoxInst/SIM (topk_proposals_per_im > 0): per image, the
+        k = max(64 // G, 1) best of each GT object by sigmoid(cls max) * sigmoid(ctr) (G = objects with
+        positives). CondInst (max_proposals > 0): a random subset of all positives."""
         t = out["targets"]
         im_inds, loc_inds = torch.nonzero(t["labels"] != self.num_classes, as_tuple=True)   # (K,), (K,)
         gt_inds = t["gt_inds"][im_inds, loc_inds]                                           # (K,)
@@ -439,17 +429,6 @@ class CondInst(nn.Module):
         m = aligned_bilinear(mask_probs, self.mask_out_stride)[:, :, :h, :w]                 # (K, 1, h, w)
         m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]       # (K, H0, W0)
         return m > self.cfg["mask_thresh"]
-
-
-def mask_centers(masks):
-    """Centre of mass (x, y) of each GT mask (N, h, w), in pixel indices (CondInst's centre sampling)."""
-    m = masks.float()                                                                        # (N, h, w)
-    area = m.sum((1, 2)).clamp(min=1)
-    ys = torch.arange(m.shape[1], device=m.device, dtype=m.dtype)
-    xs = torch.arange(m.shape[2], device=m.device, dtype=m.dtype)
-    cx = (m.sum(1) * xs).sum(1) / area
-    cy = (m.sum(2) * ys).sum(1) / area
-    return torch.stack([cx, cy], 1)                                                          # (N, 2)
 
 
 # -----------------------------------------------------------------------------

@@ -1,13 +1,9 @@
-"""SIM's semantic-aware pseudo masks (CVPR 2023, Sec. 3.2), Eq. (1)-(7), and nothing else.
-
-Multi-prototype memory (C classes x L sub-centres x D channels), the semantic map M_S of Eq. (1),
-the Sinkhorn-Knopp equipartition of Eq. (2)-(3), the moving-average update of Eq. (4)-(5),
-self-correction with IoU-weighted positives (Eq. 6), the rectified map (Eq. 7) and the two-threshold
-pseudo labels with their ignore band (used by Eq. 8 in losses.py).
-
-All maths are pure functions of tensors; PrototypeMemory is the one nn.Module, holding the
-prototypes as a buffer (state, not a trained parameter). Everything runs on the inputs' device.
-Spec: /work/shared/spec/sim.md Sec. 2-3; official-code differences are options, named as such.
+"""SIM's semantic-aware pseudo masks (CVPR 2023, Sec. 3.2), Eq. (1)-(7): the multi-prototype memory
+(C classes x L sub-centres x D), the semantic map (Eq. 1), the Sinkhorn equipartition (Eq. 2-3), the
+moving-average update (Eq. 4-5), IoU-weighted self-correction (Eq. 6), the rectified map (Eq. 7) and
+the pseudo labels with their ignore band (Eq. 8's targets); nanoSIM's departures beside them
+(the colour evidence is in colormap.py).
+Pure functions, and PrototypeMemory holding the sub-centres as buffers. Spec: ../shared/spec/sim.md.
 """
 
 import math
@@ -24,13 +20,8 @@ import torch.nn.functional as F
 def normalize_features(mask_feats):
     """Stride-8 mask-branch output (B, D, H8, W8) -> unit pixel features z_i (B, D, 2*H8, 2*W8).
 
-    z_i = z_i / ||z_i||_2 (Sec. 3.2.1) on the stride-4 grid.
-    Choice: plain bilinear x2 with align_corners=False. The model puts stride-8 cell j at pixel
-    8j + 4 (compute_locations), so output i samples input i/2 - 1/4, i.e. pixel 4i + 2: exactly the
-    [2::4] grid on which BoxInst's stride-4 box masks are sampled (border rows are replicated).
-    model.aligned_bilinear would land on pixel 4i instead, 2 px off that grid. The same holds one
-    octave down (mask_out_stride 2: stride-4 features -> the [1::2] grid). Returned in float32
-    because the prototypes are a float32 buffer (no dtype mixing outside autocast).
+    z_i = z_i / ||z_i||_2 (Sec. 3.2.1), float32. Bilinear x2 with align_corners=False puts output i at
+    pixel 4i + 2: the [2::4] grid of BoxInst's box masks (model.aligned_bilinear would land 2 px off).
     """
     z = F.interpolate(mask_feats.float(), scale_factor=2, mode="bilinear", align_corners=False)  # (B, D, H4, W4)
     return F.normalize(z, dim=1)                                                               # (B, D, H4, W4)
@@ -65,104 +56,16 @@ def object_semantic_maps(feats, protos, obj_img, obj_cls, tau=0.1):
 def calibrated_semantic_map(feats, protos, bg_protos, tau=0.1):
     """nanoSIM's departure from Eq. (1): M_S(i) = sigmoid( (max_l <z_i, p_l^c> - max_l <z_i, b_l^c>) / tau ).
 
-    Why: Eq. (1) has no background reference. On features that rank object above in-box background
-    but keep both at positive cosine to the class prototypes (every pixel of a box looks somewhat
-    like its class), sigmoid(cos / tau) >= 0.5 for all of them at any tau, so M_S cannot call any
-    in-box pixel background (BENCHMARKS.md: 100% of in-box background > 0.7 at tau = 0.1). Scoring
-    against background sub-centres b^c (learnt from the confident background inside boxes of class
-    c) puts the decision at the midpoint between the two sets: M_S > 0.5 exactly where the pixel
-    is closer to the class than to its in-box background. Shapes as semantic_map; bg_protos like protos.
+    Why: Eq. (1) has no background reference; in-box background has positive cosine to its class too,
+    so sigmoid(cos / tau) >= 0.5 there at any tau (BENCHMARKS.md, Decisions). Against background
+    sub-centres b^c, M_S > 0.5 exactly where a pixel is closer to its class than to its in-box
+    background. Shapes as semantic_map; bg_protos like protos.
     """
     H, W = feats.shape[-2:]
     z = feats.flatten(-2)                                  # (..., D, H*W)
     fg = (protos @ z).amax(dim=-2)                         # (..., H*W) best class sub-centre
     bg = (bg_protos @ z).amax(dim=-2)                      # (..., H*W) best background sub-centre
     return torch.sigmoid((fg - bg) / tau).unflatten(-1, (H, W))  # (..., H, W)
-
-
-def _spread_pick(seed, k):
-    """Up to k pixel indices per row of seed (G, N) bool, spread over the row by a fixed hash order
-    (Knuth's multiplicative hash: no RNG, the same on every rank) -> indices (G, k'), valid (G, k')."""
-    N = seed.shape[1]
-    order = (torch.arange(N, device=seed.device) * 2654435761) % 4294967296                 # (N,) distinct
-    score = torch.where(seed, order.to(torch.float64)[None], -1.0)                          # (G, N)
-    top = score.topk(min(k, N), dim=1)                                                      # (G, k')
-    return top.indices, top.values >= 0
-
-
-def _seed_colours(c, seed, k):
-    """Up to k seed colours per object: c (G, 3, N) colours, seed (G, N) bool -> (G, k', 3), valid (G, k')."""
-    idx, ok = _spread_pick(seed, k)                                                         # (G, k'), (G, k')
-    return c.gather(2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2), ok                 # (G, k', 3)
-
-
-def _nearest_colour(pix, g, ref, ok):
-    """Distance from each pixel colour pix (M, 3) to the nearest valid colour of its object g (M,) among
-    ref (G, k, 3), ok (G, k) -> (M,); inf where the object has none."""
-    d = (pix[:, None] - ref[g]).pow(2).sum(-1).sqrt()                                       # (M, k)
-    return d.masked_fill(~ok[g], math.inf).amin(1)                                          # (M,)
-
-
-def color_map(lab, fg_seed, bg_seed, region=None, n_seeds=64, t=2.0, ring_seed=None, min_contrast=0.0):
-    """nanoSIM's colour evidence for Eq. (7): M_C(i) = sigmoid( (min_k ||c_i - b_k|| - min_k ||c_i - f_k||) / t ).
-
-    lab (G, 3, H, W): each object's image in CIE-Lab on the mask grid; fg_seed, bg_seed (G, H, W) bool:
-    pixels whose colours stand for the object (the teacher's confident foreground) and for what is not
-    the object (a ring just outside its box, and the teacher's confident in-box background). f_k, b_k:
-    up to n_seeds seed colours of each set (_spread_pick). M_C > 0.5 where a pixel's colour is closer to
-    the object's than to its surroundings'; 0.5 (no evidence) for objects lacking either set and
-    outside `region` (G, H, W) bool (None: everywhere; the caller passes the box: only in-box pixels are
-    computed, ~20x fewer than the whole map). -> (G, H, W).
-    ring_seed (G, H, W) bool, min_contrast (Lab units): foreground seeds whose colour lies within
-    min_contrast of a colour of the ring (outside the box: evidence the teacher had no part in) are
-    dropped. Why: the teacher's confident area spills into background (a concave bay); with those
-    pixels as object colours every background pixel has an object seed of its own colour and M_C ties
-    at 0.5 exactly where it should say background.
-    Why a colour map at all: the semantic maps read the same network features as M_I, and where the
-    teacher is unsure they are near chance (BENCHMARKS.md, ablate.py --ms_stats); the colours at the
-    box's rim are evidence the network never produced. The paper has no such term; it is the
-    multi-prototype idea of Eq. (1) applied to colour, with per-object "sub-centres" that are colour samples.
-    """
-    G, _, H, W = lab.shape
-    c = lab.flatten(2).float()                                                              # (G, 3, N)
-    fg_seed, bg_seed = fg_seed.flatten(1), bg_seed.flatten(1)                               # (G, N) each
-    if ring_seed is not None and min_contrast > 0:
-        ring_ref, ring_ok = _seed_colours(c, ring_seed.flatten(1), n_seeds)                 # (G, k, 3)
-        g, n = fg_seed.nonzero(as_tuple=True)                                               # (M_f,) each
-        keep = _nearest_colour(c[g, :, n], g, ring_ref, ring_ok) >= min_contrast           # (M_f,)
-        fg_seed = torch.zeros_like(fg_seed).index_put_((g[keep], n[keep]), keep[keep])   # all True
-    region = torch.ones_like(fg_seed) if region is None else region.flatten(1).bool()
-    g, n = region.nonzero(as_tuple=True)                                                    # (M,) each
-    pix = c[g, :, n]                                                                        # (M, 3)
-    (f_ref, f_ok), (b_ref, b_ok) = _seed_colours(c, fg_seed, n_seeds), _seed_colours(c, bg_seed, n_seeds)
-    m = torch.sigmoid((_nearest_colour(pix, g, b_ref, b_ok) - _nearest_colour(pix, g, f_ref, f_ok)) / t)  # (M,)
-    m = torch.where((f_ok.any(1) & b_ok.any(1))[g], m, torch.full_like(m, 0.5))
-    return torch.full((G, H * W), 0.5, device=lab.device).index_put_((g, n), m).view(G, H, W)
-
-
-def _dilate(mask, r):
-    """Binary dilation of mask (..., H, W) bool by a (2r+1) x (2r+1) square: shifted ORs along rows,
-    then along columns (5x faster on CPU than max_pool2d, which has no bool path)."""
-    rows = mask.clone()
-    for s in range(1, r + 1):
-        rows[..., s:] |= mask[..., :-s]
-        rows[..., :-s] |= mask[..., s:]
-    out = rows.clone()
-    for s in range(1, r + 1):
-        out[..., s:, :] |= rows[..., :-s, :]
-        out[..., :-s, :] |= rows[..., s:, :]
-    return out
-
-
-def color_seeds(box_mask, m_i, valid, conf=0.7, ring=3):
-    """The seed pixels of color_map: fg = in the box where M_I > conf; bg = a ring of `ring` cells
-    around the box (on the image, not padding) or in the box where M_I < 1 - conf.
-    box_mask, m_i (G, H, W), valid (G, H, W) -> (fg, bg, ring) bool (G, H, W)."""
-    inside = box_mask > 0                                                                   # (G, H, W)
-    grown = _dilate(inside, ring)                                                           # (G, H, W)
-    fg = inside & (m_i > conf)
-    around = grown & ~inside & (valid > 0)
-    return fg, around | (inside & (m_i < 1 - conf)), around
 
 
 # -----------------------------------------------------------------------------
@@ -174,12 +77,9 @@ def sinkhorn(scores, eps=0.05, n_iters=3, groups=None, n_groups=1):
 
     Eq. (2): max_Q Tr(Q^T S) + eps H(Q) with every sub-centre (column) summing to 1/L and every
     pixel (row) to 1/N. scores S (N, L): cosine similarities of N pixels to L sub-centres.
-    Each of n_iters iterations normalises the columns, then the rows (as SwAV). Returns Q (N, L)
-    scaled by N so each row sums to 1 (a pixel's soft assignment); columns then sum to ~N/L.
-    Computed in log space (logsumexp subtracts the max), in float32: exp(S / eps) with eps = 0.05
-    spans e^40 and would underflow to 0/0 for smaller eps; the log form never gives NaN/inf.
-    groups (N,) long in [0, n_groups) packs independent problems (one per class) into one call:
-    column sums and N are taken per group, so no Python loop over classes is needed.
+    Each iteration normalises columns, then rows (as SwAV). Returns Q (N, L) scaled by N so rows sum
+    to 1. Log space, float32: exp(S / eps) spans e^40 at eps = 0.05. groups (N,) in [0, n_groups)
+    packs one independent problem per class into the call (sums and N per group).
     """
     N, L = scores.shape
     if groups is None:
@@ -237,15 +137,10 @@ def ema_update(protos, centroids, counts, gamma=0.999, norm_dim=-1):
 class PrototypeMemory(nn.Module):
     """C x L x D unit prototypes (sub-centres), a buffer updated by Eq. (2)-(5); no trained parameters.
 
-    Beside the class sub-centres `protos` it keeps C x L background sub-centres `bg_protos`, learnt
-    the same way from the confident background inside each class's boxes: the reference of
-    calibrated_semantic_map (nanoSIM's default map). Eq. (1) never reads them.
-
-    Update granularity (the paper's Eq. 5 is a per-image centroid; the official code updates image
-    by image): we pool each class's pixels over the whole local batch of this rank and make one
-    Sinkhorn + one EMA step per class per call, then average over ranks. Reason: the prototypes'
-    rate of change then does not depend on the per-GPU batch size or on how many images of it show
-    the class; with the official 2 images/GPU this differs by at most one extra EMA step.
+    Beside the class sub-centres `protos`: C x L background sub-centres `bg_protos`, learnt the same
+    way from the confident in-box background (calibrated_semantic_map's reference; Eq. 1 never reads
+    them). One Sinkhorn + EMA step per class per call, on the pixels of the whole local batch, then the
+    rank average: the rate of change does not depend on the per-GPU batch (official: image by image).
     """
 
     def __init__(self, num_classes, L=10, D=16, gamma=0.999, tau=0.1, eps=0.05, sinkhorn_iters=3,
@@ -311,12 +206,9 @@ class PrototypeMemory(nn.Module):
     def update(self, feats_norm, obj_img, obj_cls, fg, bg=None):
         """Eq. (2)-(5) on this batch, then the DDP average: every rank ends with identical prototypes.
 
-        feats_norm (B, D, H, W) unit features (the student's, as the official code; detached here);
-        obj_img, obj_cls (K,) long; fg (K, H, W) bool: the pixels that update object k's class
-        (inside its box and confident); bg (K, H, W) bool or None: the pixels that update the
-        class's background sub-centres the same way (None: they stay). A pixel inside two selected
-        objects of the same class in one image counts once. All classes are solved together
-        (sinkhorn's groups), so there is no Python loop over classes.
+        feats_norm (B, D, H, W) unit features (the student's, as the official code); obj_img, obj_cls
+        (K,) long; fg (K, H, W) bool: the pixels that update object k's class; bg (K, H, W) or None:
+        those that update its background sub-centres. A pixel in two objects of one class counts once.
         Collective under torch.distributed: call on every rank every time, even with K = 0.
         """
         B, D, H, W = feats_norm.shape

@@ -22,7 +22,7 @@ paper's method with departures, each its own switch and function, each measured 
   - bank_min_box_iou: only pseudo masks that fill their GT box enter the bank (box_quality_gate);
   - paste_loss="official": L_paste in the official code's form (losses.official_paste_loss: ~10x less
     weight per pasted positive); Eq. 9's form costs 6 box AP on the demo (ablate.py --probe).
-  - color_weight: colour evidence from the box's surroundings mixed into Eq. 7 (prototypes.color_map):
+  - color_weight: colour evidence from the box's surroundings mixed into Eq. 7 (colormap.color_map):
     where the teacher is unsure, the feature-based M_S is near chance, the colours are not.
 
 Choices where sim.md leaves them open (see the comments where they are made):
@@ -37,6 +37,7 @@ import copy
 
 import torch
 
+import colormap
 import copypaste
 import losses
 import prototypes
@@ -230,10 +231,10 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     # background (supervise_outside) or nothing
     m_prob = prototypes.rectified_map(m_s, m_i, cfg["alpha"], obj["box_mask"])          # (G, Hp/4, Wp/4)
     m_c = None
-    if cfg["color_weight"] > 0:  # nanoSIM: colour evidence from the box's surroundings (prototypes.color_map)
-        fg_seed, bg_seed, ring = prototypes.color_seeds(obj["box_mask"], m_i, obj["valid"][obj["img"]],
+    if cfg["color_weight"] > 0:  # nanoSIM: colour evidence from the box's surroundings (colormap.color_map)
+        fg_seed, bg_seed, ring = colormap.color_seeds(obj["box_mask"], m_i, obj["valid"][obj["img"]],
                                                         cfg["proto_conf_thresh"], cfg["color_ring"])
-        m_c = prototypes.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, inside,
+        m_c = colormap.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, inside,
                                    cfg["color_seeds"], cfg["color_temp"], ring, cfg["color_min_contrast"])
         # Eq. (7)'s mix once more: M_prob' = (1 - beta) M_prob + beta M_C (beta = 0: the paper)
         m_prob = prototypes.rectified_map(m_prob, m_c, cfg["color_weight"], obj["box_mask"])
@@ -290,13 +291,24 @@ def prototype_pixels(pm, obj, cfg):
     return fg, bg
 
 
+def feature_similarity(feats, kernel_size=3, dilation=2):
+    """The official code's feature affinity (not a paper equation): S_feat(i, j) = exp(-||f_i - f_j||_2)
+    between each pixel and its 8 dilated neighbours, 0 for neighbours off the map (sim_official.md 6.2).
+    feats (B, D, H, W) -> (B, k*k-1, H, W)."""
+    f = feats.float()
+    diff = f[:, :, None] - losses.unfold_wo_center(f, kernel_size, dilation)            # (B, D, 8, H, W)
+    on_map = losses.unfold_wo_center(torch.ones_like(f[:, :1]), kernel_size, dilation)[:, 0]  # (B, 8, H, W)
+    return torch.exp(-diff.pow(2).sum(1).sqrt()) * on_map
+
+
 @torch.no_grad()
 def feature_affinity(t_out):
-    """The official preset's pairwise factor: losses.feature_similarity of the teacher's mask
-    features brought to the mask-out grid (bilinear x2, not normalised) -> (B, 8, Hp/s, Wp/s)."""
+    """The official preset's pairwise factor (times BoxInst's colour similarity, threshold 0.1):
+    feature_similarity of the teacher's mask features on the mask-out grid (bilinear x2, not
+    normalised) -> (B, 8, Hp/s, Wp/s)."""
     f = torch.nn.functional.interpolate(t_out["mask_feats"].float(), scale_factor=2, mode="bilinear",
                                         align_corners=False)                            # (B, D, Hp/s, Wp/s)
-    return losses.feature_similarity(f)
+    return feature_similarity(f)
 
 
 @torch.no_grad()

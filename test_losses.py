@@ -470,15 +470,3 @@ def test_official_focal_loss_hand_value():
     assert loss.item() == pytest.approx(fq_only.item() + (d.item() + 1.0) / 2, rel=1e-5)
     loss.backward()
     assert (m.grad[1] == 0).all()
-
-
-def test_feature_similarity_hand():
-    f = torch.zeros(1, 2, 1, 3)
-    f[0, 0, 0, 2] = 3.0                    # pixel 2 = (3, 4) at distance 5 from pixel 0 = (0, 0)
-    f[0, 1, 0, 2] = 4.0
-    s = L.feature_similarity(f)            # (1, 8, 1, 3); neighbours at dilation 2: pixel 0 <-> pixel 2
-    right, left = 4, 3                     # row-major offsets: (0, +2) is tap 4, (0, -2) tap 3
-    assert s[0, right, 0, 0].item() == pytest.approx(math.exp(-5))
-    assert s[0, left, 0, 2].item() == pytest.approx(math.exp(-5))
-    assert s[0, right, 0, 1].item() == 0.0  # off the map
-    assert s[0, 0, 0, 0].item() == 0.0

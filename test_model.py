@@ -14,7 +14,8 @@ import torchvision
 import losses
 import train  # its defaults: the one set of defaults
 from model import (aligned_bilinear, build_model, compute_locations, dynamic_mask_head,
-                   mask_centers, num_dynamic_params)
+                   num_dynamic_params)
+from box_ops import mask_centers
 from sim import make_teacher, update_teacher
 
 

@@ -9,6 +9,7 @@ import os
 import socket
 import types
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,6 +19,7 @@ from PIL import Image
 torch.set_num_threads(1)  # 2 cores, shared with other work
 
 import box_ops
+import colormap
 import copypaste
 import eval as evaluation  # the module, not the builtin
 import losses
@@ -200,9 +202,9 @@ def test_pseudo_masks_color_map_mix():
     pmc = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, color_weight=0.25))
     box = obj["box_mask"]
     assert torch.allclose(pmc["M_prob"], (0.75 * pm["M_prob"] + 0.25 * pmc["M_C"]) * box, atol=1e-6)
-    fg, bg, ring = prototypes.color_seeds(box, pm["M_I"], obj["valid"][obj["img"]], cfg["proto_conf_thresh"],
+    fg, bg, ring = colormap.color_seeds(box, pm["M_I"], obj["valid"][obj["img"]], cfg["proto_conf_thresh"],
                                           cfg["color_ring"])
-    assert torch.equal(pmc["M_C"], prototypes.color_map(obj["lab"][obj["img"]], fg, bg, box > 0, cfg["color_seeds"],
+    assert torch.equal(pmc["M_C"], colormap.color_map(obj["lab"][obj["img"]], fg, bg, box > 0, cfg["color_seeds"],
                                                         cfg["color_temp"], ring, cfg["color_min_contrast"]))
     assert obj["lab"].shape == (2, 3, *box.shape[-2:])
 
@@ -672,3 +674,15 @@ def test_viz_grids_for_sim_and_boxinst(tmp_path):
     a, b = Image.open(sim_paths[0]), Image.open(box_paths[0])
     assert a.width > 2 * b.width   # rows of 5 panels (SIM) against 2 (BoxInst)
     assert model.training                                          # the mode is restored
+
+
+def test_feature_similarity_hand():
+    f = torch.zeros(1, 2, 1, 3)
+    f[0, 0, 0, 2] = 3.0                    # pixel 2 = (3, 4) at distance 5 from pixel 0 = (0, 0)
+    f[0, 1, 0, 2] = 4.0
+    s = sim.feature_similarity(f)          # (1, 8, 1, 3); neighbours at dilation 2: pixel 0 <-> pixel 2
+    right, left = 4, 3                     # row-major offsets: (0, +2) is tap 4, (0, -2) tap 3
+    assert s[0, right, 0, 0].item() == pytest.approx(math.exp(-5))
+    assert s[0, left, 0, 2].item() == pytest.approx(math.exp(-5))
+    assert s[0, right, 0, 1].item() == 0.0  # off the map
+    assert s[0, 0, 0, 0].item() == 0.0
