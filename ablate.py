@@ -16,7 +16,7 @@ arguments go to every train.py run):
     python ablate.py --grid_oracle            # mask AP of perfect masks seen through a stride-s grid
     python ablate.py --pair_stats             # how many neighbour pairs BoxInst's colour affinity links
     python ablate.py --attr_ap=out/demo       # a finished run's AP on low-contrast / occluded objects
-                                              # (several --attr_ap=RUN; --val_json=J for older runs' data)
+                                              # (--attr_ap=RUN1,RUN2; --val_json=J for older runs' data)
 
 --grid_oracle: every val GT mask, average-pooled onto a stride-s grid and brought back by the model's
 own up-sampling (aligned_bilinear) and the 0.5 threshold, scored as a detection with its GT box and
@@ -219,7 +219,7 @@ def probe(ckpt_path, n_iters=200):
     import train
     from model import build_model
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    paths = train.dataset_paths()
+    paths = train.dataset_paths(dict(train.config, **ckpt["config"]))
     it0 = ckpt["iter"]
     print(f"{ckpt_path} at iteration {it0}, {n_iters} probe iterations per row")
     print("| row | box AP | mask AP |\n|---|---|---|")
@@ -262,10 +262,10 @@ def grid_oracle(strides=(8, 4, 2)):
     from pycocotools import mask as mask_util
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
-    import data
+    import synthetic
     from model import aligned_bilinear
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(data.ensure_synthetic()["val_json"])
+        gt = COCO(synthetic.ensure_synthetic()["val_json"])
     print("| mask-logit stride | mask AP | AP75 | APs | APm |\n|---|---|---|---|---|")
     for s in strides:
         results = []
@@ -286,7 +286,8 @@ def grid_oracle(strides=(8, 4, 2)):
 def pair_stats(strides=(4, 2), color_thresh=0.3):
     """Share of colour-linked neighbour pairs by region, on the val split (see the module doc)."""
     import data
-    paths = data.ensure_synthetic()
+    import synthetic
+    paths = synthetic.ensure_synthetic()
     ds = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(160,), max_size=320,
                              with_masks=True)
     names = ("inside one object", "background in a box", "background outside boxes", "across an object edge")
@@ -392,25 +393,46 @@ def main(extra, jobs=1, only=None, root="out/ablation"):
             print(f"| {label} | {results[n]['segm']['AP']:.1f} | {results[n]['bbox']['AP']:.1f} |")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1].startswith("--ms_stats="):
-        only = next((a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--only=")), "")
-        ms_stats(sys.argv[1].split("=", 1)[1], only=only)
-    elif len(sys.argv) >= 2 and sys.argv[1].startswith("--attr_ap="):
-        val_json = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--val_json=")), "")
-        for run in sys.argv[1:]:
-            if run.startswith("--attr_ap="):
-                attr_ap(run.split("=", 1)[1], val_json)
-    elif len(sys.argv) >= 2 and sys.argv[1].startswith("--probe="):
-        iters = next((int(a.split("=", 1)[1]) for a in sys.argv[2:] if a.startswith("--iters=")), 200)
-        probe(sys.argv[1].split("=", 1)[1], iters)
-    elif sys.argv[1:] == ["--grid_oracle"]:
+OPTIONS = dict(  # ablate.py's own options; every other --key=value goes to each train.py run
+    ms_stats="",       # CKPT: every variant's pseudo labels against the GT masks
+    only="",           # with ms_stats: the variants whose label contains this text
+    probe="",          # CKPT: one SIM ingredient at a time, continued from a BoxInst checkpoint
+    iters=200,         # with probe
+    grid_oracle=False,
+    pair_stats=False,
+    attr_ap="",        # RUN[,RUN...]: finished runs' AP on object subsets
+    val_json="",       # with attr_ap: the val json of older runs' data
+    jobs=1,            # runs at a time (the cores split between them)
+    runs="",           # NAME[,NAME...]: only these rows (default: all of RUNS)
+    root="out/ablation",
+)
+
+
+def cli(argv):
+    import train
+    import configurator
+    own = [a for a in argv if a.startswith("--") and a[2:].partition("=")[0] in OPTIONS]
+    extra = [a for a in argv if a not in own]
+    opt = dict(OPTIONS)
+    configurator.configure(own, opt, "ablate.py")
+    train.configure(extra, dict(train.config))  # a typo in a train.py option stops here, not in 15 runs
+    if opt["ms_stats"]:
+        ms_stats(opt["ms_stats"], only=opt["only"])
+    elif opt["attr_ap"]:
+        for run in opt["attr_ap"].split(","):
+            attr_ap(run, opt["val_json"])
+    elif opt["probe"]:
+        probe(opt["probe"], opt["iters"])
+    elif opt["grid_oracle"]:
         grid_oracle()
-    elif sys.argv[1:] == ["--pair_stats"]:
+    elif opt["pair_stats"]:
         pair_stats()
     else:
-        args = sys.argv[1:]
-        jobs = int(next((a.split("=", 1)[1] for a in args if a.startswith("--jobs=")), 1))
-        only = next((a.split("=", 1)[1].split(",") for a in args if a.startswith("--runs=")), None)
-        root = next((a.split("=", 1)[1] for a in args if a.startswith("--root=")), "out/ablation")
-        main([a for a in args if not a.startswith(("--jobs=", "--runs=", "--root="))], jobs, only, root)
+        unknown = [n for n in opt["runs"].split(",") if n and n not in RUNS]
+        if unknown:
+            raise SystemExit(f"ablate.py: --runs={opt['runs']}: {unknown} not a row — fix: names from {', '.join(RUNS)}")
+        main(extra, opt["jobs"], opt["runs"].split(",") if opt["runs"] else None, opt["root"])
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

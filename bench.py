@@ -196,7 +196,7 @@ def main(argv):
         return compare_torchvision(cfg, [a for a in argv if not a.startswith("--compare")])
     dev = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    paths = train.dataset_paths() if not cfg["train_json"] else cfg
+    paths = train.dataset_paths(cfg, need=("train_json", "train_images"))
     ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True,
                              min_sizes=cfg["min_size_train"], max_size=cfg["max_size_train"])
     cfg.update(num_classes=ds.num_classes, teacher_start_iter=0, sim_start_iter=0)

@@ -35,10 +35,12 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from torchvision.ops import nms
 
+import configurator
 import data
 import eval as evaluation  # the module, not the builtin
 import prototypes
 import sim
+import viz
 from model import build_model
 
 # -----------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def load_model(path, dev):
 def training_categories(cfg):
     """The categories of the training json (checkpoints written before train.py stored them), or
     'class i' with ids 1..C when that file is gone."""
-    path = cfg.get("train_json", "")
+    path = cfg["train_json"]
     if path and os.path.isfile(path):
         with open(path) as f:
             cats = json.load(f).get("categories", [])
@@ -233,7 +235,7 @@ def boxes_main(cfg, model, mcfg, cats, dev):
             n_empty += seg[a["id"]][1] == 0
     os.makedirs(cfg["out"], exist_ok=True)
     out_json = os.path.join(cfg["out"], "masks.json")
-    evaluation.write_json_atomic(gt_json, out_json)
+    data.write_json_atomic(gt_json, out_json)
     print(f"predict.py: {len(seg)} boxes -> masks ({n_empty} empty) in {out_json}")
     for t, r in pictures:
         rec = ds.records[ds.ids.index(t["image_id"])]
@@ -245,8 +247,8 @@ def boxes_main(cfg, model, mcfg, cats, dev):
         results = [dict(image_id=a["image_id"], category_id=a["category_id"], segmentation=seg[a["id"]][0],
                         score=seg[a["id"]][2]) for a in gt_json["annotations"] if a["id"] in seg]
         stats = evaluation.coco_evaluate(ds.coco, results, "segm", ds.ids)
-        evaluation.write_json_atomic({"ckpt": cfg["ckpt"], "boxes": path, "combine": cfg["combine"], "segm": stats},
-                                     os.path.join(cfg["out"], "metrics.json"))
+        data.write_json_atomic({"ckpt": cfg["ckpt"], "boxes": path, "combine": cfg["combine"], "segm": stats},
+                               os.path.join(cfg["out"], "metrics.json"))
         print(f"predict.py: box-conditioned mask AP {stats['AP']:.1f} (GT boxes in, masks scored against {path}'s)")
     return 0
 
@@ -255,11 +257,11 @@ def boxes_main(cfg, model, mcfg, cats, dev):
 
 
 def save_overlay(orig, pred, class_names, path, panel="prediction"):
-    s = evaluation.upscale_factor(*orig.shape[1:])
-    big, pred_big = evaluation.upscale(orig, pred, s)
+    s = viz.upscale_factor(*orig.shape[1:])
+    big, pred_big = viz.upscale(orig, pred, s)
     panels = [("input", Image.fromarray(big.permute(1, 2, 0).numpy())),
-              (panel, evaluation.draw_predictions(big, pred_big, class_names))]
-    evaluation.save_png_atomic(evaluation.titled_row(panels), path)
+              (panel, viz.draw_predictions(big, pred_big, class_names))]
+    viz.save_png_atomic(viz.titled_row(panels), path)
 
 
 def images_main(cfg, model, mcfg, cats, dev):
@@ -295,9 +297,9 @@ def images_main(cfg, model, mcfg, cats, dev):
                 n_pictures += 1
     anns = [dict(r, id=k + 1, iscrowd=0, area=float(mask_util.area(r["segmentation"])) if "segmentation" in r
                  else r["bbox"][2] * r["bbox"][3]) for k, r in enumerate(results)]
-    evaluation.write_json_atomic(results, os.path.join(cfg["out"], "results.json"))
-    evaluation.write_json_atomic(dict(images=image_entries, categories=cats, annotations=anns),
-                                 os.path.join(cfg["out"], "predictions.json"))
+    data.write_json_atomic(results, os.path.join(cfg["out"], "results.json"))
+    data.write_json_atomic(dict(images=image_entries, categories=cats, annotations=anns),
+                           os.path.join(cfg["out"], "predictions.json"))
     skipped = f"; {n_skipped} unreadable files skipped" if n_skipped else ""
     print(f"predict.py: {len(image_entries)} images, {len(results)} detections -> {cfg['out']}/results.json, "
           f"predictions.json, {n_pictures} pictures{skipped}")
@@ -308,10 +310,8 @@ def main(argv):
     defaults = {k: v for k, v in globals().items() if k in
                 ("ckpt", "images", "boxes", "out", "device", "batch_size", "score_thresh", "nms_thresh", "combine",
                  "mu", "n_overlays")}
-    try:
-        cfg = evaluation.parse_overrides(argv, defaults)
-    except ValueError as e:
-        raise SystemExit(f"predict.py: {e}")
+    cfg = dict(defaults)
+    configurator.configure(argv, cfg, "predict.py")
     if not cfg["ckpt"]:
         raise SystemExit("predict.py: no checkpoint — fix: --ckpt=PATH (a checkpoint written by train.py)")
     dev = torch.device(cfg["device"])

@@ -5,15 +5,15 @@ import torch
 torch.set_num_threads(1)
 
 import ablate
-import data
 import sim
+import synthetic
 import train
 from model import build_model
 from test_model import tiny_cfg
 
 
 def test_ms_stats_scores_every_variant(tmp_path, capsys):
-    paths = data.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=4, size=128)
+    paths = synthetic.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=4, size=128)
     cfg = dict(train.config)
     cfg.update(tiny_cfg(method="boxinst", num_classes=5, mask_out_stride=2), min_size_test=128, max_size_test=128,
                sizes_of_interest=(16, 32, 64, 128), **paths)
@@ -33,3 +33,13 @@ def test_ms_stats_scores_every_variant(tmp_path, capsys):
         assert (cells[3] == "-") == (beta == 0), line
     # the paper's Eq. (1) map and nanosim's calibrated one score differently
     assert lines[0].split(" | ")[1] != lines[2].split(" | ")[1]
+
+
+def test_cli_checks_its_options_and_train_options_before_any_run():
+    import pytest
+    with pytest.raises(SystemExit, match=r"ablate.py: --runs=nope: \['nope'\] not a row"):
+        ablate.cli(["--runs=nope"])
+    with pytest.raises(SystemExit, match="train.py: unknown option --lrr"):
+        ablate.cli(["--runs=baseline", "--lrr=3"])
+    with pytest.raises(SystemExit, match="ablate.py: --jobs='x' should be a int"):
+        ablate.cli(["--jobs=x"])

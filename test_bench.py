@@ -8,12 +8,12 @@ import torch
 torch.set_num_threads(1)
 
 import bench
-import data
+import synthetic
 
 
 @pytest.mark.parametrize("paste_prob", ["0.0", "0.5"])
 def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
-    p = data.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=1, size=128)
+    p = synthetic.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=1, size=128)
     bench.main([f"--train_json={p['train_json']}", f"--train_images={p['train_images']}", "--backbone=resnet18",
                 "--fpn_channels=32", "--head_channels=32", "--head_convs=1", "--mask_branch_channels=16",
                 "--mask_branch_convs=1", "--min_size_train=(128,)", "--max_size_train=128", "--batch_size=2",

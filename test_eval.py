@@ -1,4 +1,5 @@
-"""Tests for eval.py on a hand-made 2-image COCO set; needs neither model.py nor data.py."""
+"""Tests for eval.py, and for viz.py's overlay and heat-map pictures, on a hand-made 2-image COCO set;
+they need no model.py."""
 import json
 import os
 
@@ -10,6 +11,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 import eval as ev
+import viz
 
 H, W = 120, 160
 CAT_IDS = [3, 7]  # non-contiguous on purpose: label 0 <-> 3, label 1 <-> 7
@@ -84,7 +86,7 @@ def gt_preds(ds, shift=0):
     """Detections equal to the GT (optionally moved right by shift px), in model.predict's format."""
     preds = {}
     for image_id in ds.ids:
-        gt = ev.gt_instances(ds.coco, image_id, ds.cat_ids)
+        gt = viz.gt_instances(ds.coco, image_id, ds.cat_ids)
         masks = torch.zeros_like(gt["masks"])  # (N, H, W)
         masks[:, :, shift:] = gt["masks"][:, :, :W - shift]
         n = len(gt["labels"])
@@ -208,10 +210,10 @@ def test_draw_predictions_draws_kept_masks_only():
     masks[1, 10:30, 30:48] = True  # below score_thresh (0.1): not drawn
     pred = {"boxes": torch.tensor([[5.0, 10.0, 24.0, 29.0], [30.0, 10.0, 47.0, 29.0]]),
             "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([0, 1]), "masks": masks}
-    img = ev.draw_predictions(image, pred, ["cat", "dog"], score_thresh=0.3)
+    img = viz.draw_predictions(image, pred, ["cat", "dog"], score_thresh=0.3)
     assert img.size == (50, 40)
     a = np.asarray(img)
-    expected = np.round(ev.MASK_ALPHA * np.array(ev.palette(0)))
+    expected = np.round(viz.MASK_ALPHA * np.array(viz.palette(0)))
     assert np.array_equal(a[20, 15], expected)  # mask interior: half of palette(0) over black
     assert a[20, 40].sum() == 0 and a[35, 15].sum() == 0  # dropped instance and background untouched
 
@@ -219,40 +221,45 @@ def test_draw_predictions_draws_kept_masks_only():
 def test_heat_colormap_hand_values():
     t = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0, 0.5, 2.0])
     expected = [[0, 0, 0], [255, 0, 0], [255, 255, 0], [255, 255, 255], [255, 128, 0], [255, 255, 255]]
-    assert ev.heat_colormap(t).tolist() == expected
+    assert viz.heat_colormap(t).tolist() == expected
 
 
-def test_save_map_panel_one_panel_per_map(tmp_path):
-    image = torch.full((3, 40, 40), 128, dtype=torch.uint8)
-    maps = {"M_S": torch.ones(40, 40), "M_I": torch.zeros(20, 20)}  # M_I at another size: resized
-    path = str(tmp_path / "maps.png")
-    ev.save_map_panel(image, maps, path, boxes=torch.tensor([[2.0, 2.0, 20.0, 20.0]]))
-    img = Image.open(path)
-    side = 40 * ev.upscale_factor(40, 40)  # 320: upscaled to MIN_SIDE
-    assert img.size == (3 * side + 2 * ev.PANEL_GAP, side + ev.TITLE_H)
-    a = np.asarray(img.convert("RGB"))
-    y = ev.TITLE_H + side - 10
-    assert a[y, side + ev.PANEL_GAP + side - 10].tolist() == [255, 255, 255]  # M_S = 1 -> white
-    assert a[y, 2 * (side + ev.PANEL_GAP) + side - 10].tolist() == [0, 0, 0]  # M_I = 0 -> black
+def test_titled_row_and_heat_colormap(tmp_path):
+    """Two heat maps side by side: each under a title strip, a gap between; 1 -> white, 0 -> black."""
+    ones = Image.fromarray(viz.heat_colormap(torch.ones(40, 40)).numpy())
+    zeros = Image.fromarray(viz.heat_colormap(torch.zeros(40, 40)).numpy())
+    row = viz.titled_row([("M_S", ones), ("M_I", zeros)])
+    assert row.size == (2 * 40 + viz.PANEL_GAP, 40 + viz.TITLE_H)
+    path = str(tmp_path / "row.png")
+    viz.save_png_atomic(row, path)
+    a = np.asarray(Image.open(path).convert("RGB"))
+    assert a[viz.TITLE_H + 30, 30].tolist() == [255, 255, 255]
+    assert a[viz.TITLE_H + 30, 40 + viz.PANEL_GAP + 30].tolist() == [0, 0, 0]
     assert not os.path.exists(path + ".tmp")
 
 
 def test_save_overlays_writes_three_panels(ds, tmp_path):
     model = FakeModel(gt_preds(ds))
     out = str(tmp_path / "overlays")
-    paths = ev.save_overlays(model, ds, torch.device("cpu"), out, n=8)
+    paths = viz.save_overlays(model, ds, torch.device("cpu"), out, n=8)
     assert paths == [os.path.join(out, "pred_11.png"), os.path.join(out, "pred_12.png")]
-    s = ev.upscale_factor(H, W)
-    assert s == 3 and Image.open(paths[0]).size == (3 * W * s + 2 * ev.PANEL_GAP, H * s + ev.TITLE_H)
+    s = viz.upscale_factor(H, W)
+    assert s == 3 and Image.open(paths[0]).size == (3 * W * s + 2 * viz.PANEL_GAP, H * s + viz.TITLE_H)
 
 
-def test_parse_overrides_types_from_defaults():
+def test_eval_options_through_the_shared_configurator():
+    """eval.py's own options, typed by their defaults; a bad one stops with one line naming it."""
+    import configurator
     d = {"ckpt": "", "batch_size": 8, "amp": False}
-    cfg = ev.parse_overrides(["--ckpt=a/b=c.pt", "--batch_size=2", "--amp=True"], d)
+    cfg = dict(d)
+    assert configurator.configure(["--ckpt=a/b=c.pt", "--batch_size=2", "--amp"], cfg, "eval.py") == {"ckpt", "batch_size", "amp"}
     assert cfg == {"ckpt": "a/b=c.pt", "batch_size": 2, "amp": True}
-    for bad in (["--nope=1"], ["--batch_size=two"], ["--amp=yes"], ["batch_size=2"]):
-        with pytest.raises(ValueError):
-            ev.parse_overrides(bad, d)
+    for bad, why in ((["--nope=1"], "unknown option --nope — fix: use one of --ckpt, --batch_size, --amp"),
+                     (["--batch_size=two"], "should be a int"), (["--amp=yes"], "should be a bool"),
+                     (["batch_size=2"], "config file batch_size=2 not found")):
+        with pytest.raises(SystemExit, match=why) as e:
+            configurator.configure(bad, dict(d), "eval.py")
+        assert str(e.value).startswith("eval.py: ") and "\n" not in str(e.value)
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):

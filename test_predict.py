@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 
 torch.set_num_threads(1)
 
-import data
 import predict
+import synthetic
 import train
 from model import build_model
 from test_model import scene, tiny_cfg
@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
     """A 3-image embedded val split and a checkpoint of an untrained tiny model whose class bias is 0
     (so it detects something everywhere)."""
     root = tmp_path_factory.mktemp("predict")
-    paths = data.ensure_synthetic(str(root / "synthetic"), n_train=1, n_val=3)
+    paths = synthetic.ensure_synthetic(str(root / "synthetic"), n_train=1, n_val=3)
     cfg = dict(train.config, **tiny_cfg(num_classes=5))
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -483,34 +483,6 @@ def test_sim_state_round_trip():
 
 
 # -----------------------------------------------------------------------------
-# pictures
-
-
-def test_save_pseudo_mask_pictures(tmp_path):
-    cfg = sim_cfg()
-    model, state, images, targets = setup(cfg)
-    model.train()
-    paths = sim.save_pseudo_mask_pictures(state, model, images, targets, str(tmp_path), n=3)
-    assert model.training  # restored
-    assert len(paths) == 3 and sorted(os.listdir(tmp_path)) == ["pseudo_0.png", "pseudo_1.png", "pseudo_2.png"]
-    with Image.open(paths[0]) as im:
-        first_panel_w = (im.width - 4 * evaluation.PANEL_GAP) // 5
-    for p in paths:
-        with Image.open(p) as im:
-            # image, M_S, M_I, M_prob, M_hat side by side: 5 equal panels, each a crop around the
-            # object (smaller than the 64 px image) upscaled until its short side reaches MIN_SIDE
-            panel_w, rem = divmod(im.width - 4 * evaluation.PANEL_GAP, 5)
-            panel_h = im.height - evaluation.TITLE_H
-            assert rem == 0 and min(panel_w, panel_h) >= evaluation.MIN_SIDE
-    # with the colour map on, M_C is a sixth panel of the same size
-    state.cfg["color_weight"] = 0.5
-    paths = sim.save_pseudo_mask_pictures(state, model, images, targets, str(tmp_path), n=1)
-    with Image.open(paths[0]) as im:
-        panel_w6, rem = divmod(im.width - 5 * evaluation.PANEL_GAP, 6)
-        assert rem == 0 and panel_w6 == first_panel_w
-
-
-# -----------------------------------------------------------------------------
 # DDP: 2 gloo processes on different images end with identical prototypes
 
 

@@ -176,8 +176,8 @@ def test_sim_presets_set_exactly_their_knobs(tmp_path):
 def fake_tree(tmp_path, layout):
     """A COCO 2017 or VOC (COCO-format) tree under tmp_path/layout made from a tiny synthetic set."""
     import shutil
-    import data
-    syn = data.ensure_synthetic(str(tmp_path / "syn"), n_train=4, n_val=2)
+    import synthetic
+    syn = synthetic.ensure_synthetic(str(tmp_path / "syn"), n_train=4, n_val=2)
     root = tmp_path / layout
     (root / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
@@ -202,6 +202,12 @@ def test_data_root_alone_trains_and_evaluates(tmp_path, layout):
     m = json.load(open(tmp_path / "out" / "metrics.json"))
     assert "AP" in m["bbox"] and "AP" in m["segm"]
     assert f"{root}" in r.stdout  # the config printed at start names data_root's files
+    # eval.py on that checkpoint finds the same val json through the layout (not the embedded data)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}",
+                        "--device=cpu", "--n_overlays=0", f"--out_dir={tmp_path / 'ev'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and str(root) in r.stdout, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["segm"] == m["segm"]
 
 
 def test_data_root_missing_file_is_one_line(tmp_path):
@@ -326,8 +332,8 @@ def test_resume_continues_exactly(tmp_path, method):
     teacher, prototypes and bank). SIM with its teacher, prototypes and copy-paste on from the start.
     One thread: with two, SIM's resumed run differs from the straight one by ~1e-4 after 8 iterations
     (two straight runs with two threads agree exactly; not yet explained, BENCHMARKS.md 4c)."""
-    import data
-    syn = data.ensure_synthetic(str(tmp_path / "syn"), n_train=6, n_val=2)
+    import synthetic
+    syn = synthetic.ensure_synthetic(str(tmp_path / "syn"), n_train=6, n_val=2)
     args = [f"--train_json={syn['train_json']}", f"--train_images={syn['train_images']}", f"--val_json={syn['val_json']}",
             f"--val_images={syn['val_images']}", f"--method={method}", "--batch_size=2", "--n_overlays=0",
             "--device=cpu", "--teacher_start_iter=1", "--sim_start_iter=2", "--bank_size=2", "--paste_prob=1.0",
@@ -362,8 +368,8 @@ def test_ddp_two_ranks_uneven_val_and_identical_sim_state(tmp_path):
     every val image scored once, as a single-process eval.py scores the same checkpoint; the teacher and
     the prototypes are the same on both ranks after SIM steps (each rank's file beside the checkpoint)."""
     import socket
-    import data
-    syn = data.ensure_synthetic(str(tmp_path / "syn"), n_train=8, n_val=3)
+    import synthetic
+    syn = synthetic.ensure_synthetic(str(tmp_path / "syn"), n_train=8, n_val=3)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,7 +12,6 @@ The defaults are the embedded demo: a narrow ResNet-10 FPN trained from scratch 
 The reference (COCO R50 1x) values are in configs/.
 """
 
-import ast
 import contextlib
 import json
 import math
@@ -27,10 +26,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import configurator
 import copypaste
 import data
 import losses
 import sim
+import synthetic
 import viz
 from model import build_model
 
@@ -164,51 +165,10 @@ seed = 0
 # -----------------------------------------------------------------------------
 
 
-class _Recorder(dict):
-    """The namespace a config file runs in: remembers every name the file assigns."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.assigned = set()
-
-    def __setitem__(self, key, value):
-        self.assigned.add(key)
-        super().__setitem__(key, value)
-
-
 def configure(argv, config):
-    """nanoGPT's configurator: positional args are config files, --key=value overrides; then the
-    SIM preset of config["sim_variant"] fills the knobs nobody set explicitly. Returns what the
-    preset set (printed at start)."""
-    explicit = set()
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                sys.exit(f"train.py: config file {arg} not found — fix: pass a path such as configs/coco_boxinst_r50_1x.py")
-            ns = _Recorder(config)
-            exec(open(arg).read(), {}, ns)
-            explicit |= ns.assigned
-            config.update({k: v for k, v in ns.items() if k in config})
-            continue
-        key, _, val = arg[2:].partition("=")
-        if key not in config:
-            sys.exit(f"train.py: unknown option --{key} — fix: use one of the names at the top of train.py")
-        if val == "":
-            val = "True" if isinstance(config[key], bool) else val
-        try:
-            val = ast.literal_eval(val)
-        except (SyntaxError, ValueError):
-            pass  # a plain string
-        default = config[key]
-        if isinstance(default, tuple) and isinstance(val, (int, float)):
-            val = (val,)
-        if isinstance(default, float) and isinstance(val, int):
-            val = float(val)
-        if default is not None and type(val) is not type(default):
-            sys.exit(f"train.py: --{key}={val!r} should be a {type(default).__name__} like the default {default!r}")
-        config[key] = val
-        explicit.add(key)
-    return sim.apply_preset(config, explicit)
+    """configurator.configure (config files, then --key=value overrides), then the SIM preset of
+    config["sim_variant"] fills the knobs nobody set explicitly. Returns what the preset set."""
+    return sim.apply_preset(config, configurator.configure(argv, config, "train.py"))
 
 
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
@@ -283,19 +243,8 @@ def load_rank_state(ckpt_path, rank, dev):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp file, flushed to disk, then renamed over the old one: a crash or kill -9
-    mid-write never loses the previous checkpoint."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself on disk
-    finally:
-        os.close(dir_fd)
+    """torch.save through data.write_atomic: a crash or kill -9 mid-write never loses the previous checkpoint."""
+    data.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 # where data_root's files are, per dataset (relative to data_root). VOC: the SBD-augmented VOC 2012
@@ -309,22 +258,25 @@ DATA_LAYOUTS = {
 }
 
 
-def dataset_paths():
-    """The json/image paths: those given, else data_root's (DATA_LAYOUTS), else the embedded synthetic dataset's."""
-    given = dict(train_json=train_json, train_images=train_images, val_json=val_json, val_images=val_images)
-    if data_root:
-        if dataset not in DATA_LAYOUTS:
-            sys.exit(f"train.py: --dataset={dataset!r} is not a layout — fix: one of {', '.join(DATA_LAYOUTS)}")
-        paths = {k: given[k] or os.path.join(data_root, v) for k, v in DATA_LAYOUTS[dataset].items()}
-        for k, p in paths.items():
+def dataset_paths(cfg=None, need=("train_json", "train_images", "val_json", "val_images")):
+    """The json/image paths of cfg (default: train.py's): those given, else data_root's (DATA_LAYOUTS), else
+    the embedded synthetic dataset's. Only the `need`ed paths are checked to exist."""
+    c = config if cfg is None else cfg
+    given = {k: c[k] for k in ("train_json", "train_images", "val_json", "val_images")}
+    if c["data_root"]:
+        if c["dataset"] not in DATA_LAYOUTS:
+            sys.exit(f"train.py: --dataset={c['dataset']!r} is not a layout — fix: one of {', '.join(DATA_LAYOUTS)}")
+        paths = {k: given[k] or os.path.join(c["data_root"], v) for k, v in DATA_LAYOUTS[c["dataset"]].items()}
+        for k in need:
+            p = paths[k]
             if not (os.path.isfile(p) if k.endswith("json") else os.path.isdir(p)):
-                sys.exit(f"train.py: {p} not found (--data_root={data_root}, --dataset={dataset}) — fix: put the "
-                         f"{dataset.upper()} {k} there (layout: train.DATA_LAYOUTS), or pass --{k}=PATH")
+                sys.exit(f"train.py: {p} not found (--data_root={c['data_root']}, --dataset={c['dataset']}) — fix: put "
+                         f"the {c['dataset'].upper()} {k} there (layout: train.DATA_LAYOUTS), or pass --{k}=PATH")
         return paths
-    if train_json:
+    if c["train_json"]:
         return given
-    return data.ensure_synthetic(synthetic_root, low_contrast_bg=synthetic_low_contrast,
-                                 min_visible_frac=synthetic_min_visible)
+    return synthetic.ensure_synthetic(c["synthetic_root"], low_contrast_bg=c["synthetic_low_contrast"],
+                                      min_visible_frac=c["synthetic_min_visible"])
 
 
 ITERATION_KEYS = ("max_iters", "warmup_iters", "lr_steps", "sim_start_iter", "teacher_start_iter",
@@ -563,8 +515,8 @@ def main():
     run_eval(raw_model, val_ds, dev, master, ddp, final=True)
     if master and sim_state is not None and sim_state.teacher is not None:
         images, targets = to_device(*data.collate([train_ds[i] for i in range(4)]), dev)
-        paths = sim.save_pseudo_mask_pictures(sim_state, raw_model, images, targets, out_dir)
-        print(f"{len(paths)} pseudo-mask pictures (M_S, M_I, M_prob, M_hat) in {out_dir}/pseudo_*.png")
+        paths = viz.object_grids(raw_model, sim_state, config, images, targets, out_dir, n=4, prefix="pseudo")
+        print(f"{len(paths)} pseudo-mask grids (M_S, M_I, M_C, M_prob, M_hat, copy-paste) in {out_dir}/pseudo_*.png")
     if ddp:
         dist.destroy_process_group()
 
@@ -587,11 +539,8 @@ def run_eval(raw_model, val_ds, dev, master, ddp, final):
     metrics = evaluation.evaluate(raw_model, loader, val_ds, dev, out_dir=out_dir if final and master else None,
                                   amp=amp and dev.type == "cuda", distributed=ddp)
     if master and final:
-        tmp = os.path.join(out_dir, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=1)
-        os.replace(tmp, os.path.join(out_dir, "metrics.json"))
-        paths = evaluation.save_overlays(raw_model, val_ds, dev, out_dir, n=n_overlays)
+        data.write_json_atomic(metrics, os.path.join(out_dir, "metrics.json"), indent=1)
+        paths = viz.save_overlays(raw_model, val_ds, dev, out_dir, n=n_overlays)
         print(f"box AP {metrics['bbox']['AP']:.1f} | mask AP {metrics['segm']['AP']:.1f} | "
               f"{len(paths)} pictures in {out_dir}/ | metrics in {out_dir}/metrics.json")
     if ddp:

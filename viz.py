@@ -1,5 +1,6 @@
 """
-Pictures that teach: every intermediate map of SIM for one object, in one labelled grid.
+Pictures: prediction overlays and heat-map rows (eval.py, train.py, predict.py), and the grids
+that teach: every intermediate map of SIM for one object, in one labelled grid.
 
     python viz.py --ckpt=out/demo/ckpt.pt                  # grids for objects of val image 0
     python viz.py --ckpt=out/demo/ckpt.pt --index=3 --n=4 --split=train --out=out/viz
@@ -15,24 +16,177 @@ A BoxInst checkpoint (no teacher, no prototypes) gives the panels it has: crop, 
 own M_I. train.py writes these grids for a fixed val image every viz_interval iterations.
 """
 
+import colorsys
+import math
 import os
 import sys
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import configurator
 import copypaste
-import eval as evaluation  # the module, not the builtin
+import data
 import losses
 import prototypes
 import sim
+
+# -----------------------------------------------------------------------------
+# overlays and heat-map rows
+
+MASK_ALPHA = 0.5   # opacity of an instance mask over the image
+PANEL_GAP = 4      # white pixels between panels of a row
+TITLE_H = 16       # height of the title strip above each panel
+MIN_SIDE = 320     # panels are upscaled (nearest) until their short side is at least this
+
+
+def palette(i):
+    """Colour of instance i: hues spaced by the golden ratio, so neighbours differ and the order is fixed."""
+    r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return (int(255 * r), int(255 * g), int(255 * b))
+
+
+def heat_colormap(t):
+    """(...) values in [0,1] -> (..., 3) uint8: black -> red -> yellow -> white, one channel ramp per third."""
+    t = t.clamp(0, 1)
+    rgb = torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], dim=-1)  # (..., 3)
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def upscale_factor(h, w):
+    """Integer factor that brings the short side to at least MIN_SIDE (1 for images already that big)."""
+    return max(1, math.ceil(MIN_SIDE / min(h, w)))
+
+
+def upscale(image, pred, s):
+    """Nearest-neighbour upscale of an image (3,H,W) and of a prediction/GT dict in its frame by factor s."""
+    if s == 1:
+        return image, pred
+    image = image.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)  # (3, sH, sW)
+    pred = dict(pred)
+    pred["boxes"] = pred["boxes"] * s  # (K, 4)
+    if "masks" in pred:
+        pred["masks"] = pred["masks"].repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)  # (K, sH, sW)
+    return image, pred
+
+
+def draw_predictions(image_uint8, pred, class_names, score_thresh=0.3):
+    """
+    image_uint8 (3,H,W) RGB; pred: 'boxes' (K,4) xyxy, 'labels' (K,), optional 'masks' (K,H,W) bool in the
+    same frame, optional 'scores' (K,) (GT has none: all instances drawn, labels without a score).
+    Returns a PIL image: semi-transparent masks, box outlines and 'name score' labels, instance k in palette(k).
+    """
+    img = image_uint8.detach().cpu().permute(1, 2, 0).float()  # (H, W, 3)
+    boxes = pred["boxes"].detach().float().cpu()  # (K, 4)
+    labels = pred["labels"].detach().cpu().tolist()
+    scores = pred["scores"].detach().float().cpu().tolist() if "scores" in pred else None
+    keep = [k for k in range(len(labels)) if scores is None or scores[k] >= score_thresh]
+    if "masks" in pred:
+        masks = pred["masks"].detach().cpu().bool()  # (K, H, W)
+        assert masks.shape[1:] == img.shape[:2], f"masks {tuple(masks.shape)} do not match image {tuple(img.shape)}"
+        for k in keep:
+            colour = torch.tensor(palette(k), dtype=torch.float32)  # (3,)
+            m = masks[k]  # (H, W)
+            img[m] = (1 - MASK_ALPHA) * img[m] + MASK_ALPHA * colour
+    out = Image.fromarray(img.round().clamp(0, 255).to(torch.uint8).numpy())
+    draw = ImageDraw.Draw(out)
+    for k in keep:
+        x0, y0, x1, y1 = boxes[k].tolist()
+        colour = palette(k)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
+        name = class_names[labels[k]] if labels[k] < len(class_names) else str(labels[k])
+        text = name if scores is None else f"{name} {scores[k]:.2f}"
+        l, t, r, b = draw.textbbox((0, 0), text)
+        tx, ty = max(0.0, x0), max(0.0, y0 - (b - t) - 2)  # above the box, or at the top edge if no room
+        draw.rectangle([tx, ty, tx + r - l + 2, ty + b - t + 2], fill=colour)
+        draw.text((tx + 1 - l, ty + 1 - t), text, fill=(0, 0, 0))
+    return out
+
+
+def titled_row(panels):
+    """panels: list of (title, PIL image) -> one PIL image, panels side by side, each under its title."""
+    width = sum(p.width for _, p in panels) + PANEL_GAP * (len(panels) - 1)
+    height = TITLE_H + max(p.height for _, p in panels)
+    row = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(row)
+    x = 0
+    for title, p in panels:
+        draw.text((x + 2, 2), title, fill=(0, 0, 0))
+        row.paste(p, (x, TITLE_H))
+        x += p.width + PANEL_GAP
+    return row
+
+
+def gt_instances(coco, image_id, cat_ids):
+    """GT of one image from the COCO annotations, in the original frame: boxes xyxy, contiguous labels, masks."""
+    info = coco.imgs[image_id]
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+    boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in anns], dtype=torch.float32).reshape(-1, 4)  # (N, 4)
+    labels = torch.tensor([cat_ids.index(a["category_id"]) for a in anns], dtype=torch.int64)  # (N,)
+    # an annotation without a polygon/RLE (box-only data) is drawn as its box alone
+    masks = [torch.from_numpy(coco.annToMask(a)).bool() if a.get("segmentation")
+             else torch.zeros(info["height"], info["width"], dtype=torch.bool) for a in anns]
+    masks = torch.stack(masks) if masks else torch.zeros(0, info["height"], info["width"], dtype=torch.bool)  # (N, H0, W0)
+    return {"boxes": boxes, "labels": labels, "masks": masks}
+
+
+@torch.no_grad()
+def save_overlays(model, dataset, device, out_dir, n=8, score_thresh=0.3):
+    """
+    For the first n images of dataset writes out_dir/pred_<image_id>.png: [input | GT masks | prediction].
+    Drawn in the ORIGINAL frame, on the original image read from dataset.image_dir: predictions and COCO
+    annotations both live there, so no mask is resampled; then everything is upscaled (nearest) so that
+    small images stay readable. Returns the paths written.
+    """
+    device = torch.device(device)
+    net = model.module if hasattr(model, "module") else model
+    was_training = net.training
+    net.eval()
+    paths = []
+    try:
+        for i in range(min(n, len(dataset))):
+            image, target = dataset[i]  # (3, h, w) resized uint8
+            h, w = image.shape[1:]
+            # the model expects batches zero-padded bottom/right to a multiple of 32, as the loader makes them
+            pad_h, pad_w = -h % 32, -w % 32
+            batch = F.pad(image, (0, pad_w, 0, pad_h))[None].to(device)  # (1, 3, Hp, Wp)
+            pred = {k: v.cpu() for k, v in net.predict(batch, [target])[0].items()}
+            image_id = int(target["image_id"])
+            info = dataset.coco.imgs[image_id]
+            orig = Image.open(os.path.join(dataset.image_dir, info["file_name"])).convert("RGB")
+            orig = torch.from_numpy(np.asarray(orig).copy()).permute(2, 0, 1)  # (3, H0, W0)
+            gt = gt_instances(dataset.coco, image_id, dataset.cat_ids)
+            s = upscale_factor(*orig.shape[1:])
+            big, pred_big = upscale(orig, pred, s)
+            _, gt_big = upscale(orig, gt, s)
+            panels = [("input", Image.fromarray(big.permute(1, 2, 0).numpy())),
+                      ("GT", draw_predictions(big, gt_big, dataset.class_names)),
+                      (f"prediction (score >= {score_thresh})",
+                       draw_predictions(big, pred_big, dataset.class_names, score_thresh))]
+            path = os.path.join(out_dir, f"pred_{image_id}.png")
+            save_png_atomic(titled_row(panels), path)
+            paths.append(path)
+    finally:
+        net.train(was_training)
+    return paths
+
+
+def save_png_atomic(img, path):
+    """A PIL image as a PNG file, written through data.write_atomic."""
+    data.write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+# -----------------------------------------------------------------------------
+# per-object grids of SIM's maps
 
 ORANGE, MAGENTA, CYAN = (255, 150, 0), (255, 0, 255), (0, 255, 255)
 
 
 def _heat(m):
     """(h, w) in [0, 1] -> PIL RGB."""
-    return Image.fromarray(evaluation.heat_colormap(m.detach().float().cpu()).numpy())
+    return Image.fromarray(heat_colormap(m.detach().float().cpu()).numpy())
 
 
 def _labels_picture(m_hat, weight):
@@ -47,7 +201,7 @@ def _categorical(idx, valid):
     """(h, w) long sub-centre index -> PIL RGB, palette colour per index, black where not valid."""
     rgb = torch.zeros(*idx.shape, 3, dtype=torch.uint8)
     for k in idx[valid].unique().tolist():
-        rgb[(idx == k) & valid] = torch.tensor(evaluation.palette(k), dtype=torch.uint8)
+        rgb[(idx == k) & valid] = torch.tensor(palette(k), dtype=torch.uint8)
     return Image.fromarray(rgb.cpu().numpy())
 
 
@@ -58,13 +212,13 @@ def _up(m, s):
 
 def _grid(rows, path):
     """rows: lists of (title, PIL image) -> one PNG, rows stacked."""
-    pics = [evaluation.titled_row(r) for r in rows if r]
+    pics = [titled_row(r) for r in rows if r]
     out = Image.new("RGB", (max(p.width for p in pics), sum(p.height for p in pics) + 4 * (len(pics) - 1)), (255, 255, 255))
     y = 0
     for p in pics:
         out.paste(p, (0, y))
         y += p.height + 4
-    evaluation.save_png_atomic(out, path)
+    save_png_atomic(out, path)
 
 
 @torch.no_grad()
@@ -118,7 +272,7 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
         x0, y0 = max(int(box[0] - m), 0), max(int(box[1] - m), 0)
         x1, y1 = min(int(box[2] + m) + 1, w), min(int(box[3] + m) + 1, h)
         crop = lambda t: _up(t.cpu(), s)[y0:y1, x0:x1]
-        k = max(1, evaluation.upscale_factor(y1 - y0, x1 - x0) // 2)
+        k = max(1, upscale_factor(y1 - y0, x1 - x0) // 2)
         big = lambda pil: pil.resize((pil.width * k, pil.height * k), Image.NEAREST)
         rel = (box - torch.tensor([x0, y0, x0, y0])) * k
 
@@ -152,7 +306,7 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
         if pasted is not None:
             p_img, p_t = pasted[0][b], pasted[1][b]
             pil = Image.fromarray(p_img[:, :h, :w].permute(1, 2, 0).numpy())
-            scale = max(1, evaluation.upscale_factor(h, w) // 2)
+            scale = max(1, upscale_factor(h, w) // 2)
             pil = pil.resize((w * scale, h * scale), Image.NEAREST)
             d = ImageDraw.Draw(pil)
             for bx, is_p in zip(p_t["boxes"].tolist(), p_t["pasted"].tolist()):
@@ -165,14 +319,11 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
 
 
 def main(argv):
-    import data
     import train
     from model import build_model
     defaults = dict(ckpt="", index=0, n=3, split="val", out="", device="cpu")
-    try:
-        opt = evaluation.parse_overrides(argv, defaults)
-    except ValueError as e:
-        raise SystemExit(f"viz.py: {e}")
+    opt = dict(defaults)
+    configurator.configure(argv, opt, "viz.py")
     if not os.path.isfile(opt["ckpt"]):
         raise SystemExit(f"viz.py: {opt['ckpt']!r} not found — fix: --ckpt=PATH of a checkpoint written by train.py")
     ck = torch.load(opt["ckpt"], map_location="cpu", weights_only=True)
