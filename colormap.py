@@ -2,7 +2,7 @@
 nanoSIM's colour evidence for Eq. (7) (not in the paper): M_C says, from CIE-Lab colours alone, whether
 a pixel looks more like its object's confident pixels than like the ring around its box. Eq. (1)'s
 multi-prototype idea applied to colour: per-object colour samples act as sub-centres. sim.py mixes
-it into M_prob with weight color_weight (BENCHMARKS.md, Decisions).
+it into M_prob with weight color_weight (BENCHMARKS.md D13).
 """
 
 import math
@@ -43,7 +43,7 @@ def color_map(lab, fg_seed, bg_seed, region=None, n_seeds=64, t=2.0, ring_seed=N
     ring_seed, min_contrast (Lab units): object seeds within min_contrast of a ring colour are dropped
     (the teacher's confident area spills into background bays; those colours would tie M_C at 0.5).
     Why: where the teacher is unsure, the semantic maps (same features as M_I) are near chance; the box
-    rim's colours are evidence the network never produced (BENCHMARKS.md, Decisions). Eq. (1)'s
+    rim's colours are evidence the network never produced (BENCHMARKS.md D13). Eq. (1)'s
     multi-prototype idea applied to colour, with per-object colour samples as sub-centres.
     """
     G, _, H, W = lab.shape

@@ -241,7 +241,7 @@ class TrainBatchSampler(torch.utils.data.Sampler):
     scale_per_batch: one shorter side per batch (the demo) instead of one per image (the reference). The
     reference pads a batch to its largest image: on the demo's 160-200 px images with scales (144, 160,
     176), a batch of 4 then holds 1.1x the pixels it holds with one scale per batch, and a demo step
-    takes 1.1x as long (`python bench.py --compare=scale`, BENCHMARKS.md). Each image still sees every
+    takes 1.1x as long (`python bench.py --compare=scale`, BENCHMARKS.md D3). Each image still sees every
     scale over the epochs. drop_last: an incomplete last batch is not yielded.
     """
 

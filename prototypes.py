@@ -57,7 +57,7 @@ def calibrated_semantic_map(feats, protos, bg_protos, tau=0.1):
     """nanoSIM's departure from Eq. (1): M_S(i) = sigmoid( (max_l <z_i, p_l^c> - max_l <z_i, b_l^c>) / tau ).
 
     Why: Eq. (1) has no background reference; in-box background has positive cosine to its class too,
-    so sigmoid(cos / tau) >= 0.5 there at any tau (BENCHMARKS.md, Decisions). Against background
+    so sigmoid(cos / tau) >= 0.5 there at any tau (BENCHMARKS.md D11). Against background
     sub-centres b^c, M_S > 0.5 exactly where a pixel is closer to its class than to its in-box
     background. Shapes as semantic_map; bg_protos like protos.
     """

@@ -279,7 +279,7 @@ def prototype_pixels(pm, obj, cfg):
     the class than to its background), and bg likewise (M_S < 0.5). Why: ~15% of the teacher's
     confident in-box pixels are real background; the equal-partition Sinkhorn hands them 1-2 of the
     10 sub-centres, and Eq. (1)'s max over sub-centres then scores background pixels by those
-    (BENCHMARKS.md). The filter keeps a pixel the map already calls background out of the class.
+    (BENCHMARKS.md D16). The filter keeps a pixel the map already calls background out of the class.
     """
     box = (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]                          # (G, Hp/s, Wp/s)
     fg = (pm["M_mean"] > cfg["proto_conf_thresh"]) & box

@@ -179,13 +179,13 @@ def render_synthetic_image(rng, height, width, size=160, min_visible=20, min_vis
     to background. Generator version 5 drew 2-6 objects (3.9 per image); with 4-9 (probed while the
     crescents were still rings) the same 600-iteration probe learns 25.7 box / 14.5 mask AP instead of
     19.3 / 7.8 at the same images per second, while 6-13 objects (9.2 per image, crowded) give no more
-    (25.4 / 12.9) (BENCHMARKS.md, section 1).
+    (25.4 / 12.9) (BENCHMARKS.md D1).
 
     Why these two thresholds (version 7; min_visible_frac=0, low_contrast_bg=0.8 reproduce version 6
     exactly): on version 6 the low-contrast objects (80% background colour) and the occluded ones were
     cases for the detector, not for the masks. `python ablate.py --attr_ap` on the session-5 runs:
     box AP 15 on the low-contrast objects and 13 on the occluded ones, with GT masks as with boxes
-    (BENCHMARKS.md, section 1): they measured how fast a from-scratch detector learns to see faint
+    (BENCHMARKS.md D1): they measured how fast a from-scratch detector learns to see faint
     slivers, not what box supervision costs. Both cases stay, at a strength the demo's detector can
     learn in its 15 minutes (version 7: box AP 28 and 17)."""
     H, W = height, width

@@ -331,7 +331,7 @@ def test_resume_continues_exactly(tmp_path, method):
     """2N iterations straight, and N, stop, --resume, N more: the same weights (and for SIM the same
     teacher, prototypes and bank). SIM with its teacher, prototypes and copy-paste on from the start.
     One thread: with two, SIM's resumed run differs from the straight one by ~1e-4 after 8 iterations
-    (two straight runs with two threads agree exactly; not yet explained, BENCHMARKS.md 4c)."""
+    (two straight runs with two threads agree exactly; not yet explained, BENCHMARKS.md section 8)."""
     import synthetic
     syn = synthetic.ensure_synthetic(str(tmp_path / "syn"), n_train=6, n_val=2)
     args = [f"--train_json={syn['train_json']}", f"--train_images={syn['train_images']}", f"--val_json={syn['val_json']}",

@@ -132,7 +132,7 @@ supervise_outside = True     # [preset] pixels outside the box are background ta
 occlusion_aware = True       # [preset] pixels pasted over an object leave its box in every loss
 pseudo_loss = "bce_dice"     # [preset] "bce_dice" (Eq. 8) or "official" (focal-style, sim_official.md 6.3)
 paste_loss = "official"      # [preset] "bce_dice" (Eq. 9, over the pasted positives) or "official" (6.4;
-                             # nanosim: Eq. 9's form costs 6 box AP here, BENCHMARKS.md)
+                             # nanosim: Eq. 9's form costs 6 box AP here, BENCHMARKS.md D15)
 lambda1 = 0.5                # [preset] Eq. (10) weight of L_pseudo
 lambda1_ramp_iters = 300     # [preset] lambda1 ramps linearly over this many iterations (0: a step)
 lambda1_ramp_origin = -1     # [preset] where the ramp starts (-1: sim_start_iter; official: 0)
@@ -148,9 +148,9 @@ paste_detector = True        # [preset] pasted images also train the detector (F
 pairwise_affinity = "color"  # [preset] "color" (BoxInst) or "color_feat" (official: x teacher-feature affinity)
 color_feat_thresh = 0.1      # the threshold of the colour x feature affinity
 # optimizer (linear warm-up, step decay). The COCO configs use the reference's SGD; the from-scratch
-# CPU demo learns about 1.2x more box AP per image seen with AdamW (BENCHMARKS.md)
+# CPU demo learns about 1.2x more box AP per image seen with AdamW (BENCHMARKS.md D4)
 solver = "adamw"             # "sgd" (the reference, with momentum) or "adamw"
-lr = 2e-3                    # demo: 2e-3 beats 1e-3 and 3e-3 on generator v7 (BENCHMARKS.md)
+lr = 2e-3                    # demo: 2e-3 beats 1e-3 and 3e-3 on generator v7 (BENCHMARKS.md D5)
 momentum = 0.9               # SGD only
 weight_decay = 0.05          # 0 on norm layers (reference SGD: 1e-4)
 warmup_iters = 200
@@ -405,7 +405,7 @@ def main():
     # model, optimizer
     model = build_model(config).to(dev)
     if solver == "adamw":
-        # fused: one kernel for all parameters instead of ~10 ops per tensor (3x faster on CPU, BENCHMARKS.md)
+        # fused: one kernel for all parameters instead of ~10 ops per tensor (3x faster on CPU, BENCHMARKS.md D4)
         optimizer = torch.optim.AdamW(param_groups(model), lr=lr, fused=True)
     elif solver == "sgd":
         optimizer = torch.optim.SGD(param_groups(model), lr=lr, momentum=momentum)
