@@ -6,7 +6,7 @@ arguments go to every train.py run):
   Tab. 4: alpha (Eq. 7) in {0, 0.5, 1}
   the presets (--sim_variant=paper, official) and each of nanoSIM's fixes switched off
 
-    python ablate.py                          # the demo schedule, 15 runs one after another
+    python ablate.py                          # the demo schedule, 16 runs one after another
     python ablate.py --jobs=2                 # two at a time, one core each
     python ablate.py --runs=baseline,paper    # only these rows
     python ablate.py --seed=1 --root=out/ablation_s1   # extra arguments go to every run

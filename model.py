@@ -51,11 +51,8 @@ def _upsample2_aligned(x, dim):
 
 
 def compute_locations(feature_sizes, strides, device):
-    """Pixel coordinates of every feature cell, all levels concatenated (level-major, row-major).
-
-    Cell (i, j) of a stride-s level sits at (j*s + s//2, i*s + s//2).
-    Returns locations (L, 2) float (x, y) and loc_level (L,) long.
-    """
+    """Pixel coordinates of every feature cell, levels concatenated (level-major, row-major): cell (i, j)
+    of a stride-s level sits at (j*s + s//2, i*s + s//2). -> locations (L, 2) float (x, y), loc_level (L,)."""
     locs, levels = [], []
     for lvl, ((h, w), s) in enumerate(zip(feature_sizes, strides)):
         ys = torch.arange(h, device=device, dtype=torch.float32) * s + s // 2
@@ -144,9 +141,8 @@ class FCOSHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats, classify=True):
-        """feats: list of (B, Ch, H_l, W_l). Returns flattened (B, L, .) tensors over all levels,
-        and the box tower's output per level (for controller_at). classify=False skips the class
-        branch (cls logits None): SIM's teacher needs boxes and masks, not classes."""
+        """feats: list of (B, Ch, H_l, W_l) -> flattened (B, L, .) outputs over all levels, and the box tower's
+        output per level (for controller_at). classify=False: no class branch (SIM's teacher)."""
         flat = lambda t: t.flatten(2).transpose(1, 2)    # (B, K, H, W) -> (B, H*W, K)
         cls, reg, ctr, box_feats = [], [], [], []
         for lvl, x in enumerate(feats):
@@ -177,7 +173,11 @@ class FCOSHead(nn.Module):
             nbrs.append(nb.reshape(h * w, 9))
             offset += (h + 2) * (w + 2)
         nb = torch.cat(nbrs)[loc_inds]                                                   # (K, 9)
-        patches = padded[im_inds[:, None], :, nb]                                        # (K, 9, Ch)
+        # index_select: the backward of padded[im_inds[:, None], :, nb] (index_put_, accumulate) adds the
+        # overlapping neighbourhoods with atomics across CPU threads, so its rounding changed run to run
+        B, Ch, Lp = padded.shape
+        rows = padded.permute(0, 2, 1).reshape(B * Lp, Ch)                               # (B * sum (H+2)(W+2), Ch)
+        patches = rows.index_select(0, (im_inds[:, None] * Lp + nb).flatten()).view(-1, 9, Ch)  # (K, 9, Ch)
         weight = self.controller.weight.permute(0, 2, 3, 1).flatten(1)                   # (P, 9*Ch), same order
         return F.linear(patches.flatten(1), weight, self.controller.bias)                # (K, P)
 

@@ -165,6 +165,27 @@ def test_controller_at_equals_the_dense_conv():
     assert model.head.controller_at(box_feats, im_inds[:0], loc_inds[:0]).shape == (0, 233)
 
 
+def test_controller_at_gradient_is_the_same_every_time_with_two_threads():
+    """200 positives on overlapping neighbourhoods (K*9*Ch well past the 32768 elements where a gather's
+    accumulating backward goes parallel with atomics): the features' gradient is bit-identical run to run."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    g = torch.Generator().manual_seed(1)
+    box_feats = [torch.randn(2, 32, 8, 8, requires_grad=True)]
+    im_inds, loc_inds = torch.randint(2, (200,), generator=g), torch.randint(64, (200,), generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(10):
+            box_feats[0].grad = None
+            model.head.controller_at(box_feats, im_inds, loc_inds).square().sum().backward()
+            grads.append(box_feats[0].grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], x) for x in grads[1:])
+
+
 def test_features_without_the_class_branch():
     """classify=False (SIM's teacher) skips the class tower and leaves every other output unchanged."""
     torch.manual_seed(0)
