@@ -415,7 +415,7 @@ def cli(argv):
     extra = [a for a in argv if a not in own]
     opt = dict(OPTIONS)
     configurator.configure(own, opt, "ablate.py")
-    train.configure(extra, dict(train.config))  # a typo in a train.py option stops here, not in 15 runs
+    train.configure(extra, dict(train.config))  # a typo in a train.py option stops here, not in 16 runs
     if opt["ms_stats"]:
         ms_stats(opt["ms_stats"], only=opt["only"])
     elif opt["attr_ap"]:

@@ -311,7 +311,6 @@ def infinite(loader, start_iter=0):
         epoch, start = epoch + 1, 0
 
 
-
 # -----------------------------------------------------------------------------
 # file writing: atomic, so a crash or kill -9 mid-write never leaves a half-written file behind
 # nor loses the previous one (checkpoints, metrics, COCO results, pictures)

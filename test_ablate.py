@@ -7,16 +7,14 @@ torch.set_num_threads(1)
 import ablate
 import sim
 import synthetic
-import train
 from model import build_model
 from test_model import tiny_cfg
 
 
 def test_ms_stats_scores_every_variant(tmp_path, capsys):
     paths = synthetic.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=4, size=128)
-    cfg = dict(train.config)
-    cfg.update(tiny_cfg(method="boxinst", num_classes=5, mask_out_stride=2), min_size_test=128, max_size_test=128,
-               sizes_of_interest=(16, 32, 64, 128), **paths)
+    cfg = tiny_cfg(method="boxinst", num_classes=5, mask_out_stride=2, min_size_test=128, max_size_test=128,
+                   sizes_of_interest=(16, 32, 64, 128), **paths)
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "sim": None}, tmp_path / "ckpt.pt")
     ablate.ms_stats(str(tmp_path / "ckpt.pt"), n_build=8, n_images=4)

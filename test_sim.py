@@ -33,9 +33,7 @@ from test_model import scene, tiny_cfg
 def sim_cfg(variant="paper", **kw):
     """train.py's SIM defaults on the tiny network of test_model, with the knobs of one preset
     (the paper's by default: most tests here check the paper's equations)."""
-    cfg = dict(train.config)
-    cfg.update(tiny_cfg(method="sim"))
-    cfg.update(seed=0, num_classes=3, sim_variant=variant)
+    cfg = tiny_cfg(method="sim", seed=0, num_classes=3, sim_variant=variant)
     sim.apply_preset(cfg)
     cfg.update(kw)
     return cfg
