@@ -18,8 +18,8 @@ ways (the same images), the padding that a scale per image costs.
 interleaved: batch 2 x 3 x 512 x 512, 3 boxes per image, 80 classes, ResNet-50-FPN from random init
 (BatchNorm trainable, as torchvision builds it without weights), SGD. torchvision's fcos_resnet50_fpn
 training step and 1-image inference against nanoSIM's BoxInst, SIM and full (CondInst, GT masks) steps
-and inference. torchvision's FCOS does less work (no mask branch, no controller, no teacher). Peak
-memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a child process that
+and inference; each ratio is paired per round (paired_ratio). torchvision's FCOS does less work (no
+mask branch, no controller, no teacher). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a child process that
 runs only that variant (2 steps).
 """
 
@@ -144,6 +144,13 @@ def peak_memory_child(name, argv):
     return int(r.stdout.strip().splitlines()[-1]) / 1024 if r.returncode == 0 else float("nan")
 
 
+def paired_ratio(rounds, ref_rounds):
+    """Each round's median time against the reference's median in the same round, then the median over
+    rounds: on a machine whose speed drifts (this CPU: +-30% within the hour) a slow round slows both
+    sides alike, where a ratio of pooled medians would mix a fast round of one with a slow one of the other."""
+    return statistics.median(statistics.median(a) / statistics.median(b) for a, b in zip(rounds, ref_rounds))
+
+
 def compare_torchvision(cfg, argv):
     dev = torch.device(cfg["device"])
     variants = tv_variants(cfg, dev)
@@ -163,7 +170,7 @@ def compare_torchvision(cfg, argv):
     for name, (step, infer) in variants.items():  # warm-up (also fills SIM's bank)
         timed(step, cfg["warmup"])
         timed(infer, 1)
-    st = {n: [] for n in variants}
+    st = {n: [] for n in variants}  # per round: that round's step times
     it = {n: [] for n in variants}
     peak = {}
     for r in range(cfg["rounds"]):
@@ -171,22 +178,22 @@ def compare_torchvision(cfg, argv):
             step, infer = variants[name]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            st[name] += timed(step, cfg["steps"])
-            it[name] += timed(infer, cfg["steps"])
+            st[name].append(timed(step, cfg["steps"]))
+            it[name].append(timed(infer, cfg["steps"]))
             if dev.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(dev) / 2 ** 20)
     if dev.type != "cuda":
         peak = {n: peak_memory_child(n, argv) for n in variants}
-    med = lambda xs: statistics.median(xs) * 1000
+    med = lambda rounds: statistics.median(sum(rounds, [])) * 1000
     print(f"device {dev} | batch {TV_BATCH} x 3 x {TV_SIZE} x {TV_SIZE}, {TV_BOXES} boxes per image, {TV_CLASSES} "
           f"classes, ResNet-50-FPN, random init | {cfg['rounds']} rounds x {cfg['steps']} | torch {torch.__version__}")
     print("| variant | train step (ms) | 1-image inference (ms) | peak memory (MB) |")
     print("|---|---|---|---|")
     for n in variants:
         print(f"| {n} | {med(st[n]):.0f} | {med(it[n]):.0f} | {peak[n]:.0f} |")
-    ref_s, ref_i = med(st["torchvision FCOS"]), med(it["torchvision FCOS"])
     for n in ("nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"):
-        print(f"{n} / torchvision FCOS: train step {med(st[n]) / ref_s:.2f}x, inference {med(it[n]) / ref_i:.2f}x")
+        print(f"{n} / torchvision FCOS: train step {paired_ratio(st[n], st['torchvision FCOS']):.2f}x, "
+              f"inference {paired_ratio(it[n], it['torchvision FCOS']):.2f}x")
 
 
 def main(argv):

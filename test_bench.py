@@ -35,3 +35,10 @@ def test_compare_torchvision_prints_every_variant_and_the_ratios(capsys, monkeyp
     last = out.strip().splitlines()[-3:]
     assert [l.split(" /")[0] for l in last] == ["nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"]
     assert all(re.search(r"train step \d+\.\d\dx, inference \d+\.\d\dx$", l) for l in last)
+
+
+def test_paired_ratio_per_round():
+    # rounds at 2x and 1x the reference: the median of the per-round ratios is 1.5; the pooled medians
+    # (3 / 2.5 = 1.2) would hide that the machine sped up between the rounds
+    assert bench.paired_ratio([[2.0, 2.0], [4.0, 4.0]], [[1.0, 1.0], [4.0, 4.0]]) == 1.5
+    assert bench.paired_ratio([[3.0, 1.0, 2.0]], [[1.0, 1.0, 1.0]]) == 2.0

@@ -446,6 +446,72 @@ def test_sim_state_same_prototypes_whatever_the_global_rng():
     assert torch.allclose(norms, torch.ones_like(norms))
 
 
+def test_fold_batchnorm_hand_values():
+    """conv w 2 then BN(gamma 3, beta 0.5, mean 1, var 3, eps 1): s = 3 / 2, folded w 3, b 0.5 - 1.5 = -1;
+    a conv with bias 1 before a frozen BN of the same numbers: b = 1.5 + 0.5 - 1.5 = 0.5."""
+    import torchvision
+    for norm, bias, want_b, want_y in ((torch.nn.BatchNorm2d(1, eps=1.0), False, -1.0, [2.0, 5.0]),
+                                       (torchvision.ops.FrozenBatchNorm2d(1, eps=1.0), True, 0.5, [3.5, 6.5])):
+        conv = torch.nn.Conv2d(1, 1, 1, bias=bias)
+        net = torch.nn.Sequential(conv, norm, torch.nn.ReLU(), torch.nn.BatchNorm2d(1))  # the last BN: no conv before it
+        with torch.no_grad():
+            conv.weight.fill_(2.0)
+            if bias:
+                conv.bias.fill_(1.0)
+            norm.weight.fill_(3.0), norm.bias.fill_(0.5), norm.running_mean.fill_(1.0), norm.running_var.fill_(3.0)
+        net.eval()
+        twin, pairs = sim.fold_batchnorm(net)
+        assert isinstance(twin[1], torch.nn.Identity) and isinstance(twin[3], torch.nn.BatchNorm2d)
+        assert twin[3] is not net[3] and twin[3].weight is net[3].weight  # shared, not copied
+        assert len(pairs) == 1 and pairs[0][0] is conv and pairs[0][1] is norm
+        assert twin[0].weight.item() == 3.0 and twin[0].bias.item() == want_b
+        assert conv.weight.item() == 2.0 and isinstance(net[1], type(norm))  # the network itself is untouched
+        x = torch.tensor([1.0, 2.0]).view(1, 1, 1, 2)
+        with torch.no_grad():
+            assert net[:2](x).flatten().tolist() == want_y == twin[:2](x).flatten().tolist()
+
+
+def test_folded_teacher_equals_the_teacher_through_ema_and_load():
+    """The twin the SIM step runs gives the teacher's outputs, and still does after the EMA and a
+    checkpoint load (the BNs carry statistics, not their initial 0/1, so folding changes the weights)."""
+    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0, teacher_momentum=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    images, targets = scene(2)
+    model.train()
+    with torch.no_grad():
+        model.features(images)  # BN running statistics away from (0, 1)
+    state = sim.SIMState(cfg, torch.device("cpu"))
+    state.start_teacher(model)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in state.teacher.modules())
+    assert len(state.fold_pairs) == n_bn > 20  # every BN of the ResNet and the mask branch follows a conv
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in state.teacher_fwd.modules())
+    assert state.teacher_fwd.fpn.output[0].weight is state.teacher.fpn.output[0].weight
+
+    def same(a, b):
+        with torch.no_grad():
+            x, y = a.features(images, classify=False), b.features(images, classify=False)
+        for k in ("reg", "ctr_logits", "mask_feats"):
+            assert torch.allclose(x[k], y[k], atol=1e-4, rtol=1e-4), k
+        return y["mask_feats"]
+
+    before = same(state.teacher, state.teacher_fwd)
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.features(images)  # new BN statistics for the teacher to copy
+    sim.after_step(state, model, out, pm, obj, images, targets)
+    after = same(state.teacher, state.teacher_fwd)
+    assert not torch.allclose(before, after, atol=1e-3)
+    new = sim.SIMState(cfg, torch.device("cpu"))
+    new.load_state_dict(state.state_dict(), model)
+    assert torch.allclose(same(state.teacher, new.teacher_fwd), after, atol=1e-4, rtol=1e-4)
+    off = sim.SIMState(dict(cfg, teacher_fold_bn=False), torch.device("cpu"))
+    off.start_teacher(model)
+    assert off.teacher_fwd is off.teacher and off.fold_pairs == []
+
+
 def test_sim_state_round_trip():
     cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
     model, state, images, targets = setup(cfg)
@@ -604,6 +670,20 @@ def test_nanosim_training_step_runs_and_updates_background_subcentres():
                                   targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert torch.isfinite(loss) and "loss_pseudo" in logs
     assert not torch.equal(state.protos.bg_protos, before) and not torch.equal(state.protos.protos, before_fg)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_training_step_runs_with_every_preset(variant):
+    # the official preset also reads the teacher's features in the loss (colour x feature affinity):
+    # what the step computes from the inference-mode teacher outputs must be usable by autograd
+    cfg = sim_cfg(variant, sim_start_iter=0, teacher_start_iter=0)
+    model, state, images, targets = setup(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.clone() for p in state.teacher.parameters()]
+    loss, logs = train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), state, images,
+                                  targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    assert torch.isfinite(loss) and "loss_pseudo" in logs and logs["loss_pairwise"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.teacher.parameters()))  # the EMA moved
 
 
 def test_after_step_bank_masks_from_the_rectified_map():

@@ -106,6 +106,7 @@ sim_variant = "nanosim"
 sim_start_iter = 700         # Eq. (10): L_pseudo and L_paste from this iteration on (COCO: 10000)
 teacher_start_iter = 400     # teacher copied from the student, prototypes and bank start (COCO: 5000)
 teacher_momentum = 0.99      # momentum teacher EMA (paper: 0.9999)
+teacher_fold_bn = True       # the teacher's forwards run with its BatchNorms folded into its convs (sim.fold_batchnorm)
 num_subcenters = 10          # L: sub-centres per class
 proto_momentum = 0.99        # gamma, Eq. (4) (paper: 0.999)
 tau = 0.1                    # [preset] Eq. (1) temperature (official: 1)
@@ -325,14 +326,16 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     with autocast():
         out = model(images, targets)
         if teacher_on:
-            with torch.no_grad():
-                t_out = sim_state.teacher.features(images, classify=False)  # boxes and masks only
+            # inference_mode: no autograd bookkeeping at all; what is computed from t_out outside it
+            # (the pseudo masks) is an ordinary tensor again
+            with torch.inference_mode():
+                t_out = sim_state.teacher_fwd.features(images, classify=False)  # boxes and masks only
     # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
     extra, affinity = {}, None
     if teacher_on:
         obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"],
                           images if cfg["color_weight"] > 0 else None)  # the colours only for color_map
-        pm = sim.pseudo_masks(out, t_out, sim_state.teacher, sim_state.protos, obj, cfg)
+        pm = sim.pseudo_masks(out, t_out, sim_state.teacher_fwd, sim_state.protos, obj, cfg)
         if it + 1 > cfg["sim_start_iter"]:
             extra = sim.sim_losses(out, pm, obj, cfg)
         if cfg["pairwise_affinity"] == "color_feat":
