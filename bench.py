@@ -18,9 +18,10 @@ ways (the same images), the padding that a scale per image costs.
 interleaved: batch 2 x 3 x 512 x 512, 3 boxes per image, 80 classes, ResNet-50-FPN from random init
 (BatchNorm trainable, as torchvision builds it without weights), SGD. torchvision's fcos_resnet50_fpn
 training step and 1-image inference against nanoSIM's BoxInst, SIM and full (CondInst, GT masks) steps
-and inference; each ratio is paired per round (paired_ratio). torchvision's FCOS does less work (no
-mask branch, no controller, no teacher). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a child process that
-runs only that variant (2 steps).
+and inference (as eval.py runs it: BatchNorms folded, model.fold_batchnorm); each ratio is paired
+per round (paired_ratio). torchvision's FCOS does less work (no mask branch, no controller, no
+teacher). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a
+child process that runs only that variant (2 steps).
 """
 
 import statistics
@@ -32,7 +33,7 @@ import torch
 import data
 import sim
 import train
-from model import build_model
+from model import build_model, fold_batchnorm, refold
 
 steps = 5       # timed steps per round and method
 profile = False  # also print torch.profiler's top ops of the SIM steps (--profile=True)
@@ -120,12 +121,12 @@ def _nanosim_variant(base, dev, name, images, targets):
         it[0] += 1
         return loss
 
+    twin, pairs = fold_batchnorm(model)  # what eval.py and predict.py run: the BatchNorms folded
+
     def infer():
-        model.eval()
+        refold(pairs)  # the weights moved since the last inference: timed with it
         with torch.no_grad(), autocast():
-            r = model.predict(images[:1], targets[:1])
-        model.train()
-        return r
+            return twin.predict(images[:1], targets[:1])
     return step, infer
 
 

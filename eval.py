@@ -18,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 import configurator
 import data
+from model import fold_batchnorm
 
 # the 12 numbers COCOeval.summarize() computes, in its order
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -106,24 +107,27 @@ def per_class_ap(E):
 # evaluation loop
 
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distributed=False):
+def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distributed=False, fold_bn=True):
     """
     Predicts every batch of loader ((images uint8 (B,3,Hp,Wp), targets) pairs), scores the detections
     with COCOeval against dataset.coco and returns {'bbox': stats, 'segm': stats} (percent). Under DDP
     each rank predicts its shard; results are gathered to rank 0, which alone evaluates and writes files;
     the other ranks return None. The images scored are those the loader yielded (so a subset loader gives
-    a subset evaluation).
+    a subset evaluation). fold_bn: the predictions come from a twin with the BatchNorms folded into the
+    convs (model.fold_batchnorm: the same function, fewer passes; the model itself is not changed).
     """
     device = torch.device(device)
     net = model.module if hasattr(model, "module") else model  # a DDP wrapper has no .predict
     was_training = net.training
     net.eval()
+    twin, pairs = fold_batchnorm(net) if fold_bn else (net, [])
+    predictor = twin if pairs else net  # nothing to fold: no copy
     t0 = time.time()
     per_image = []  # (image_id, [result dicts]) per image
     try:
         for images, targets in loader:
             with torch.autocast(device_type=device.type, enabled=amp):
-                preds = net.predict(images.to(device), targets)
+                preds = predictor.predict(images.to(device), targets)
             for pred, t in zip(preds, targets):
                 image_id = int(t["image_id"])
                 per_image.append((image_id, to_coco_results([pred], [image_id], dataset.cat_ids)))

@@ -36,13 +36,13 @@ Choices where sim.md leaves them open (see the comments where they are made):
 import copy
 
 import torch
-import torchvision
 
 import colormap
 import copypaste
 import losses
 import prototypes
 from box_ops import box_iou_pairs, decode_boxes
+from model import fold_batchnorm, refold
 
 
 # -----------------------------------------------------------------------------
@@ -178,68 +178,6 @@ def broadcast_buffers(module, src=0):
         flat = torch.cat([b.reshape(-1) for b in bufs])
         torch.distributed.broadcast(flat, src)
         torch._foreach_copy_(bufs, [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
-
-
-# -----------------------------------------------------------------------------
-# the teacher's forward with its BatchNorms folded into the convs before them: the same function
-# with a fifth fewer passes over the feature maps (BENCHMARKS.md 7a)
-
-FOLDABLE_CONVS = (torch.nn.Conv2d, torchvision.ops.DeformConv2d)
-FOLDABLE_NORMS = (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)
-
-
-def conv_bn_pairs(net):
-    """(parent name, conv name, norm name) for every conv that its parent registers right before a
-    BatchNorm of its width: in torchvision's ResNets (conv1 bn1, conv2 bn2, downsample 0 1) and the
-    mask branch's conv-BN-ReLU that is the order the forward applies them, so the BN's input is that
-    conv's output. Swin (LayerNorm) and the head (GroupNorm) have none."""
-    pairs = []
-    for parent_name, parent in net.named_modules():
-        kids = list(parent.named_children())
-        for (cn, conv), (bn_name, bn) in zip(kids, kids[1:]):
-            if (isinstance(conv, FOLDABLE_CONVS) and isinstance(bn, FOLDABLE_NORMS) and bn.running_var is not None
-                    and bn.weight is not None and conv.out_channels == bn.weight.numel()):
-                pairs.append((parent_name, cn, bn_name))
-    return pairs
-
-
-def fold_batchnorm(net):
-    """A forward-only twin of the eval-mode network `net` in which every BatchNorm right after a conv
-    is folded into that conv: BN(conv(x)) = x * (w s) + (b s + beta - mean s) with s = gamma / sqrt(var + eps)
-    per output channel, exact in real arithmetic (float rounding aside). Every other tensor (FPN, head,
-    GroupNorms, ...) is SHARED with `net`, not copied, so the in-place EMA of net (update_teacher) and
-    load_state_dict reach the twin at once; only the folded convs own their weights, which refold()
-    recomputes from net's after each update. Returns (twin, pairs), pairs = [(conv, bn, folded conv)].
-    Why: the teacher runs a full forward every SIM step and never trains, so its BNs are fixed affine
-    maps, yet each one is a pass over a feature map; net itself stays as it is (its state_dict is the
-    teacher of the checkpoints, the EMA keeps acting on gamma, beta and the copied statistics)."""
-    names = conv_bn_pairs(net)
-    own = set()
-    for parent, cn, _ in names:
-        conv = net.get_submodule(parent).get_submodule(cn)
-        own.update(id(t) for t in (conv.weight, conv.bias) if t is not None)
-    shared = {id(t): t for t in list(net.parameters()) + list(net.buffers()) if id(t) not in own}
-    twin = copy.deepcopy(net, memo=shared)
-    pairs = []
-    for parent, cn, bn_name in names:
-        src, dst = net.get_submodule(parent), twin.get_submodule(parent)
-        folded = getattr(dst, cn)
-        if folded.bias is None:
-            folded.bias = torch.nn.Parameter(folded.weight.new_zeros(folded.out_channels), requires_grad=False)
-        setattr(dst, bn_name, torch.nn.Identity())
-        pairs.append((getattr(src, cn), getattr(src, bn_name), folded))
-    refold(pairs)
-    return twin.eval(), pairs
-
-
-@torch.no_grad()
-def refold(pairs):
-    """Folded conv weights and biases from the current conv and BN tensors of the unfolded network."""
-    for conv, bn, folded in pairs:
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)                        # (C,)
-        torch.mul(conv.weight, scale.view(-1, 1, 1, 1), out=folded.weight)
-        shift = bn.bias - bn.running_mean * scale
-        folded.bias.copy_(shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale))
 
 
 # -----------------------------------------------------------------------------

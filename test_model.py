@@ -1,5 +1,6 @@
 """Tests of model.py: shapes and exact values of the pieces, post-processing, weights loading,
-a learning test, and DDP gradient equivalence (2 gloo processes x batch b == 1 process x batch 2b)."""
+a learning test, DDP gradient equivalence (2 gloo processes x batch b == 1 process x batch 2b), and the
+folded-BatchNorm twins."""
 
 import os
 import socket
@@ -13,7 +14,7 @@ import torchvision
 
 import losses
 import train  # its defaults: the one set of defaults
-from model import (aligned_bilinear, build_model, compute_locations, dynamic_mask_head,
+from model import (aligned_bilinear, build_model, compute_locations, dynamic_mask_head, fold_batchnorm,
                    num_dynamic_params)
 from box_ops import mask_centers
 from sim import make_teacher, update_teacher
@@ -452,3 +453,69 @@ def test_tab1_backbones_load_imagenet_weights_offline(tmp_path, monkeypatch):
             assert isinstance(b.layer2[0].conv2, ModulatedDeformConv) and isinstance(b.layer1[0].conv2, torch.nn.Conv2d)
             assert torch.equal(b.layer3[5].conv2.weight, ref.layer3[5].conv2.weight)
         os.remove(ckpt_dir / os.path.basename(enum.IMAGENET1K_V1.url))
+
+
+# -----------------------------------------------------------------------------
+# forward-only twins with folded BatchNorms
+
+
+def test_fold_batchnorm_hand_values():
+    """conv w 2 then BN(gamma 3, beta 0.5, mean 1, var 3, eps 1): s = 3 / 2, folded w 3, b 0.5 - 1.5 = -1;
+    a conv with bias 1 before a frozen BN of the same numbers: b = 1.5 + 0.5 - 1.5 = 0.5."""
+    for norm, bias, want_b, want_y in ((torch.nn.BatchNorm2d(1, eps=1.0), False, -1.0, [2.0, 5.0]),
+                                       (torchvision.ops.FrozenBatchNorm2d(1, eps=1.0), True, 0.5, [3.5, 6.5])):
+        conv = torch.nn.Conv2d(1, 1, 1, bias=bias)
+        net = torch.nn.Sequential(conv, norm, torch.nn.ReLU(), torch.nn.BatchNorm2d(1))  # the last BN: no conv before it
+        with torch.no_grad():
+            conv.weight.fill_(2.0)
+            if bias:
+                conv.bias.fill_(1.0)
+            norm.weight.fill_(3.0), norm.bias.fill_(0.5), norm.running_mean.fill_(1.0), norm.running_var.fill_(3.0)
+        net.eval()
+        twin, pairs = fold_batchnorm(net)
+        assert isinstance(twin[1], torch.nn.Identity) and isinstance(twin[3], torch.nn.BatchNorm2d)
+        assert twin[3] is not net[3] and twin[3].weight is net[3].weight  # shared, not copied
+        assert len(pairs) == 1 and pairs[0][0] is conv and pairs[0][1] is norm
+        assert twin[0].weight.item() == 3.0 and twin[0].bias.item() == want_b
+        assert conv.weight.item() == 2.0 and isinstance(net[1], type(norm))  # the network itself is untouched
+        x = torch.tensor([1.0, 2.0]).view(1, 1, 1, 2)
+        with torch.no_grad():
+            assert net[:2](x).flatten().tolist() == want_y == twin[:2](x).flatten().tolist()
+
+
+@pytest.mark.parametrize("name,norm", [("resnet18", "frozen"), ("resnet101_dcn", "bn")])
+def test_fold_batchnorm_backbones(name, norm):
+    """Every BN of a ResNet (frozen or trained; with DCNv2 convs before some) folds, and the twin's
+    C2-C5 equal the network's (BN statistics and affine away from 0/1, so a wrong fold would show)."""
+    from backbone import Backbone
+    torch.manual_seed(0)
+    net = Backbone(name, "", norm, 0).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    twin, pairs = fold_batchnorm(net)
+    n_bn = sum(isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)) for m in net.modules())
+    assert len(pairs) == n_bn == (20 if name == "resnet18" else 104)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(net(x), twin(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
+def test_folded_twin_predicts_what_the_model_predicts():
+    """eval.py scores a folded twin: its detections and masks are the model's (trained BN statistics)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(score_thresh=0.0))
+    images, targets = scene(2)
+    with torch.no_grad():
+        model.features(images)  # train mode: running statistics move off (0, 1)
+    model.eval()
+    twin, pairs = fold_batchnorm(model)
+    assert len(pairs) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    a, b = model.predict(images, targets), twin.predict(images, targets)
+    for p, q in zip(a, b):
+        assert len(p["scores"]) > 0 and torch.equal(p["labels"], q["labels"])
+        assert torch.allclose(p["scores"], q["scores"], atol=1e-5) and torch.allclose(p["boxes"], q["boxes"], atol=1e-3)
+        assert (p["masks"] != q["masks"]).float().mean() < 1e-3

@@ -446,31 +446,6 @@ def test_sim_state_same_prototypes_whatever_the_global_rng():
     assert torch.allclose(norms, torch.ones_like(norms))
 
 
-def test_fold_batchnorm_hand_values():
-    """conv w 2 then BN(gamma 3, beta 0.5, mean 1, var 3, eps 1): s = 3 / 2, folded w 3, b 0.5 - 1.5 = -1;
-    a conv with bias 1 before a frozen BN of the same numbers: b = 1.5 + 0.5 - 1.5 = 0.5."""
-    import torchvision
-    for norm, bias, want_b, want_y in ((torch.nn.BatchNorm2d(1, eps=1.0), False, -1.0, [2.0, 5.0]),
-                                       (torchvision.ops.FrozenBatchNorm2d(1, eps=1.0), True, 0.5, [3.5, 6.5])):
-        conv = torch.nn.Conv2d(1, 1, 1, bias=bias)
-        net = torch.nn.Sequential(conv, norm, torch.nn.ReLU(), torch.nn.BatchNorm2d(1))  # the last BN: no conv before it
-        with torch.no_grad():
-            conv.weight.fill_(2.0)
-            if bias:
-                conv.bias.fill_(1.0)
-            norm.weight.fill_(3.0), norm.bias.fill_(0.5), norm.running_mean.fill_(1.0), norm.running_var.fill_(3.0)
-        net.eval()
-        twin, pairs = sim.fold_batchnorm(net)
-        assert isinstance(twin[1], torch.nn.Identity) and isinstance(twin[3], torch.nn.BatchNorm2d)
-        assert twin[3] is not net[3] and twin[3].weight is net[3].weight  # shared, not copied
-        assert len(pairs) == 1 and pairs[0][0] is conv and pairs[0][1] is norm
-        assert twin[0].weight.item() == 3.0 and twin[0].bias.item() == want_b
-        assert conv.weight.item() == 2.0 and isinstance(net[1], type(norm))  # the network itself is untouched
-        x = torch.tensor([1.0, 2.0]).view(1, 1, 1, 2)
-        with torch.no_grad():
-            assert net[:2](x).flatten().tolist() == want_y == twin[:2](x).flatten().tolist()
-
-
 def test_folded_teacher_equals_the_teacher_through_ema_and_load():
     """The twin the SIM step runs gives the teacher's outputs, and still does after the EMA and a
     checkpoint load (the BNs carry statistics, not their initial 0/1, so folding changes the weights)."""
