@@ -7,8 +7,8 @@ References: FCOS (Tian et al. 2019), CondInst (Tian et al. 2020), BoxInst (Tian 
 as the AdelaiDet reference implements them (../shared/spec/boxinst.md).
 
 Reading order: aligned_bilinear -> FPN -> FCOSHead -> MaskBranch -> dynamic mask head ->
-CondInst (training forward, then inference) -> fold_batchnorm (forward-only twins) -> build_model. The backbones are in backbone.py,
-box helpers in box_ops.py, SIM's EMA teacher in sim.py.
+CondInst (training forward, then inference) -> fold_batchnorm (forward-only twins) -> build_model.
+The backbones are in backbone.py, box helpers in box_ops.py, SIM's EMA teacher in sim.py.
 """
 
 import copy
@@ -432,8 +432,6 @@ class CondInst(nn.Module):
         m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]       # (K, H0, W0)
         return m > self.cfg["mask_thresh"]
 
-
-# -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # forward-only twins with the BatchNorms folded into the convs before them: the same function with
