@@ -107,21 +107,20 @@ def per_class_ap(E):
 # evaluation loop
 
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distributed=False, fold_bn=True):
+def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distributed=False):
     """
     Predicts every batch of loader ((images uint8 (B,3,Hp,Wp), targets) pairs), scores the detections
     with COCOeval against dataset.coco and returns {'bbox': stats, 'segm': stats} (percent). Under DDP
     each rank predicts its shard; results are gathered to rank 0, which alone evaluates and writes files;
     the other ranks return None. The images scored are those the loader yielded (so a subset loader gives
-    a subset evaluation). fold_bn: the predictions come from a twin with the BatchNorms folded into the
-    convs (model.fold_batchnorm: the same function, fewer passes; the model itself is not changed).
+    a subset evaluation). The predictions come from a twin with the BatchNorms folded into the convs
+    (model.fold_batchnorm: the same function, fewer passes; the model itself is not changed).
     """
     device = torch.device(device)
     net = model.module if hasattr(model, "module") else model  # a DDP wrapper has no .predict
     was_training = net.training
     net.eval()
-    twin, pairs = fold_batchnorm(net) if fold_bn else (net, [])
-    predictor = twin if pairs else net  # nothing to fold: no copy
+    predictor = fold_batchnorm(net)[0]
     t0 = time.time()
     per_image = []  # (image_id, [result dicts]) per image
     try:

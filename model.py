@@ -443,9 +443,9 @@ FOLDABLE_NORMS = (nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)
 
 def conv_bn_pairs(net):
     """(parent name, conv name, norm name) for every conv that its parent registers right before a
-    BatchNorm of its width: in torchvision's ResNets (conv1 bn1, conv2 bn2, downsample 0 1) and the
-    mask branch's conv-BN-ReLU that is the order the forward applies them, so the BN's input is that
-    conv's output. Swin (LayerNorm) and the head (GroupNorm) have none."""
+    BatchNorm of its width. In torchvision's ResNets (conv1 bn1, conv2 bn2, downsample 0 1) and the mask
+    branch's conv-BN-ReLU the forward applies them in that order, so the BN's input is that conv's
+    output. Swin (LayerNorm) and the head (GroupNorm) have none."""
     pairs = []
     for parent_name, parent in net.named_modules():
         kids = list(parent.named_children())
@@ -462,12 +462,15 @@ def fold_batchnorm(net):
     per output channel, exact in real arithmetic (float rounding aside). Every other tensor (FPN, head,
     GroupNorms, ...) is SHARED with `net`, not copied, so the in-place EMA of net (update_teacher) and
     load_state_dict reach the twin at once; only the folded convs own their weights, which refold()
-    recomputes from net's after each update. Returns (twin, pairs), pairs = [(conv, bn, folded conv)].
+    recomputes from net's after each update. Returns (twin, pairs), pairs = [(conv, bn, folded conv)];
+    (net, []) when net has nothing to fold.
     Why: SIM's teacher runs a full forward every step and never trains, and evaluation never trains
     either, so their BNs are fixed affine maps, yet each one is a pass over a feature map; net itself
     stays as it is (its state_dict is what checkpoints hold; the teacher's EMA keeps acting on gamma,
     beta and the copied statistics, the optimizer on the student's)."""
     names = conv_bn_pairs(net)
+    if not names:
+        return net, []
     own = set()
     for parent, cn, _ in names:
         conv = net.get_submodule(parent).get_submodule(cn)

@@ -481,6 +481,9 @@ def test_fold_batchnorm_hand_values():
         x = torch.tensor([1.0, 2.0]).view(1, 1, 1, 2)
         with torch.no_grad():
             assert net[:2](x).flatten().tolist() == want_y == twin[:2](x).flatten().tolist()
+    plain = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.BatchNorm2d(1))  # nothing to fold: the network itself
+    twin, pairs = fold_batchnorm(plain)
+    assert twin is plain and pairs == []
 
 
 @pytest.mark.parametrize("name,norm", [("resnet18", "frozen"), ("resnet101_dcn", "bn")])
