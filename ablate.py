@@ -92,6 +92,7 @@ STATS_VARIANTS = [  # (label, preset, overrides): the pseudo labels --ms_stats s
     ("nanosim, Eq. 1 map", "nanosim", dict(semantic_map="paper")),
     ("nanosim, no proto_filter", "nanosim", dict(proto_filter=False)),
     ("nanosim, fixed thresholds", "nanosim", dict(pseudo_thresh="fixed")),
+    ("nanosim, the network in bf16 (teacher_bf16, D21)", "nanosim", dict(teacher_bf16=True)),
 ]
 
 
@@ -107,7 +108,8 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
 
     The network is the checkpoint's teacher (a SIM checkpoint) or its model (a BoxInst run); use a
     SIM checkpoint taken before L_pseudo starts (--max_iters=sim_start_iter) or a BoxInst one, so the
-    measurement cannot be circular. For each variant (STATS_VARIANTS) a fresh prototype memory is
+    measurement cannot be circular; it runs in float32, or in bf16 for a teacher_bf16 row (D21, where the
+    CPU has bf16 kernels). For each variant (STATS_VARIANTS) a fresh prototype memory is
     built from this network's own confident pixels on the first n_build training images (no GT
     masks; EMA momentum `momentum` so the random start is forgotten within the pass), then the
     variant's M_S, M_prob and (M_hat, W) are computed on the val images and compared, inside the GT
@@ -138,9 +140,17 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
             if sum(len(t["boxes"]) for t in targets):
                 yield images, targets
 
-    # the network's outputs are the same for every variant: compute them once
-    build = [(net(im, t), sim.objects(t, im.shape[-2:], s, images=im)) for im, t in batches(build_ds, n_build)]
-    val = [(net(im, t), sim.objects(t, im.shape[-2:], s, images=im), t, im.shape[-2:]) for im, t in batches(val_ds, n_images)]
+    # the network's outputs depend only on its precision (float32, or bf16 for the teacher_bf16 rows): once each
+    cpu, outputs = torch.device("cpu"), {}
+
+    def network_outputs(bf16):
+        if bf16 not in outputs:
+            def run(im, t):
+                with sim.teacher_autocast(cpu, bf16):
+                    return sim.float32_outputs(net(im, t)), sim.objects(t, im.shape[-2:], s, images=im)
+            outputs[bf16] = ([run(im, t) for im, t in batches(build_ds, n_build)],
+                             [run(im, t) + (t, im.shape[-2:]) for im, t in batches(val_ds, n_images)])
+        return outputs[bf16]
     print(f"{ckpt_path} ({'teacher' if teacher is not None else 'model'}): prototypes from {n_build} train images, "
           f"scored on {n_images} val images inside the GT boxes (stride {s})")
     print("| variant | AUC M_S | AUC M_S where 0.3 < M_I < 0.7 | AUC M_C there | AUC M_prob | label accuracy | fg precision | fg coverage | bg precision | "
@@ -152,6 +162,7 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
         cfg = dict(base, sim_variant=preset)
         sim.apply_preset(cfg)
         cfg.update(over)
+        build, val = network_outputs(over.get("teacher_bf16", False) and sim.bf16_kernels(cpu))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             protos = prototypes.PrototypeMemory(base["num_classes"], cfg["num_subcenters"], cfg["mask_out_channels"],

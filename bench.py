@@ -20,7 +20,7 @@ interleaved: batch 2 x 3 x 512 x 512, 3 boxes per image, 80 classes, ResNet-50-F
 training step and 1-image inference against nanoSIM's BoxInst, SIM and full (CondInst, GT masks) steps
 and inference (as eval.py runs it: BatchNorms folded, model.fold_batchnorm); each ratio is paired
 per round (paired_ratio). torchvision's FCOS does less work (no mask branch, no controller, no
-teacher). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a
+teacher; the table counts the convolutions' work, conv_gmacs). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a
 child process that runs only that variant (2 steps).
 """
 
@@ -130,6 +130,24 @@ def _nanosim_variant(base, dev, name, images, targets):
     return step, infer
 
 
+def conv_gmacs(fn):
+    """Multiply-accumulates (x 1e9) of every nn.Conv2d forward that fn() runs, in whatever network (SIM's
+    step: the student's forward and the teacher's): out.numel() * in_channels / groups * kh * kw each. The
+    work the convolutions are asked to do, which no machine's mood changes; backward passes not counted."""
+    total = [0]
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            total[0] += output.numel() * module.in_channels // module.groups * kh * kw
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return total[0] / 1e9
+
+
 def peak_memory_child(name, argv):
     """Peak resident memory (MB) of a child process running only variant `name` (CPU): its VmHWM (Linux;
     getrusage's maxrss would include the parent's pages at the fork)."""
@@ -168,7 +186,9 @@ def compare_torchvision(cfg, argv):
             sync()
             ts.append(time.perf_counter() - t)
         return ts
-    for name, (step, infer) in variants.items():  # warm-up (also fills SIM's bank)
+    gmacs = {}
+    for name, (step, infer) in variants.items():  # warm-up (also fills SIM's bank), the first step counted
+        gmacs[name] = (conv_gmacs(step), conv_gmacs(infer))
         timed(step, cfg["warmup"])
         timed(infer, 1)
     st = {n: [] for n in variants}  # per round: that round's step times
@@ -188,10 +208,10 @@ def compare_torchvision(cfg, argv):
     med = lambda rounds: statistics.median(sum(rounds, [])) * 1000
     print(f"device {dev} | batch {TV_BATCH} x 3 x {TV_SIZE} x {TV_SIZE}, {TV_BOXES} boxes per image, {TV_CLASSES} "
           f"classes, ResNet-50-FPN, random init | {cfg['rounds']} rounds x {cfg['steps']} | torch {torch.__version__}")
-    print("| variant | train step (ms) | 1-image inference (ms) | peak memory (MB) |")
-    print("|---|---|---|---|")
+    print("| variant | train step (ms) | 1-image inference (ms) | peak memory (MB) | conv GMAC: step's forwards, inference |")
+    print("|---|---|---|---|---|")
     for n in variants:
-        print(f"| {n} | {med(st[n]):.0f} | {med(it[n]):.0f} | {peak[n]:.0f} |")
+        print(f"| {n} | {med(st[n]):.0f} | {med(it[n]):.0f} | {peak[n]:.0f} | {gmacs[n][0]:.1f}, {gmacs[n][1]:.1f} |")
     for n in ("nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"):
         print(f"{n} / torchvision FCOS: train step {paired_ratio(st[n], st['torchvision FCOS']):.2f}x, "
               f"inference {paired_ratio(it[n], it['torchvision FCOS']):.2f}x")

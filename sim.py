@@ -167,6 +167,45 @@ def update_teacher(teacher, model, momentum=0.9999):
         broadcast_buffers(teacher)
 
 
+def bf16_kernels(device):
+    """Whether `device` has native bfloat16 convolutions and matmuls: a CUDA GPU that supports bf16,
+    or a CPU with AVX512-BF16 or AMX (oneDNN's check). Elsewhere bf16 is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch without the check: assume not
+            return False
+    return False
+
+
+def teacher_autocast(device, enabled=True):
+    """nanoSIM's departure (Decision D21 in BENCHMARKS.md): the teacher's forward under bfloat16 autocast
+    where the device has bf16 kernels (bf16_kernels), float32 elsewhere or with --teacher_bf16=False.
+    Why: the teacher's forward is most of what SIM adds to a BoxInst step (a whole network, every
+    step), it never trains, and what it feeds (the pseudo masks) is thresholded; bf16's 8-bit mantissa
+    moves few labels while its convolutions run ~2x faster. The student, its losses and the pseudo
+    masks stay float32 (or whatever --amp sets): teacher_outputs casts the teacher's outputs back."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and bf16_kernels(device))
+
+
+def float32_outputs(out):
+    """A network's output dict with every floating tensor (and list of them) in float32."""
+    f32 = lambda v: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+    return {k: [f32(t) for t in v] if isinstance(v, list) else f32(v) for k, v in out.items()}
+
+
+def teacher_outputs(state, images):
+    """The teacher's dense outputs on the (already pasted) batch: boxes and masks only, no classifier.
+    It runs the BN-folded twin (D20) under torch.inference_mode (no autograd bookkeeping; what is
+    computed from these outputs later is an ordinary tensor again) and teacher_autocast (D21); the
+    outputs come back in float32, since the thresholds of M_hat need the precision."""
+    with torch.inference_mode(), teacher_autocast(images.device, state.cfg.get("teacher_bf16", True)):
+        t_out = state.teacher_fwd.features(images, classify=False)
+    return float32_outputs(t_out)
+
+
 def broadcast_buffers(module, src=0):
     """Rank src's buffers on every rank, one broadcast per dtype. Under DDP the student's BN statistics
     differ between ranks after each forward (DDP re-broadcasts rank 0's at the start of the next), so the

@@ -31,7 +31,7 @@ def test_compare_torchvision_prints_every_variant_and_the_ratios(capsys, monkeyp
     bench.main(["--compare=torchvision", "--steps=1", "--rounds=1", "--warmup=1", "--device=cpu"])
     out = capsys.readouterr().out
     for name in ("torchvision FCOS", "nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"):
-        assert re.search(rf"^\| {name} \| \d+ \| \d+ \| \d+ \|$", out, re.M), out
+        assert re.search(rf"^\| {name} \| \d+ \| \d+ \| \d+ \| \d+\.\d, \d+\.\d \|$", out, re.M), out
     last = out.strip().splitlines()[-3:]
     assert [l.split(" /")[0] for l in last] == ["nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"]
     assert all(re.search(r"train step \d+\.\d\dx, inference \d+\.\d\dx$", l) for l in last)
@@ -42,3 +42,17 @@ def test_paired_ratio_per_round():
     # (3 / 2.5 = 1.2) would hide that the machine sped up between the rounds
     assert bench.paired_ratio([[2.0, 2.0], [4.0, 4.0]], [[1.0, 1.0], [4.0, 4.0]]) == 1.5
     assert bench.paired_ratio([[3.0, 1.0, 2.0]], [[1.0, 1.0, 1.0]]) == 2.0
+
+
+def test_conv_gmacs_hand_counts():
+    """3 -> 4 channels, 3 x 3, on 5 x 5: 4 * 25 outputs of 3 * 9 MACs = 2700; a 2-group 1 x 1 conv 4 -> 6 on
+    the same map: 6 * 25 outputs of 2 MACs = 300; run twice, counted twice; other layers not at all."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 1, groups=2),
+                              torch.nn.Flatten(), torch.nn.Linear(150, 2))
+    x = torch.randn(1, 3, 5, 5)
+    assert bench.conv_gmacs(lambda: net(x)) * 1e9 == pytest.approx(3000)
+    assert bench.conv_gmacs(lambda: (net(x), net(x))) * 1e9 == pytest.approx(6000)
+    hooks = torch.nn.modules.module._global_forward_hooks
+    with pytest.raises(ZeroDivisionError):
+        bench.conv_gmacs(lambda: 1 / 0)
+    assert len(hooks) == 0  # removed, also when fn raised

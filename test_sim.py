@@ -487,6 +487,55 @@ def test_folded_teacher_equals_the_teacher_through_ema_and_load():
     assert off.teacher_fwd is off.teacher and off.fold_pairs == []
 
 
+def test_float32_outputs_hand():
+    out = dict(reg=torch.tensor([[0.5, 1.25]], dtype=torch.bfloat16), loc_level=torch.tensor([0, 1]),
+               box_feats=[torch.tensor([3.0], dtype=torch.bfloat16), torch.tensor([-2.0])], cls_logits=None)
+    f = sim.float32_outputs(out)
+    assert f["reg"].dtype == torch.float32 and f["reg"].tolist() == [[0.5, 1.25]]
+    assert f["loc_level"] is out["loc_level"]  # integers untouched
+    assert [t.dtype for t in f["box_feats"]] == [torch.float32] * 2 and f["box_feats"][0].item() == 3.0
+    assert f["box_feats"][1] is out["box_feats"][1] and f["cls_logits"] is None  # already float32: no copy
+
+
+def test_teacher_autocast_only_where_bf16_is_native(monkeypatch):
+    x = torch.randn(4, 8)
+    cpu = torch.device("cpu")
+    with sim.teacher_autocast(cpu, enabled=False):
+        assert (x @ x.T).dtype == torch.float32
+    monkeypatch.setattr(sim, "bf16_kernels", lambda device: False)  # e.g. a CPU without AVX512-BF16
+    with sim.teacher_autocast(cpu, enabled=True):
+        assert (x @ x.T).dtype == torch.float32
+    monkeypatch.setattr(sim, "bf16_kernels", lambda device: True)
+    with sim.teacher_autocast(cpu, enabled=True):
+        assert (x @ x.T).dtype == torch.bfloat16
+    assert (x @ x.T).dtype == torch.float32  # only inside
+
+
+def test_teacher_outputs_bf16_near_fp32_and_fp32_exact(monkeypatch):
+    """teacher_outputs in float32 whatever the teacher ran in; with --teacher_bf16=False exactly the
+    folded twin's forward; in bf16 within bf16's rounding of it (a relative 2^-8 per op)."""
+    cfg = sim_cfg()
+    model, state, images, targets = setup(cfg)
+    monkeypatch.setattr(sim, "bf16_kernels", lambda device: True)  # run the bf16 path on any CPU
+    state.cfg = dict(cfg, teacher_bf16=False)
+    ref = sim.teacher_outputs(state, images)
+    with torch.no_grad():
+        direct = state.teacher_fwd.features(images, classify=False)
+    for k in ("reg", "ctr_logits", "mask_feats"):
+        assert torch.equal(ref[k], direct[k]), k
+    state.cfg = dict(cfg, teacher_bf16=True)
+    low = sim.teacher_outputs(state, images)
+    assert low["cls_logits"] is None
+    for k in ("reg", "ctr_logits", "mask_feats"):
+        assert low[k].dtype == torch.float32 and not low[k].is_inference(), k
+        assert not torch.equal(low[k], ref[k]), k  # it did run in bf16
+        scale = ref[k].abs().max()
+        assert (low[k] - ref[k]).abs().max() < 0.05 * scale, k
+    scale = max(b.abs().max() for b in ref["box_feats"])  # one scale: a 1 x 1 level's GroupNorm output is ~0
+    assert all(a.dtype == torch.float32 and (a - b).abs().max() < 0.05 * scale
+               for a, b in zip(low["box_feats"], ref["box_feats"]))
+
+
 def test_sim_state_round_trip():
     cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
     model, state, images, targets = setup(cfg)

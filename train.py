@@ -107,6 +107,7 @@ sim_start_iter = 700         # Eq. (10): L_pseudo and L_paste from this iteratio
 teacher_start_iter = 400     # teacher copied from the student, prototypes and bank start (COCO: 5000)
 teacher_momentum = 0.99      # momentum teacher EMA (paper: 0.9999)
 teacher_fold_bn = True       # the teacher's forwards run with its BatchNorms folded into its convs (model.fold_batchnorm)
+teacher_bf16 = True          # the teacher's forward in bfloat16 where the device has bf16 kernels (sim.teacher_autocast)
 num_subcenters = 10          # L: sub-centres per class
 proto_momentum = 0.99        # gamma, Eq. (4) (paper: 0.999)
 tau = 0.1                    # [preset] Eq. (1) temperature (official: 1)
@@ -326,10 +327,7 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     with autocast():
         out = model(images, targets)
         if teacher_on:
-            # inference_mode: no autograd bookkeeping at all; what is computed from t_out outside it
-            # (the pseudo masks) is an ordinary tensor again
-            with torch.inference_mode():
-                t_out = sim_state.teacher_fwd.features(images, classify=False)  # boxes and masks only
+            t_out = sim.teacher_outputs(sim_state, images)  # folded, inference mode, bf16 where fast, fp32 out
     # losses and pseudo masks in fp32: the thresholds of M_hat need the precision
     extra, affinity = {}, None
     if teacher_on:
