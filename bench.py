@@ -7,6 +7,7 @@ ratio is meaningful on a noisy machine. Runs train.py's own train_step (nanoGPT'
     python bench.py --compare=scale          # BoxInst steps, one training scale per image vs per batch
     python bench.py --compare=torchvision    # ResNet-50-FPN at 512 px: torchvision's FCOS vs nanoSIM
     python bench.py --profile=True           # and the top operators of a SIM step (torch.profiler)
+                                             # (with --compare=torchvision: of every variant's step)
 
 Prints the median step time of each method over interleaved rounds and the SIM / BoxInst ratio.
 SIM runs with everything its preset switches on from the first step (teacher, pseudo masks,
@@ -20,10 +21,12 @@ interleaved: batch 2 x 3 x 512 x 512, 3 boxes per image, 80 classes, ResNet-50-F
 training step and 1-image inference against nanoSIM's BoxInst, SIM and full (CondInst, GT masks) steps
 and inference (as eval.py runs it: BatchNorms folded, model.fold_batchnorm); each ratio is paired
 per round (paired_ratio). torchvision's FCOS does less work (no mask branch, no controller, no
-teacher; the table counts the convolutions' work, conv_gmacs). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a
+teacher; the table counts the convolutions' work, conv_gmacs, and the time each step spends in the
+kernel, mostly faulting in the pages glibc gave back after the last step). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a
 child process that runs only that variant (2 steps).
 """
 
+import resource
 import statistics
 import sys
 import time
@@ -148,6 +151,28 @@ def conv_gmacs(fn):
     return total[0] / 1e9
 
 
+def op_profile(fns, steps, dev, rows=15):
+    """torch.profiler's self time per call (ms) of the top operators of each fn (name -> fn), side by side,
+    with the sum over the convolutions (forward and backward: every operator whose name says conv) and over
+    all operators."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = dev.type == "cuda"
+    per = {}
+    for name, fn in fns.items():
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
+            for _ in range(steps):
+                fn()
+        per[name] = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps
+                     for e in p.key_averages()}
+    top = sorted(set().union(*per.values()), key=lambda k: -max(v.get(k, 0.0) for v in per.values()))[:rows]
+    conv = {n: sum(t for k, t in v.items() if "conv" in k.lower()) for n, v in per.items()}
+    lines = ["| operator, self ms per call | " + " | ".join(per) + " |", "|---" * (len(per) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(f"{per[n].get(k, 0.0):.1f}" for n in per) + " |" for k in top]
+    lines.append("| convolutions (every conv operator) | " + " | ".join(f"{conv[n]:.1f}" for n in per) + " |")
+    lines.append("| all operators | " + " | ".join(f"{sum(per[n].values()):.1f}" for n in per) + " |")
+    return "\n".join(lines)
+
+
 def peak_memory_child(name, argv):
     """Peak resident memory (MB) of a child process running only variant `name` (CPU): its VmHWM (Linux;
     getrusage's maxrss would include the parent's pages at the fork)."""
@@ -175,16 +200,20 @@ def compare_torchvision(cfg, argv):
     variants = tv_variants(cfg, dev)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
 
-    def timed(fn, n):
+    def timed(fn, n, kernel=None):
+        """n wall times of fn(); kernel (a list): also each call's system CPU time (s) and minor page faults."""
         ts = []
         for _ in range(n):
             sync()
-            t = time.perf_counter()
+            ru, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             r = fn()
             if torch.is_tensor(r):
                 r.item()
             sync()
             ts.append(time.perf_counter() - t)
+            if kernel is not None:
+                ru2 = resource.getrusage(resource.RUSAGE_SELF)
+                kernel.append((ru2.ru_stime - ru.ru_stime, ru2.ru_minflt - ru.ru_minflt))
         return ts
     gmacs = {}
     for name, (step, infer) in variants.items():  # warm-up (also fills SIM's bank), the first step counted
@@ -193,13 +222,14 @@ def compare_torchvision(cfg, argv):
         timed(infer, 1)
     st = {n: [] for n in variants}  # per round: that round's step times
     it = {n: [] for n in variants}
+    kern = {n: [] for n in variants}  # per step: (system CPU seconds, minor page faults)
     peak = {}
     for r in range(cfg["rounds"]):
         for name in (variants if r % 2 == 0 else list(reversed(list(variants)))):
             step, infer = variants[name]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            st[name].append(timed(step, cfg["steps"]))
+            st[name].append(timed(step, cfg["steps"], kern[name]))
             it[name].append(timed(infer, cfg["steps"]))
             if dev.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(dev) / 2 ** 20)
@@ -208,20 +238,25 @@ def compare_torchvision(cfg, argv):
     med = lambda rounds: statistics.median(sum(rounds, [])) * 1000
     print(f"device {dev} | batch {TV_BATCH} x 3 x {TV_SIZE} x {TV_SIZE}, {TV_BOXES} boxes per image, {TV_CLASSES} "
           f"classes, ResNet-50-FPN, random init | {cfg['rounds']} rounds x {cfg['steps']} | torch {torch.__version__}")
-    print("| variant | train step (ms) | 1-image inference (ms) | peak memory (MB) | conv GMAC: step's forwards, inference |")
-    print("|---|---|---|---|---|")
+    print("| variant | train step (ms) | 1-image inference (ms) | peak memory (MB) | conv GMAC: step's forwards, "
+          "inference | kernel CPU per step (ms), page faults (k) |")
+    print("|---|---|---|---|---|---|")
     for n in variants:
-        print(f"| {n} | {med(st[n]):.0f} | {med(it[n]):.0f} | {peak[n]:.0f} | {gmacs[n][0]:.1f}, {gmacs[n][1]:.1f} |")
+        sys_ms, faults = (statistics.median(x) for x in zip(*kern[n]))
+        print(f"| {n} | {med(st[n]):.0f} | {med(it[n]):.0f} | {peak[n]:.0f} | {gmacs[n][0]:.1f}, {gmacs[n][1]:.1f} | "
+              f"{sys_ms * 1000:.0f}, {faults / 1000:.0f} |")
     for n in ("nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"):
         print(f"{n} / torchvision FCOS: train step {paired_ratio(st[n], st['torchvision FCOS']):.2f}x, "
               f"inference {paired_ratio(it[n], it['torchvision FCOS']):.2f}x")
+    if cfg["profile"]:  # where each training step's time goes, by operator
+        print(op_profile({n: variants[n][0] for n in variants}, cfg["steps"], dev))
 
 
 def main(argv):
     cfg = dict(train.config, steps=steps, rounds=rounds, warmup=warmup, compare=compare, profile=profile)
     train.configure(argv, cfg)
     if cfg["compare"] == "torchvision":
-        return compare_torchvision(cfg, [a for a in argv if not a.startswith("--compare")])
+        return compare_torchvision(cfg, [a for a in argv if not a.startswith(("--compare", "--profile"))])
     dev = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     paths = train.dataset_paths(cfg, need=("train_json", "train_images"))

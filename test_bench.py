@@ -28,10 +28,14 @@ def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
 def test_compare_torchvision_prints_every_variant_and_the_ratios(capsys, monkeypatch):
     """The torchvision comparison at 128 px (512 in the real run): a table row per variant, the ratios last."""
     monkeypatch.setattr(bench, "TV_SIZE", 128)
-    bench.main(["--compare=torchvision", "--steps=1", "--rounds=1", "--warmup=1", "--device=cpu"])
+    bench.main(["--compare=torchvision", "--steps=1", "--rounds=1", "--warmup=1", "--device=cpu", "--profile=True"])
     out = capsys.readouterr().out
+    out, prof = out.split("| operator, self ms per call |")
+    assert "| aten::convolution_backward |" in prof, prof
+    conv, total = [list(map(float, re.findall(r"\| ([\d.]+)", l))) for l in prof.strip().splitlines()[-2:]]
+    assert len(conv) == len(total) == 4 and all(0 < c < t for c, t in zip(conv, total)), prof
     for name in ("torchvision FCOS", "nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"):
-        assert re.search(rf"^\| {name} \| \d+ \| \d+ \| \d+ \| \d+\.\d, \d+\.\d \|$", out, re.M), out
+        assert re.search(rf"^\| {name} \| \d+ \| \d+ \| \d+ \| \d+\.\d, \d+\.\d \| \d+, \d+ \|$", out, re.M), out
     last = out.strip().splitlines()[-3:]
     assert [l.split(" /")[0] for l in last] == ["nanoSIM BoxInst", "nanoSIM SIM", "nanoSIM full"]
     assert all(re.search(r"train step \d+\.\d\dx, inference \d+\.\d\dx$", l) for l in last)
