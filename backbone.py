@@ -49,7 +49,9 @@ class ModulatedDeformConv(torchvision.ops.DeformConv2d):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, x):
-        o = self.offset(x)                                             # (B, 3k, H', W')
+        # float32 even under autocast (torchvision's CPU kernel has no bf16; on CUDA its autocast rule does the same)
+        x = x.float()
+        o = self.offset(x).float()                                     # (B, 3k, H', W')
         k2 = 2 * o.shape[1] // 3
         return torchvision.ops.deform_conv2d(x, o[:, :k2], self.weight, self.bias, self.stride, self.padding,
                                              self.dilation, mask=o[:, k2:].sigmoid())

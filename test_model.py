@@ -429,6 +429,9 @@ def test_dcn_starts_as_half_the_plain_conv_and_learns_offsets():
     assert torch.allclose(dcn(x), 0.5 * conv(x), atol=1e-5)
     dcn(x).square().sum().backward()
     assert dcn.offset.weight.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # SIM's bf16 teacher (D21): a bf16 input, float32 kernel
+        y = dcn(x.bfloat16())
+    assert y.dtype == torch.float32 and torch.allclose(y, 0.5 * conv(x.bfloat16().float()), atol=1e-5)
 
 
 def test_tab1_backbones_load_imagenet_weights_offline(tmp_path, monkeypatch):
