@@ -22,8 +22,9 @@ training step and 1-image inference against nanoSIM's BoxInst, SIM and full (Con
 and inference (as eval.py runs it: BatchNorms folded, model.fold_batchnorm); each ratio is paired
 per round (paired_ratio). torchvision's FCOS does less work (no mask branch, no controller, no
 teacher; the table counts the convolutions' work, conv_gmacs, and the time each step spends in the
-kernel, mostly faulting in the pages glibc gave back after the last step). Peak memory: CUDA's allocator peak per variant; on the CPU the peak resident size of a
-child process that runs only that variant (2 steps).
+kernel, mostly faulting in the pages glibc gave back after the last step). Peak memory: CUDA's
+allocator peak per variant; on the CPU the peak resident size of a child process that runs only that
+variant (2 steps).
 """
 
 import resource
