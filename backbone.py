@@ -61,18 +61,22 @@ class SwinTrunk(nn.Module):
     """torchvision's Swin transformer as a C2-C5 trunk: the outputs of its 4 stages (strides 4-32,
     NHWC inside) each through a LayerNorm of its own (the detection backbones' per-stage norms), as NCHW."""
 
-    def __init__(self, net, channels):
+    def __init__(self, net, channels, with_c2=True):
         super().__init__()
         self.features = net.features                                   # [embed, s1, merge, s2, merge, s3, merge, s4]
-        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
+        # C2's norm only where C2 is read (the stride-2 mask output): an unused trainable norm stops DDP
+        # (find_unused_parameters=False) at its second iteration; Identity keeps the indices of the others
+        self.norms = nn.ModuleList(nn.LayerNorm(c) if i > 0 or with_c2 else nn.Identity() for i, c in enumerate(channels))
+        self.with_c2 = with_c2
 
     def forward(self, x):
         outs = []
         for i, f in enumerate(self.features):
             x = f(x)                                                   # (B, H/s, W/s, C)
             if i % 2 == 1:
-                outs.append(self.norms[i // 2](x).permute(0, 3, 1, 2).contiguous())
-        return outs                                                    # C2, C3, C4, C5
+                unused = i == 1 and not self.with_c2
+                outs.append(None if unused else self.norms[i // 2](x).permute(0, 3, 1, 2).contiguous())
+        return outs                                                    # C2 (None without with_c2), C3, C4, C5
 
 
 def load_backbone_weights(name, pretrained):
@@ -106,7 +110,7 @@ class Backbone(nn.Module):
     freeze_at=2 freezes the stem and res2 (torchvision's layer1), as the reference does.
     """
 
-    def __init__(self, name="resnet50", pretrained="", norm="frozen", freeze_at=2):
+    def __init__(self, name="resnet50", pretrained="", norm="frozen", freeze_at=2, with_c2=True):
         super().__init__()
         if name not in RESNETS:
             raise SystemExit(f"backbone.py: --backbone={name!r} is not a backbone — fix: one of {', '.join(RESNETS)}")
@@ -124,7 +128,7 @@ class Backbone(nn.Module):
                 raise SystemExit(f"backbone.py: {pretrained}: not a {name} state dict (missing {missing[:3]}...) "
                                  f"— fix: pass weights of the same network")
         if swin:  # LayerNorm throughout: norm does not apply; freeze_at 1 freezes the patch embedding, 2 also stage 1
-            self.trunk = SwinTrunk(net, self.out_channels)
+            self.trunk = SwinTrunk(net, self.out_channels, with_c2)
             for m in list(self.trunk.features)[:freeze_at]:
                 for p in m.parameters():
                     p.requires_grad_(False)

@@ -6,6 +6,9 @@ ratio is meaningful on a noisy machine. Runs train.py's own train_step (nanoGPT'
     python bench.py --device=cuda --steps=20 # any train.py setting can be overridden
     python bench.py --compare=scale          # BoxInst steps, one training scale per image vs per batch
     python bench.py --compare=torchvision    # ResNet-50-FPN at 512 px: torchvision's FCOS vs nanoSIM
+    python bench.py --compare=eval           # a COCO run's end: 5k val images x 100 detections, gather + COCOeval
+    python bench.py --compare=index          # data.py's index on a COCO-sized json: start-up, memory, workers
+    python bench.py --compare=host           # the SIM step without its networks at COCO scale, vs commit 3983ddd
     python bench.py --profile=True           # and the top operators of a SIM step (torch.profiler)
                                              # (with --compare=torchvision: of every variant's step)
 
@@ -253,9 +256,318 @@ def compare_torchvision(cfg, argv):
         print(op_profile({n: variants[n][0] for n in variants}, cfg["steps"], dev))
 
 
+# -----------------------------------------------------------------------------
+# --compare=eval: the end of a COCO run, 5k val images x 100 detections (gather and COCOeval)
+
+EVAL_IMAGES, EVAL_DETS, EVAL_GT, EVAL_HW = 5000, 100, 7, (480, 640)
+
+
+def _eval_inputs(n_images, n_dets, n_gt, hw, seed=0):
+    """A COCO-like val set and its detections: n_images of size hw with n_gt boxes each (polygon masks)
+    and n_dets detections per image (jittered GT boxes and random ones, RLE masks as eval.py writes them)
+    -> (gt json dict, [(image_id, [result dicts])] per image)."""
+    from pycocotools import mask as mask_util
+    g = torch.Generator().manual_seed(seed)
+    h, w = hw
+    rect = lambda x0, y0, x1, y1: [x0, y0, x1, y0, x1, y1, x0, y1]
+    gt = {"images": [], "annotations": [], "categories": [{"id": c + 1, "name": f"c{c + 1}"} for c in range(80)]}
+    per_image = []
+    for i in range(1, n_images + 1):
+        gt["images"].append({"id": i, "file_name": f"{i}.jpg", "height": h, "width": w})
+        wh = torch.rand(n_gt, 2, generator=g) * torch.tensor([w / 3, h / 3]) + 8                # (n_gt, 2)
+        xy = torch.rand(n_gt, 2, generator=g) * (torch.tensor([w, h]) - wh)
+        cls = torch.randint(1, 81, (n_gt,), generator=g)
+        for (x0, y0), (bw, bh), c in zip(xy.tolist(), wh.tolist(), cls.tolist()):
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i, "category_id": c,
+                                      "bbox": [x0, y0, bw, bh], "area": bw * bh, "iscrowd": 0,
+                                      "segmentation": [rect(x0, y0, x0 + bw, y0 + bh)]})
+        k = torch.randint(n_gt, (n_dets,), generator=g)                                           # (n_dets,)
+        jit = 1 + 0.3 * (torch.rand(n_dets, 2, generator=g) - 0.5)
+        dwh = (wh[k] * jit).clamp(min=2)
+        dxy = (xy[k] + wh[k] * 0.2 * (torch.rand(n_dets, 2, generator=g) - 0.5)).clamp(min=0)
+        boxes = torch.cat([dxy, (dxy + dwh).minimum(torch.tensor([w - 1.0, h - 1.0]))], 1).tolist()
+        rles = mask_util.frPyObjects([rect(*b) for b in boxes], h, w)
+        scores = torch.rand(n_dets, generator=g).tolist()
+        labels = torch.where(torch.rand(n_dets, generator=g) < 0.7, cls[k], torch.randint(1, 81, (n_dets,), generator=g))
+        per_image.append((i, [{"image_id": i, "category_id": int(c), "score": s,
+                               "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                               "segmentation": {"size": r["size"], "counts": r["counts"].decode()}}
+                              for b, s, c, r in zip(boxes, scores, labels.tolist(), rles)]))
+    return gt, per_image
+
+
+def _gather_worker(rank, world, init, parts, queue):
+    import torch.distributed as dist
+    import eval as evaluation
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist.barrier()
+    t0 = time.time()
+    got = evaluation.gather_to_rank0(parts[rank])
+    if rank == 0:
+        queue.put((time.time() - t0, len(got)))
+    dist.destroy_process_group()
+
+
+def eval_cost(n_images=None, n_dets=None, world=2):
+    """Prints the time to gather n_images x n_dets results to rank 0 over `world` gloo processes
+    (eval.gather_to_rank0, pickled sizes) and COCOeval's time for bbox and segm (eval.coco_evaluate),
+    on one thread: what ranks 1..N-1 wait for at the end of a run (train.py's dist_timeout_min)."""
+    import contextlib, io, json, os, pickle, tempfile
+    import torch.multiprocessing as mp
+    from pycocotools.coco import COCO
+    import eval as evaluation
+    n_images, n_dets = n_images or EVAL_IMAGES, n_dets or EVAL_DETS
+    t0 = time.time()
+    gt, per_image = _eval_inputs(n_images, n_dets, EVAL_GT, EVAL_HW)
+    print(f"eval inputs: {n_images} images, {len(gt['annotations'])} GT objects, {n_images * n_dets} detections "
+          f"({time.time() - t0:.1f}s to make)")
+    parts = [per_image[r::world] for r in range(world)]
+    mb = sum(len(pickle.dumps(p)) for p in parts) / 2 ** 20
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_gather_worker, args=(r, world, f"file://{tmp}/rdzv", parts, queue))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        gather_s, n = queue.get(timeout=600)
+        for p in procs:
+            p.join()
+        gt_path = os.path.join(tmp, "gt.json")
+        with open(gt_path, "w") as f:
+            json.dump(gt, f)
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO(gt_path)
+    assert n == n_images
+    results = [r for _, res in per_image for r in res]
+    times = {}
+    for iou_type in ("bbox", "segm"):
+        t0 = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluation.coco_evaluate(coco_gt, results, iou_type, [i for i, _ in per_image])
+        times[iou_type] = time.time() - t0
+    print(f"gather to rank 0 ({world} gloo processes, {mb:.0f} MB pickled): {gather_s:.1f}s")
+    print(f"COCOeval bbox: {times['bbox']:.1f}s | segm: {times['segm']:.1f}s | "
+          f"rank 0 alone in all: {gather_s + sum(times.values()):.1f}s")
+
+
+# -----------------------------------------------------------------------------
+# --compare=host: the SIM step's work outside the network, this tree against an older commit
+
+HOST_SIZE = (800, 1333)        # each image's size: a COCO image at the reference's training scale
+HOST_OBJECTS = (7, 30, 60)     # objects per image (COCO: 7.3 on average, a crowded image 30-60)
+HOST_BATCH = 2                 # images per process, as the COCO configs
+HOST_REPS = 5                  # timed steps per setting (after one untimed step)
+HOST_OLD = "3983ddd"           # the commit timed beside this tree
+HOST_OLD_TREE = "/tmp/old3983"  # its git worktree (made with `git worktree add` when missing)
+
+
+def _host_setup(n_obj, paste, size, batch, seed=0):
+    """Everything a SIM step reads, at COCO scale, with the network's outputs as random tensors of the
+    network's shapes (R50-FPN, 80 classes, D = 16, mask logits at stride 4): the networks are what the
+    other modes time; here only what surrounds them counts. Only APIs that 3983ddd has too, since
+    host_timings runs on both trees. paste: a full bank (entries of this batch's size, an elliptic
+    pseudo mask in each box) and paste_prob 1, so every image is pasted on; else paste_prob 0 (no bank)."""
+    import math
+    import types
+    import copypaste
+    import model as model_lib
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    hp, wp = (-(-v // 32) * 32 for v in size)
+    # smooth random images: colour statistics closer to a photo than white noise
+    low = torch.rand(batch, 3, hp // 32 + 1, wp // 32 + 1, generator=g) * 255
+    images = torch.nn.functional.interpolate(low, size=(hp, wp), mode="bilinear", align_corners=False).to(torch.uint8)
+    images[:, :, h:], images[:, :, :, w:] = 0, 0
+    cfg = dict(train.config, method="sim", sim_variant="nanosim", num_classes=80, mask_out_stride=4,
+               sizes_of_interest=(64, 128, 256, 512), bottom_pixels_removed=10, num_subcenters=10,
+               topk_proposals_per_im=64, sim_start_iter=10, teacher_start_iter=0, device="cpu")
+    sim.apply_preset(cfg)
+    cfg.update(paste_prob=1.0 if paste else 0.0, bank_size=4)
+
+    def boxes_of(n):  # COCO-like: sides log-uniform in 16..600 px, inside the image
+        wh = torch.exp(torch.empty(n, 2).uniform_(math.log(16), math.log(600), generator=g))
+        wh = torch.minimum(wh, torch.tensor([w - 1.0, h - 1.0]))
+        xy = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - wh)
+        return torch.cat([xy, xy + wh], 1)
+    targets = [dict(boxes=boxes_of(n_obj), labels=torch.randint(80, (n_obj,), generator=g), image_id=i,
+                    size=(h, w), orig_size=(480, 800)) for i in range(batch)]
+    state = sim.SIMState(cfg, torch.device("cpu"))
+    if paste:
+        s = cfg["mask_out_stride"]
+        ys = torch.arange(hp // s)[:, None] * s + s // 2
+        xs = torch.arange(wp // s)[None, :] * s + s // 2
+        while not state.bank.full:
+            b = boxes_of(n_obj)
+            c, r = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2
+            inside = ((xs[None] - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + \
+                     ((ys[None] - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2 <= 1
+            entry = copypaste.bank_entry_from_teacher(images[len(state.bank) % batch, :, :h, :w], b,
+                                                      torch.randint(80, (n_obj,), generator=g), inside.float(),
+                                                      size, cfg["bank_thresh"], s, 0.0)
+            state.bank.push(**entry)
+    strides = model_lib.CondInst.strides
+    feat_sizes = [(-(-hp // st), -(-wp // st)) for st in strides]
+    locations, loc_level = model_lib.compute_locations(feat_sizes, strides, torch.device("cpu"))
+    L, hm, wm = len(locations), hp // 8, wp // 8
+
+    def dense():  # a network's dense outputs: cls (B, L, C), reg (B, L, 4) in stride units, ctr (B, L), feats
+        return dict(cls_logits=torch.randn(batch, L, 80, generator=g) - 4,
+                    reg=torch.rand(batch, L, 4, generator=g) * 4 + 0.5, ctr_logits=torch.randn(batch, L, generator=g),
+                    mask_feats=torch.randn(batch, 16, hm, wm, generator=g), locations=locations, loc_level=loc_level)
+    out, t_out = dense(), dense()
+    for k in ("cls_logits", "reg", "ctr_logits", "mask_feats"):
+        out[k].requires_grad_(True)
+    k_max = 64 * batch  # at most topk_proposals_per_im positives per image
+    logits = torch.randn(k_max, 1, 2 * hm, 2 * wm, generator=g) * 3  # the student's
+    t_logits = torch.randn(k_max, 1, 2 * hm, 2 * wm, generator=g) * 3  # the teacher's
+    teacher = types.SimpleNamespace(strides=strides, mask_logits=lambda o, inst: t_logits[:len(inst["gt_inds"])])
+    selector = types.SimpleNamespace(cfg=cfg, num_classes=80)  # select_instances reads only these
+    return types.SimpleNamespace(cfg=cfg, images=images, targets=targets, state=state, out=out, t_out=t_out,
+                                 logits=logits, teacher=teacher, selector=selector,
+                                 gen=torch.Generator().manual_seed(1))
+
+
+def _host_step(st, it=100, marks=None):
+    """One SIM step without its networks, in train_step's order: copy-paste, FCOS targets and the positives
+    (model.forward's no-grad part), sim.objects, sim.pseudo_masks, sim.sim_losses, every loss of
+    compute_losses with its backward down to the (random) network outputs, sim.after_step without the
+    teacher's EMA (the prototype update and the bank push). marks (a list): gets (stage, process_time())
+    after each stage (HOST_STAGES; process CPU time)."""
+    import copypaste
+    import losses
+    import model as model_lib
+    from box_ops import box_mask_centers
+    mark = (lambda name: marks.append((name, time.process_time()))) if marks is not None else (lambda name: None)
+    cfg, images, targets = st.cfg, st.images, st.targets
+    if cfg["paste_prob"] > 0:
+        images, targets = copypaste.copy_paste_batch(images, targets, st.state.bank, cfg["paste_prob"], st.gen,
+                                                     cfg["paste_max_objects"], cfg["paste_replacement"])
+    mark("paste")
+    out = dict(st.out)
+    gt_boxes = [t["boxes"] for t in targets]
+    with torch.no_grad():
+        centers = [box_mask_centers(b, images.shape[-2:]) for b in gt_boxes]
+        out["targets"] = losses.fcos_targets(out["locations"], out["loc_level"], model_lib.CondInst.strides, gt_boxes,
+                                             [t["labels"] for t in targets], cfg["num_classes"],
+                                             cfg["sizes_of_interest"], cfg["center_radius"], centers)
+        out["targets"]["num_gts"] = torch.tensor([len(b) for b in gt_boxes])
+        out["inst"] = model_lib.CondInst.select_instances(st.selector, out)
+    out["mask_logits"] = st.logits[:len(out["inst"]["gt_inds"])].detach().requires_grad_(True)  # a leaf: the net's
+    mark("fcos targets")
+    obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"],
+                      images if cfg["color_weight"] > 0 else None)
+    mark("objects")
+    pm = sim.pseudo_masks(out, st.t_out, st.teacher, st.state.protos, obj, cfg)
+    mark("pseudo masks")
+    extra = sim.sim_losses(out, pm, obj, cfg)
+    mark("sim losses")
+    loss, _ = losses.compute_losses(out, images, targets, cfg, it, extra)
+    mark("other losses")
+    loss.backward()
+    mark("backward")
+    sim.after_step(st.state, None, out, pm, obj, images, targets, ema=False)
+    mark("after_step")
+    return loss
+
+
+HOST_STAGES = ("paste", "fcos targets", "objects", "pseudo masks", "sim losses", "other losses", "backward",
+               "after_step")
+# the stages besides the losses: what SIM adds around the network (the losses and their backward are sums over
+# the positives' full maps, the same work in any layout; their rows are printed too)
+HOST_CORE = ("paste", "fcos targets", "objects", "pseudo masks", "after_step")
+
+
+def host_timings(objects, size, batch, reps):
+    """{(objects per image, paste): [median ms of the step, then of each of HOST_STAGES]} of _host_step on
+    one thread, with whatever tree is first on sys.path (host_cost runs it in a child process per tree).
+    CPU time of the process (time.process_time, user + system: the page faults of fresh allocations
+    count): on one thread the wall time of an idle machine, and less inflated by other jobs on a shared
+    one (this 2-core machine's wall times drift +-30% within the hour)."""
+    torch.set_num_threads(1)
+    res = {}
+    for n in objects:
+        for paste in (True, False):
+            st = _host_setup(n, paste, size, batch)
+            _host_step(st)  # untimed: first-call costs
+            rows = []
+            for _ in range(reps):
+                for v in st.out.values():
+                    if torch.is_tensor(v):
+                        v.grad = None
+                marks = [("start", time.process_time())]
+                _host_step(st, marks=marks)
+                t = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+                rows.append([sum(t)] + t)
+            res[(n, paste)] = [statistics.median(c) * 1000 for c in zip(*rows)]
+    return res
+
+
+def _host_child(tree, objects, size, batch, reps):
+    """host_timings in a fresh `python` whose imports come from `tree` (this file's code, that tree's modules)."""
+    import os
+    import subprocess
+    code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]); "
+            "spec = importlib.util.spec_from_file_location('bench_host', sys.argv[2]); "
+            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
+            "print(repr(b.host_timings(*eval(sys.argv[3]))))")
+    args = repr((tuple(objects), tuple(size), batch, reps))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code, tree, os.path.abspath(__file__), args], capture_output=True,
+                       text=True, cwd=tree, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"host timing on {tree} failed:\n{r.stderr[-3000:]}")
+    return eval(r.stdout.strip().splitlines()[-1])
+
+
+def host_cost(objects=None, size=None, batch=None, reps=None, old_tree=None):
+    """The SIM step's non-network work (_host_step) at COCO scale, one thread, copy-paste on and off, for this
+    tree and for commit HOST_OLD (a git worktree at old_tree, added when missing), each in its own child
+    process. Prints median ms and the old / new ratios of the host work (HOST_CORE) and of the whole
+    step without its networks, then per stage; returns {(n, paste): (old, new)}, each [all, *stages]."""
+    import os
+    import subprocess
+    objects, size = objects or HOST_OBJECTS, size or HOST_SIZE
+    batch, reps, old_tree = batch or HOST_BATCH, reps or HOST_REPS, old_tree or HOST_OLD_TREE
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isdir(old_tree):
+        subprocess.run(["git", "worktree", "add", "--detach", old_tree, HOST_OLD], cwd=here, check=True,
+                       capture_output=True)
+    old = _host_child(old_tree, objects, size, batch, reps)
+    new = _host_child(here, objects, size, batch, reps)
+    core = [HOST_STAGES.index(k) + 1 for k in HOST_CORE]
+    host = lambda row: sum(row[i] for i in core)  # the step's host work (HOST_CORE), from the stage medians
+    print(f"SIM step outside the network | {batch} x {size[0]}x{size[1]} | one thread | median of {reps} (CPU time) | "
+          f"torch {torch.__version__} | old = {HOST_OLD} ({old_tree})")
+    print(f"host work = {', '.join(HOST_CORE)}; all = the whole step without its networks (with every loss and "
+          f"its backward), ms")
+    print("| objects per image | copy-paste | host work: old | new | old / new | all: old | new | old / new |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in objects:
+        for paste in (True, False):
+            o, nw = old[(n, paste)], new[(n, paste)]
+            print(f"| {n} | {'on' if paste else 'off'} | {host(o):.0f} | {host(nw):.0f} | {host(o) / host(nw):.2f}x | "
+                  f"{o[0]:.0f} | {nw[0]:.0f} | {o[0] / nw[0]:.2f}x |")
+    print("\nper stage, old -> new (median ms)")
+    print("| objects, paste | " + " | ".join(HOST_STAGES) + " |")
+    print("|---" * (len(HOST_STAGES) + 1) + "|")
+    for n in objects:
+        for paste in (True, False):
+            o, nw = old[(n, paste)][1:], new[(n, paste)][1:]
+            cells = " | ".join(f"{a:.0f} -> {b:.0f}" for a, b in zip(o, nw))
+            print(f"| {n}, {'on' if paste else 'off'} | {cells} |")
+    return {k: (old[k], new[k]) for k in new}
+
+
 def main(argv):
     cfg = dict(train.config, steps=steps, rounds=rounds, warmup=warmup, compare=compare, profile=profile)
     train.configure(argv, cfg)
+    if cfg["compare"] == "eval":
+        return eval_cost()
+    if cfg["compare"] == "index":
+        return index_cost()
+    if cfg["compare"] == "host":
+        return host_cost()
     if cfg["compare"] == "torchvision":
         return compare_torchvision(cfg, [a for a in argv if not a.startswith(("--compare", "--profile"))])
     dev = torch.device(cfg["device"])

@@ -17,6 +17,23 @@ def decode_boxes(locations, ltrb):
     return torch.cat([locations - ltrb[:, :2], locations + ltrb[:, 2:]], 1)
 
 
+def size_groups(hw, extra=0, waste=2.0):
+    """Indices of boxes grouped for batched windows: hw a list of (h, w) sizes -> lists of indices, by area,
+    each group's common window (its largest h and w, plus `extra` on each) at most `waste` times the
+    cells its members need (the first of a group always fits). Why: one window for all pads every small
+    box of a COCO image to its largest (600 px); per-box windows cost a few kernels each."""
+    order = sorted(range(len(hw)), key=lambda k: hw[k][0] * hw[k][1])
+    groups, cur, mh, mw, need = [], [], 0, 0, 0
+    for k in order:
+        h, w = hw[k][0] + extra, hw[k][1] + extra
+        if cur and (len(cur) + 1) * max(mh, h) * max(mw, w) > waste * (need + h * w):
+            groups.append(cur)
+            cur, mh, mw, need = [], 0, 0, 0
+        cur.append(k)
+        mh, mw, need = max(mh, h), max(mw, w), need + h * w
+    return groups + [cur] if cur else groups
+
+
 def box_iou_pairs(a, b):
     """IoU of matched pairs of xyxy boxes: a (K, 4), b (K, 4) -> (K,); 0 for empty unions."""
     wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)  # (K, 2)

@@ -9,16 +9,18 @@ Conventions (shared with the rest of nanoSIM):
 - a batch is (images uint8 (B, 3, Hp, Wp) zero-padded bottom/right to a multiple of 32, [targets]).
 """
 import contextlib
+import ctypes
 import io
 import json
 import math
 import os
 import random
-import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 
@@ -52,6 +54,62 @@ def hflip_boxes(boxes, w):
 # -----------------------------------------------------------------------------
 # dataset
 
+def _pack_strings(strings):
+    """[str] -> (uint8 (total,) the UTF-8 bytes of all strings end to end, int64 (n + 1,) offsets; string k is
+    bytes [offsets[k], offsets[k + 1])). One buffer instead of n str objects: see CocoBoxDataset on why."""
+    parts = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    return np.frombuffer(b"".join(parts), np.uint8).copy(), offsets  # copy: own, writable memory
+
+
+def _unpack_string(blob, offsets, k):
+    return blob[offsets[k]:offsets[k + 1]].tobytes().decode("utf-8")
+
+
+def _files_in(folder):
+    """The names of the files in `folder` (a set), or None if it cannot be listed. One directory read
+    instead of a stat per image: on a network file system that is seconds instead of minutes for COCO."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name for e in entries if e.is_file()}  # is_file follows links, as os.path.isfile
+    except OSError:
+        return None
+
+
+def _release_freed_memory():
+    """Hand the heap freed by the parsed json back to the OS: glibc keeps freed memory for reuse, and the
+    process would stay at its start-up peak (no-op where there is no glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _open_problem(e):
+    """Why Image.open or decoding failed, as the one-line messages say it."""
+    return "file missing" if isinstance(e, FileNotFoundError) else f"cannot read image: {type(e).__name__}: {e}"
+
+
+def _size_problem(h, w, H0, W0):
+    return None if (h, w) == (H0, W0) else f"image is {h}x{w} but the json says {H0}x{W0}"
+
+
+def _segmentation_mask(text, h, w):
+    """A segmentation as json text (polygons, uncompressed or compressed RLE) -> uint8 (h, w), as
+    pycocotools' COCO.annToMask decodes it; an empty polygon list is an empty mask."""
+    seg = json.loads(text)
+    if isinstance(seg, list):
+        if not seg:
+            return np.zeros((h, w), np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))  # polygons of one object -> one RLE
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)                    # uncompressed RLE
+    else:
+        rle = seg                                                  # compressed RLE
+    return mask_utils.decode(rle)
+
+
 class CocoBoxDataset(torch.utils.data.Dataset):
     """COCO-format json + image folder -> (image uint8 (3, h, w), target dict), resized and flipped.
 
@@ -59,6 +117,21 @@ class CocoBoxDataset(torch.utils.data.Dataset):
     when with_masks=True (full supervision and evaluation). Crowd annotations are dropped, as in the
     reference. In train mode images without a valid box are dropped (FILTER_EMPTY_ANNOTATIONS); in
     eval mode they are kept with empty targets so that every image is scored.
+
+    The index is a few numpy arrays (boxes, labels, image sizes, file names, with_masks: segmentations
+    as json text), and the parsed json is dropped once they are built. DataLoader workers are forked
+    copies of this object: reading a Python object writes its reference count (and the cyclic GC writes
+    the headers of lists and dicts), which copies the page it sits on, so an index of per-image dicts
+    (pycocotools' COCO: ~2.5 GB for COCO train) slowly becomes a private copy in every worker of every
+    rank; numpy buffers are only read and stay shared. pycocotools' COCO of the json, which evaluation
+    and the GT pictures need, is `coco`, built on first access. `python bench.py --compare=index`
+    measures start-up time and memory on a COCO-sized json.
+
+    Unreadable images: training takes the next readable image instead and lists the file in
+    target['skipped'] (each time; a file that failed is not decoded again by the same process);
+    evaluation returns a 32x32 black placeholder with no boxes and target['unreadable'] = '<path>: <reason>'.
+    Nothing is printed: the caller counts and names them. check_images() finds, before a run, the
+    files that cannot even be opened.
     """
 
     def __init__(self, json_path, image_dir, train=True, min_sizes=(800,), max_size=1333,
@@ -66,73 +139,29 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         self.json_path, self.image_dir, self.train = str(json_path), str(image_dir), train
         self.min_sizes = (min_sizes,) if isinstance(min_sizes, int) else tuple(min_sizes)
         self.max_size, self.with_masks, self.hflip_prob = max_size, with_masks, hflip_prob
+        self._coco = None           # pycocotools' COCO, built by the `coco` property when first read
+        self._unreadable = set()    # indices whose image failed to load in this process (training skips them)
         if not os.path.isfile(self.json_path):
             raise _error(self.json_path, "annotation file not found", f"image dir {self.image_dir}",
                          "check the path, or use the synthetic default dataset")
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-                self.coco = COCO(self.json_path)
+            # text mode: the file's bytes are decoded and freed before parsing (json.load on a binary file
+            # holds both the bytes and their text while it parses: +0.4 GB at the peak for COCO train)
+            with open(self.json_path, encoding="utf-8") as f:
+                js = json.load(f)
         except json.JSONDecodeError as e:
             raise _error(self.json_path, "not valid JSON", f"line {e.lineno}", "re-export the file") from e
-        coco = self.coco
-        self.cat_ids = sorted(coco.getCatIds())
-        if not self.cat_ids:
-            raise _error(self.json_path, "no categories", "'categories' is empty or missing",
-                         "list the classes under 'categories'")
-        self.num_classes = len(self.cat_ids)
-        self.class_names = [coco.cats[c]["name"] for c in self.cat_ids]
-        label_of = {c: i for i, c in enumerate(self.cat_ids)}  # COCO category id -> contiguous label
+        except UnicodeDecodeError as e:
+            raise _error(self.json_path, "not valid JSON", f"not UTF-8 text: {e.reason}", "re-export the file") from e
+        counts = self._build_index(js)
+        del js  # the only reference: the parsed json is freed here
+        _release_freed_memory()
+        # the public per-image lists, made after the json is freed so that they do not pin its memory;
+        # only the main process reads them (__getitem__ reads the arrays)
+        self.ids = self._ids.tolist()
+        self.aspect_ratios = (self._sizes[:, 1] / self._sizes[:, 0]).tolist()  # w / h, float64 as W0 / H0
 
-        # every annotation is checked, also those of images that end up skipped: a wrong category id
-        # means the json and the category list disagree, which would silently corrupt the labels
-        for ann in coco.dataset.get("annotations", []):
-            aid = ann.get("id")
-            if ann.get("category_id") not in label_of:
-                raise _error(self.json_path, f"category_id {ann.get('category_id')} is not in 'categories'",
-                             f"annotation id {aid}", "add the category or remove the annotation")
-            if ann.get("image_id") not in coco.imgs:
-                raise _error(self.json_path, f"image_id {ann.get('image_id')} is not in 'images'",
-                             f"annotation id {aid}", "add the image entry or remove the annotation")
-            if not (isinstance(ann.get("bbox"), (list, tuple)) and len(ann["bbox"]) == 4):
-                raise _error(self.json_path, "bbox is not [x, y, w, h]", f"annotation id {aid}",
-                             "write the box as four numbers")
-
-        missing, first_missing, n_crowd, n_bad_box, n_empty = 0, None, 0, 0, 0
-        self.ids, self.records, self.aspect_ratios = [], [], []
-        for img_id in sorted(coco.imgs):
-            info = coco.imgs[img_id]
-            if "file_name" not in info or "width" not in info or "height" not in info:
-                raise _error(self.json_path, "image entry lacks file_name/width/height", f"image id {img_id}",
-                             "add the three fields")
-            path = os.path.join(self.image_dir, info["file_name"])
-            if not os.path.isfile(path):
-                missing += 1
-                first_missing = first_missing or path
-                continue
-            W0, H0 = int(info["width"]), int(info["height"])
-            boxes, labels, anns = [], [], []
-            for ann in coco.imgToAnns.get(img_id, []):
-                if ann.get("iscrowd", 0):
-                    n_crowd += 1
-                    continue
-                x, y, bw, bh = (float(v) for v in ann["bbox"])
-                x0, y0 = min(max(x, 0.0), W0), min(max(y, 0.0), H0)
-                x1, y1 = min(max(x + bw, 0.0), W0), min(max(y + bh, 0.0), H0)
-                if not (x1 - x0 > 0 and y1 - y0 > 0):  # empty, negative or outside the image (NaN too)
-                    n_bad_box += 1
-                    continue
-                boxes.append([x0, y0, x1, y1])
-                labels.append(label_of[ann["category_id"]])
-                anns.append(ann)
-            if train and not boxes:
-                n_empty += 1
-                continue
-            self.ids.append(img_id)
-            self.aspect_ratios.append(W0 / H0)
-            self.records.append(dict(path=path, size=(H0, W0), anns=anns,
-                                     boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
-                                     labels=np.asarray(labels, np.int64)))
-
+        missing, first_missing, n_empty, n_bad_box, n_crowd = counts
         skipped = []
         if missing:
             skipped.append(f"{missing} images: missing files, e.g. {first_missing}")
@@ -146,37 +175,232 @@ class CocoBoxDataset(torch.utils.data.Dataset):
             print(f"{self.json_path}: kept {len(self.ids)} images; skipped " + "; ".join(skipped))
         self.skipped = dict(missing_files=missing, no_box_images=n_empty, bad_boxes=n_bad_box, crowd=n_crowd)
 
+    def _build_index(self, js):
+        """Check the parsed json and build the index from it (nothing of `js` is kept but the category
+        dicts). Sets cat_ids, categories, num_classes, class_names and the arrays, for the n images kept
+        (in image id order) and their M boxes (per image in json order):
+          _ids int64 (n,), _sizes int64 (n, 2) (H0, W0), _names/_name_off the file names (_pack_strings),
+          _box_off int64 (n + 1,) (image k's boxes are rows _box_off[k]:_box_off[k + 1]), _boxes float32
+          (M, 4) xyxy in the image's frame, _labels int64 (M,), _ann_index int64 (M,) each box's position
+          in the json's 'annotations', with_masks: _segs/_seg_off each box's segmentation as json text.
+        -> (missing files, first missing path, images without a valid box, bad boxes, crowd annotations)."""
+        jp = self.json_path
+        if not isinstance(js, dict):
+            raise _error(jp, "not a COCO annotation file", f"the top level is a {type(js).__name__}",
+                         "write one object with 'images', 'annotations' and 'categories'")
+        cats = {}
+        for k, c in enumerate(js.get("categories") or []):
+            if not (isinstance(c, dict) and "id" in c and "name" in c):
+                raise _error(jp, "category entry lacks id/name", f"entry {k} of 'categories'", "add the two fields")
+            cats[c["id"]] = c  # a repeated id: the last entry wins, as in pycocotools
+        self.cat_ids = sorted(cats)
+        if not self.cat_ids:
+            raise _error(jp, "no categories", "'categories' is empty or missing",
+                         "list the classes under 'categories'")
+        self.categories = [cats[c] for c in self.cat_ids]
+        self.num_classes = len(self.cat_ids)
+        self.class_names = [c["name"] for c in self.categories]
+        label_of = {c: i for i, c in enumerate(self.cat_ids)}  # COCO category id -> contiguous label
+
+        imgs = {}
+        for k, info in enumerate(js.get("images") or []):
+            # integer ids: the targets' image_id is an int, and COCOeval matches results by it
+            if not (isinstance(info, dict) and isinstance(info.get("id"), int)):
+                raise _error(jp, "image entry lacks an integer id", f"entry {k} of 'images'", "give every image a unique id")
+            imgs[info["id"]] = info
+
+        # every annotation is checked, also those of images that end up skipped: a wrong category id
+        # means the json and the category list disagree, which would silently corrupt the labels
+        anns = js.get("annotations") or []
+        a_img, a_label, a_crowd, a_bbox = [], [], [], []
+        for k, ann in enumerate(anns):
+            if not isinstance(ann, dict):
+                raise _error(jp, "annotation is not an object", f"entry {k} of 'annotations'", "re-export the file")
+            aid = ann.get("id")
+            if ann.get("category_id") not in label_of:
+                raise _error(jp, f"category_id {ann.get('category_id')} is not in 'categories'",
+                             f"annotation id {aid}", "add the category or remove the annotation")
+            if ann.get("image_id") not in imgs:
+                raise _error(jp, f"image_id {ann.get('image_id')} is not in 'images'",
+                             f"annotation id {aid}", "add the image entry or remove the annotation")
+            if not (isinstance(ann.get("bbox"), (list, tuple)) and len(ann["bbox"]) == 4):
+                raise _error(jp, "bbox is not [x, y, w, h]", f"annotation id {aid}",
+                             "write the box as four numbers")
+            if aid is None:  # pycocotools indexes annotations by id: evaluation would fail on this file
+                raise _error(jp, "annotation lacks an id", f"entry {k} of 'annotations'",
+                             "give every annotation a unique id")
+            a_img.append(ann["image_id"])
+            a_label.append(label_of[ann["category_id"]])
+            a_crowd.append(bool(ann.get("iscrowd", 0)))
+            a_bbox.append(ann["bbox"])
+        try:
+            bbox = np.array(a_bbox, np.float64).reshape(-1, 4)  # (A, 4) xywh; null -> NaN, a bad box below
+        except (TypeError, ValueError):  # a value that is not a number: name the first such annotation
+            for k, ann in enumerate(anns):
+                try:
+                    [float(v) for v in ann["bbox"]]
+                except (TypeError, ValueError):
+                    raise _error(jp, "bbox is not [x, y, w, h]", f"annotation id {ann['id']}",
+                                 "write the box as four numbers") from None
+            raise
+        del a_bbox
+
+        img_ids = sorted(imgs)
+        for img_id in img_ids:
+            info = imgs[img_id]
+            if "file_name" not in info or "width" not in info or "height" not in info:
+                raise _error(jp, "image entry lacks file_name/width/height", f"image id {img_id}",
+                             "add the three fields")
+        # which files exist: one listing per folder (file names may hold subfolders)
+        listings, present, first_missing = {}, np.zeros(len(img_ids), bool), None
+        for p, img_id in enumerate(img_ids):
+            path = os.path.join(self.image_dir, imgs[img_id]["file_name"])
+            folder, name = os.path.split(path)
+            if folder not in listings:
+                listings[folder] = _files_in(folder)
+            files = listings[folder]
+            present[p] = name in files if files is not None else os.path.isfile(path)
+            if not present[p] and first_missing is None:
+                first_missing = path
+        size = np.array([(int(imgs[i]["height"]), int(imgs[i]["width"])) for i in img_ids], np.int64).reshape(-1, 2)
+
+        # boxes: xywh -> xyxy clipped to the image, in float64 as the checks; NaN fails the check too
+        pos = np.searchsorted(np.array(img_ids, np.int64), np.array(a_img, np.int64))  # (A,) image position
+        H, W = size[pos, 0].astype(np.float64), size[pos, 1].astype(np.float64)          # (A,)
+        x0 = np.minimum(np.maximum(bbox[:, 0], 0.0), W)
+        y0 = np.minimum(np.maximum(bbox[:, 1], 0.0), H)
+        x1 = np.minimum(np.maximum(bbox[:, 0] + bbox[:, 2], 0.0), W)
+        y1 = np.minimum(np.maximum(bbox[:, 1] + bbox[:, 3], 0.0), H)
+        crowd, on_disk = np.array(a_crowd, bool).reshape(-1), present[pos]  # counts cover existing files only
+        valid = (x1 - x0 > 0) & (y1 - y0 > 0)  # empty, negative or outside the image fail
+        good = on_disk & ~crowd & valid
+        n_boxes = np.bincount(pos[good], minlength=len(img_ids))            # (images,)
+        kept = present & (n_boxes > 0) if self.train else present
+        # the kept boxes grouped by image in id order, in json order within an image (stable sort)
+        sel = np.flatnonzero(good & kept[pos])
+        sel = sel[np.argsort(pos[sel], kind="stable")]                      # (M,) positions in 'annotations'
+        kp = np.flatnonzero(kept)                                           # (n,) kept image positions
+
+        self._ids = np.array(img_ids, np.int64)[kp]
+        self._sizes = size[kp]
+        self._names, self._name_off = _pack_strings([imgs[img_ids[p]]["file_name"] for p in kp])
+        self._box_off = np.concatenate([[0], np.cumsum(n_boxes[kp])]).astype(np.int64)
+        self._boxes = np.stack([x0, y0, x1, y1], 1)[sel].astype(np.float32).reshape(-1, 4)
+        self._labels = np.array(a_label, np.int64)[sel] if len(sel) else np.zeros(0, np.int64)
+        self._ann_index = sel.astype(np.int64)
+        if self.with_masks:
+            texts = []
+            for k in sel.tolist():
+                if anns[k].get("segmentation") is None:
+                    raise _error(jp, "annotation has no segmentation", f"annotation id {anns[k]['id']}",
+                                 "use a json with masks, or a box-supervised method")
+                texts.append(json.dumps(anns[k]["segmentation"], separators=(",", ":")))
+            self._segs, self._seg_off = _pack_strings(texts)
+        return (int((~present).sum()), first_missing, int((present & ~kept).sum()),
+                int((on_disk & ~crowd & ~valid).sum()), int((on_disk & crowd).sum()))
+
+    @property
+    def coco(self):
+        """pycocotools' COCO of the json (COCOeval, GT pictures), parsed on first access and kept. Training
+        never reads it: on COCO train it would hold ~2.5 GB in every process."""
+        if self._coco is None:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+                self._coco = COCO(self.json_path)
+        return self._coco
+
     def __len__(self):
-        return len(self.ids)
+        return len(self._ids)
+
+    def image_path(self, i):
+        return os.path.join(self.image_dir, _unpack_string(self._names, self._name_off, i))
+
+    def record(self, i):
+        """Image i's entry: dict(path, size (H0, W0), boxes float32 (N, 4) xyxy in the image's frame,
+        labels int64 (N,)); boxes and labels are views of the index: read, do not modify."""
+        a, b = self._box_off[i], self._box_off[i + 1]
+        H0, W0 = self._sizes[i].tolist()
+        return dict(path=self.image_path(i), size=(H0, W0), boxes=self._boxes[a:b], labels=self._labels[a:b])
+
+    def annotations(self, i):
+        """The json's annotation dicts behind image i's boxes, in the same order (from `coco`)."""
+        a, b = self._box_off[i], self._box_off[i + 1]
+        anns = self.coco.dataset["annotations"]
+        return [anns[k] for k in self._ann_index[a:b].tolist()]
+
+    def _masks(self, i):
+        """GT masks of image i at its json size: uint8 (N, H0, W0)."""
+        H0, W0 = self._sizes[i].tolist()
+        a, b = self._box_off[i], self._box_off[i + 1]
+        return np.stack([_segmentation_mask(_unpack_string(self._segs, self._seg_off, k), H0, W0) for k in range(a, b)])
 
     def _load_image(self, i):
-        rec, img_id = self.records[i], self.ids[i]
+        """Image i decoded in full, as a PIL RGB image. DataError if the file cannot be read or its size is
+        not the json's; the error's `reason` attribute is '<path>: <reason>'."""
+        path, img_id = self.image_path(i), int(self._ids[i])
+        H0, W0 = self._sizes[i].tolist()
+        problem, fix = None, f"replace the file or remove image id {img_id} from {self.json_path}"
         try:
-            with Image.open(rec["path"]) as im:
+            with Image.open(path) as im:
                 img = im.convert("RGB")
         except Exception as e:  # PIL raises OSError, SyntaxError or ValueError depending on the damage
-            raise _error(rec["path"], f"cannot read image: {type(e).__name__}: {e}", f"image id {img_id}",
-                         f"replace the file or remove image id {img_id} from {self.json_path}") from e
-        if (img.height, img.width) != rec["size"]:
-            raise _error(rec["path"], f"image is {img.height}x{img.width} but the json says "
-                         f"{rec['size'][0]}x{rec['size'][1]}", f"image id {img_id}",
-                         "fix width/height in the json or the file")
-        return img
+            problem, cause = _open_problem(e), e
+        else:
+            problem, cause = _size_problem(img.height, img.width, H0, W0), None
+            fix = "fix width/height in the json or the file"
+        if problem is None:
+            return img
+        err = _error(path, problem, f"image id {img_id}", fix)
+        err.reason = f"{path}: {problem}"
+        raise err from cause
 
     def _load_readable(self, i):
         """Training: image i, or if it cannot be read (truncated, corrupt, gone since the json was
-        checked) the next readable one, with a warning line per bad file: hours into a COCO run an
-        unreadable file costs one image, not the run. -> ((PIL image, index used), [skipped paths])."""
+        checked) the next readable one: hours into a COCO run an unreadable file costs one image, not
+        the run. Nothing is printed (from a worker, every epoch, it would repeat): the paths skipped come
+        back, and train.py counts them and names each once. An index that failed is remembered and not
+        decoded again by this process (the loader's workers are persistent).
+        -> ((PIL image, index used), [skipped paths])."""
         skipped = []
         for _ in range(len(self)):
-            try:
-                return (self._load_image(i), i), skipped
-            except DataError as e:
-                print(f"warning: {e}; skipped, the next image stands in", file=sys.stderr, flush=True)
-                skipped.append(self.records[i]["path"])
-                i = (i + 1) % len(self)
+            if i not in self._unreadable:
+                try:
+                    return (self._load_image(i), i), skipped
+                except DataError:
+                    self._unreadable.add(i)
+            skipped.append(self.image_path(i))
+            i = (i + 1) % len(self)
         raise _error(self.json_path, "no training image can be read", f"{len(self)} images",
                      "check the image folder")
+
+    def _placeholder(self, i, reason):
+        """Evaluation's stand-in for an unreadable image i: a black 32x32 image, no boxes, and
+        target['unreadable'] = reason, so that the evaluation goes on and can name the file."""
+        target = dict(boxes=torch.zeros((0, 4)), labels=torch.zeros((0,), dtype=torch.int64),
+                      image_id=int(self._ids[i]), orig_size=tuple(self._sizes[i].tolist()), size=(32, 32),
+                      unreadable=reason)
+        if self.with_masks:
+            target["masks"] = torch.zeros((0, 32, 32), dtype=torch.uint8)
+        return torch.zeros((3, 32, 32), dtype=torch.uint8), target
+
+    def check_images(self, max_workers=8):
+        """['<path>: <reason>'] for every image that cannot be opened: file missing, not an image, a
+        damaged header, or a size other than the json's. Reads only the headers (PIL's Image.open), in
+        threads (the time is file-system latency): about a second for COCO val's 5k images. Damage after
+        the header shows only when the image is decoded (training then skips it, evaluation scores it
+        as unreadable). Images whose file was missing when the dataset was built are not in it
+        (self.skipped['missing_files'] counts them)."""
+        def problem(i):
+            path = self.image_path(i)
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except Exception as e:
+                return f"{path}: {_open_problem(e)}"
+            p = _size_problem(h, w, *self._sizes[i].tolist())
+            return p and f"{path}: {p}"
+
+        with ThreadPoolExecutor(max_workers) as pool:
+            return [p for p in pool.map(problem, range(len(self))) if p]
 
     def __getitem__(self, i):
         """i: an index, or (index, shorter side, flip) from TrainBatchSampler (the training loader's
@@ -186,8 +410,11 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         if self.train:
             (img, i), skipped = self._load_readable(i)
         else:
-            img = self._load_image(i)
-        rec = self.records[i]
+            try:
+                img = self._load_image(i)
+            except DataError as e:
+                return self._placeholder(i, e.reason)
+        rec = self.record(i)
         H0, W0 = rec["size"]
         if short is None:
             short = random.choice(self.min_sizes) if self.train else self.min_sizes[0]
@@ -196,12 +423,12 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         img = img.resize((w, h), Image.BILINEAR)
         image = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, h, w) uint8
         boxes = torch.from_numpy(rec["boxes"]) * torch.tensor([w / W0, h / H0, w / W0, h / H0])  # (N, 4)
-        target = dict(boxes=boxes, labels=torch.from_numpy(rec["labels"]).clone(), image_id=int(self.ids[i]),
+        target = dict(boxes=boxes, labels=torch.from_numpy(rec["labels"]).clone(), image_id=int(self._ids[i]),
                       orig_size=(H0, W0), size=(h, w))
         if self.with_masks:
             target["masks"] = torch.zeros((0, h, w), dtype=torch.uint8)  # (0, h, w): interpolate rejects N = 0
-            if rec["anns"]:
-                masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in rec["anns"]]))  # (N, H0, W0)
+            if len(rec["boxes"]):
+                masks = torch.from_numpy(self._masks(i))  # (N, H0, W0)
                 # nearest-exact samples at pixel centres (as PIL NEAREST); 'nearest' shifts by half a pixel
                 target["masks"] = torch.nn.functional.interpolate(
                     masks[None], size=(h, w), mode="nearest-exact")[0]  # (N, h, w) uint8
@@ -243,11 +470,28 @@ class TrainBatchSampler(torch.utils.data.Sampler):
     176), a batch of 4 then holds 1.1x the pixels it holds with one scale per batch, and a demo step
     takes 1.1x as long (`python bench.py --compare=scale`, BENCHMARKS.md D3). Each image still sees every
     scale over the epochs. drop_last: an incomplete last batch is not yielded.
+
+    group_by_aspect: every batch holds only landscape (w >= h) or only portrait images (aspect_ratios: w / h
+    per dataset index), as detectron2's AspectRatioGroupedDataset makes them: a batch is padded to its
+    largest height and largest width, so one landscape and one portrait COCO image pad to a square (~40%
+    of random 2-image batches). The grouping runs on the epoch's order before the split over ranks, so
+    that every rank gets the same number of batches in every epoch (data.infinite and an exact resume
+    count on it): `sampler` must then be a DistributedSampler, whose permutation of the whole dataset
+    for the epoch (seed + epoch) is read image by image into two buckets; a bucket that reaches
+    batch_size becomes the epoch's next batch, and rank r takes batches r, r + world, ... An epoch has
+    (n_landscape // batch_size + n_portrait // batch_size) // world batches per rank; the images left in
+    a partly filled bucket sit out that epoch.
     """
 
-    def __init__(self, sampler, batch_size, min_sizes, scale_per_batch=True, hflip_prob=0.5, seed=0):
+    def __init__(self, sampler, batch_size, min_sizes, scale_per_batch=True, hflip_prob=0.5, seed=0,
+                 group_by_aspect=False, aspect_ratios=None):
         self.sampler, self.batch_size, self.min_sizes = sampler, batch_size, tuple(min_sizes)
         self.scale_per_batch, self.hflip_prob, self.seed = scale_per_batch, hflip_prob, seed
+        self.group_by_aspect = group_by_aspect
+        if group_by_aspect:
+            # bucket 0: landscape or square, 1: portrait (a list of ints: read once per image per epoch)
+            self.portrait = [int(a < 1) for a in aspect_ratios]
+            assert len(self.portrait) == len(sampler.dataset), "one aspect ratio per dataset image"
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -255,27 +499,54 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
         self.sampler.set_epoch(epoch)
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n, batch, k = self.batch_size, [], 0
+    def _batches(self):
+        """This rank's batches of the epoch, [index] each: consecutive images of the sampler's order."""
+        batch = []
         for i in self.sampler:
             batch.append(i)
-            if len(batch) == n:
-                scales = torch.randint(len(self.min_sizes), (1 if self.scale_per_batch else n,), generator=g)
-                flips = torch.rand(n, generator=g) < self.hflip_prob
-                if k >= self.start:
-                    yield [(j, self.min_sizes[int(scales[0 if self.scale_per_batch else m])], bool(flips[m]))
-                           for m, j in enumerate(batch)]
-                batch, k = [], k + 1
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+
+    def _grouped_batches(self):
+        """This rank's batches of the epoch with group_by_aspect: [[index]], each of one orientation."""
+        s = self.sampler
+        g = torch.Generator().manual_seed(s.seed + self.epoch)  # the epoch's permutation, as DistributedSampler draws it
+        buckets, batches = ([], []), []
+        for i in torch.randperm(len(s.dataset), generator=g).tolist():
+            bucket = buckets[self.portrait[i]]
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                batches.append(bucket.copy())
+                bucket.clear()
+        return batches[s.rank::s.num_replicas][:len(self)]  # the same count on every rank
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = self.batch_size
+        batches = self._grouped_batches() if self.group_by_aspect else self._batches()
+        for k, batch in enumerate(batches):
+            # drawn for every batch, also the skipped ones: batch k's draws do not depend on `start`
+            scales = torch.randint(len(self.min_sizes), (1 if self.scale_per_batch else n,), generator=g)
+            flips = torch.rand(n, generator=g) < self.hflip_prob
+            if k >= self.start:
+                yield [(j, self.min_sizes[int(scales[0 if self.scale_per_batch else m])], bool(flips[m]))
+                       for m, j in enumerate(batch)]
 
     def __len__(self):
+        if self.group_by_aspect:
+            n_portrait = sum(self.portrait)
+            n_landscape = len(self.portrait) - n_portrait
+            return (n_landscape // self.batch_size + n_portrait // self.batch_size) // self.sampler.num_replicas
         return len(self.sampler) // self.batch_size
 
 
-def make_loader(dataset, batch_size, train, num_workers=2, distributed=False, seed=0, scale_per_batch=False):
+def make_loader(dataset, batch_size, train, num_workers=2, distributed=False, seed=0, scale_per_batch=False,
+                group_by_aspect=False, pin_memory=False):
     """DataLoader with the repo's collate. train: shuffled, drop_last, TrainBatchSampler (the image order,
-    scales and flips drawn per epoch from `seed`; scale_per_batch: one training scale per batch); eval:
-    in order.
+    scales and flips drawn per epoch from `seed`; scale_per_batch: one training scale per batch;
+    group_by_aspect: batches of landscape or of portrait images only, from dataset.aspect_ratios); eval:
+    in order. pin_memory: batches in page-locked memory, for asynchronous copies to a GPU.
 
     Under DDP the images are split over ranks; in eval, DistributedSampler pads the last round with
     repeated images so that all ranks get the same count (the evaluator keeps one result per image_id).
@@ -289,15 +560,23 @@ def make_loader(dataset, batch_size, train, num_workers=2, distributed=False, se
                          f"{len(sampler)} images per rank, fewer than batch_size {batch_size}",
                          "no full batch with drop_last", "lower --batch_size or add images")
         # the scales and flips differ per rank (the order already does)
-        batching = dict(batch_sampler=TrainBatchSampler(sampler, batch_size, dataset.min_sizes, scale_per_batch,
-                                                        dataset.hflip_prob, seed + 1000 * rank))
+        batch_sampler = TrainBatchSampler(sampler, batch_size, dataset.min_sizes, scale_per_batch, dataset.hflip_prob,
+                                          seed + 1000 * rank, group_by_aspect,
+                                          dataset.aspect_ratios if group_by_aspect else None)
+        if len(batch_sampler) == 0:
+            n_portrait = sum(batch_sampler.portrait)
+            raise _error(getattr(dataset, "json_path", "training set"),
+                         f"no batch of {batch_size} images of one orientation for each of {world} ranks",
+                         f"{len(dataset) - n_portrait} landscape, {n_portrait} portrait images",
+                         "lower --batch_size, add images or train without aspect grouping")
+        batching = dict(batch_sampler=batch_sampler)
     else:
         sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed else
                    torch.utils.data.SequentialSampler(dataset))
         batching = dict(batch_size=batch_size, sampler=sampler, drop_last=False)
     # its own generator: starting an epoch's iterator (it draws the workers' base seed) leaves the global RNG alone
     return torch.utils.data.DataLoader(dataset, **batching, collate_fn=collate, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0,
+                                       persistent_workers=num_workers > 0, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(seed + 1000 * rank))
 
 

@@ -107,7 +107,7 @@ def per_class_ap(E):
 # evaluation loop
 
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distributed=False):
+def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distributed=False, amp_dtype=torch.bfloat16):
     """
     Predicts every batch of loader ((images uint8 (B,3,Hp,Wp), targets) pairs), scores the detections
     with COCOeval against dataset.coco and returns {'bbox': stats, 'segm': stats} (percent). Under DDP
@@ -115,6 +115,8 @@ def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distribute
     the other ranks return None. The images scored are those the loader yielded (so a subset loader gives
     a subset evaluation). The predictions come from a twin with the BatchNorms folded into the convs
     (model.fold_batchnorm: the same function, fewer passes; the model itself is not changed).
+    amp: autocast the forward in amp_dtype (train.py passes its training dtype). An image the dataset
+    could not read (its target carries 'unreadable') is left out of the scores, counted and named.
     """
     device = torch.device(device)
     net = model.module if hasattr(model, "module") else model  # a DDP wrapper has no .predict
@@ -122,42 +124,53 @@ def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distribute
     net.eval()
     predictor = fold_batchnorm(net)[0]
     t0 = time.time()
-    per_image = []  # (image_id, [result dicts]) per image
+    per_image = []  # (image_id, [result dicts] or the reason it was not read) per image
     try:
         for images, targets in loader:
-            with torch.autocast(device_type=device.type, enabled=amp):
-                preds = predictor.predict(images.to(device), targets)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
+                preds = predictor.predict(images.to(device, non_blocking=True), targets)
             for pred, t in zip(preds, targets):
                 image_id = int(t["image_id"])
-                per_image.append((image_id, to_coco_results([pred], [image_id], dataset.cat_ids)))
+                per_image.append((image_id, t["unreadable"] if "unreadable" in t else
+                                  to_coco_results([pred], [image_id], dataset.cat_ids)))
     finally:
         net.train(was_training)
 
     if distributed:
-        import torch.distributed as dist
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, per_image)
-        if dist.get_rank() != 0:
+        per_image = gather_to_rank0(per_image)
+        if per_image is None:
             return None
-        per_image = [item for part in gathered for item in part]
     # DistributedSampler pads its shards by repeating images; keep each image once
     by_id = {}
     for image_id, res in per_image:
         by_id.setdefault(image_id, res)
-    image_ids = list(by_id)
-    results = [r for res in by_id.values() for r in res]
+    unreadable = [res for res in by_id.values() if isinstance(res, str)]
+    if unreadable:
+        print(f"eval: {len(unreadable)} unreadable image(s) left out of the scores, e.g. {unreadable[0]}", flush=True)
+    image_ids = [i for i, res in by_id.items() if not isinstance(res, str)]
+    results = [r for res in by_id.values() if not isinstance(res, str) for r in res]
 
     if out_dir:
         data.write_json_atomic(results_for(results, "bbox"), os.path.join(out_dir, "results_bbox.json"))
         data.write_json_atomic(results_for(results, "segm"), os.path.join(out_dir, "results_segm.json"))
     stats = {iou_type: coco_evaluate(dataset.coco, results, iou_type, image_ids) for iou_type in ("bbox", "segm")}
-    print(f"eval: {len(image_ids)} images, {len(results)} detections, {time.time() - t0:.1f}s")
+    print(f"eval: {len(image_ids)} images, {len(results)} detections, {time.time() - t0:.1f}s"
+          + (f", {len(unreadable)} unreadable left out" if unreadable else ""))
     print(f"box AP {stats['bbox']['AP']:.1f} | mask AP {stats['segm']['AP']:.1f}")
     return stats
 
 
-# names that moved to viz.py and that sim.py / test_sim.py still reach through eval (issue 18): resolved
-# on first use, so that importing eval imports neither viz nor the SIM modules viz imports
+def gather_to_rank0(items):
+    """Every rank's list of picklable items, concatenated in rank order on rank 0; None on the others.
+    gather_object, not all_gather_object: on COCO (5k images x 100 detections with RLE masks, ~100 MB of
+    pickles) only rank 0 scores, so the other ranks need not receive (and hold) everything. Under NCCL the
+    objects travel as tensors on this rank's current CUDA device (train.py sets it)."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [item for part in gathered for item in part] if rank == 0 else None
+
 # -----------------------------------------------------------------------------
 # CLI
 

@@ -2,14 +2,14 @@
 All losses, as pure functions, in the order a training step meets them: FCOS target assignment, the
 FCOS losses, BoxInst's projection and colour-pairwise terms (and CondInst's dice), SIM's Eq. (8)-(10).
 Batched (no Python loop over objects or locations), on the inputs' device; one host read per step
-(the pairwise windows). Behaviours follow ../shared/spec/boxinst.md (AdelaiDet) and ../shared/spec/sim.md.
+(the pairwise windows). Behaviours follow AdelaiDet (docs/official_code.md Part B) and the paper.
 """
 
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from box_ops import box_masks_inclusive, masks_to_boxes, stride_grid
+from box_ops import box_masks_inclusive, masks_to_boxes, size_groups, stride_grid
 
 # -----------------------------------------------------------------------------
 # FCOS target assignment
@@ -71,18 +71,17 @@ def fcos_targets(locations, loc_level, strides, gt_boxes, gt_labels, num_classes
     xs = locations[None, :, None, 0]  # (1, L, 1)
     ys = locations[None, :, None, 1]  # (1, L, 1)
     x0, y0, x1, y1 = (boxes[:, None, :, k] for k in range(4))  # each (B, 1, G)
-    reg = torch.stack([xs - x0, ys - y0, x1 - xs, y1 - ys], dim=-1)  # (B, L, G, 4)
+    # the four distances as separate (B, L, G) maps, not stacked: at COCO scale (60 boxes) each is 2.7M
+    reg = (xs - x0, ys - y0, x1 - xs, y1 - ys)  # (l, t, r, b), each (B, L, G)
 
-    # centre sampling: the sub-box of half-size radius*stride around the centre, clipped
+    # centre sampling: the sub-box of half-size radius*stride around the centre, clipped; strictly
+    # inside it (a > b, the same test as a - b > 0 for finite floats)
     rad = (radius * s)[None, :, None]  # (1, L, 1)
     cx, cy = centers[:, None, :, 0], centers[:, None, :, 1]  # (B, 1, G)
-    sx0 = torch.maximum(cx - rad, x0)  # (B, L, G)
-    sy0 = torch.maximum(cy - rad, y0)  # (B, L, G)
-    sx1 = torch.minimum(cx + rad, x1)  # (B, L, G)
-    sy1 = torch.minimum(cy + rad, y1)  # (B, L, G)
-    in_centre = torch.stack([xs - sx0, ys - sy0, sx1 - xs, sy1 - ys], -1).amin(-1) > 0  # (B, L, G)
+    in_centre = (xs > torch.maximum(cx - rad, x0)) & (ys > torch.maximum(cy - rad, y0))  # (B, L, G)
+    in_centre &= (torch.minimum(cx + rad, x1) > xs) & (torch.minimum(cy + rad, y1) > ys)
 
-    max_reg = reg.amax(-1)  # (B, L, G)
+    max_reg = torch.maximum(torch.maximum(reg[0], reg[1]), torch.maximum(reg[2], reg[3]))  # (B, L, G)
     cared = (max_reg >= lo_t[None, :, None]) & (max_reg <= hi_t[None, :, None])  # (B, L, G)
     cand = in_centre & cared & real[:, None, :]  # (B, L, G)
 
@@ -91,7 +90,7 @@ def fcos_targets(locations, loc_level, strides, gt_boxes, gt_labels, num_classes
     min_area, idx = area.min(dim=-1)  # (B, L); ties -> first minimum
     pos = torch.isfinite(min_area)  # (B, L)
 
-    reg_t = reg.gather(2, idx[:, :, None, None].expand(B, L, 1, 4))[:, :, 0]  # (B, L, 4)
+    reg_t = torch.cat([d.gather(2, idx[:, :, None]) for d in reg], 2)  # (B, L, 4) # the chosen box's
     reg_t = torch.where(pos[..., None], reg_t / s[None, :, None], torch.zeros_like(reg_t))  # (B, L, 4)
     lab = torch.where(pos, labels.gather(1, idx), torch.full_like(idx, num_classes))  # (B, L)
     gt_inds = torch.where(pos, offsets[:, None] + idx, torch.full_like(idx, -1))  # (B, L)
@@ -218,15 +217,15 @@ def image_valid_masks(sizes, orig_sizes, padded_hw, stride=4, bottom_pixels_remo
 def projection_loss(mask_logits, box_masks):
     """BoxInst projection term: mean over instances of dice(max_y p, max_y B) +
     dice(max_x p, max_x B), p = sigmoid(mask_logits), on the whole padded map.
-    mask_logits, box_masks (N, 1, H, W) -> scalar (0, attached to the graph, when N = 0)."""
-    if mask_logits.shape[0] == 0:
-        return mask_logits.sum() * 0
+    mask_logits, box_masks (N, 1, H, W) -> scalar (0, attached to the graph, when N = 0).
+    Collective under torch.distributed: N = 0 takes the same path (empty sums), so a rank without
+    positives still joins the instance-count all-reduce the other ranks make."""
     p = mask_logits.float().sigmoid()  # (N, 1, H, W)
     loss_y = dice_loss(p.amax(dim=2), box_masks.amax(dim=2))  # (N,) profiles along W
     loss_x = dice_loss(p.amax(dim=3), box_masks.amax(dim=3))  # (N,) profiles along H
     # mean over the instances of all ranks (the reference: of this rank): with DDP's gradient
     # averaging, N processes with batch b then train exactly like one process with batch N*b
-    n_inst = reduce_mean(torch.tensor(float(p.shape[0]), device=p.device))
+    n_inst = reduce_mean(p.new_full((), float(p.shape[0])))  # a fill on the device: no host-to-device copy
     return (loss_x + loss_y).sum() / n_inst.clamp(min=1.0)
 
 
@@ -285,13 +284,20 @@ def box_windows(x, top, left, hc, wc, index):
     """Windows of (hc, wc) cells from the maps x (B, C, H, W): window k starts at row top[k], column
     left[k] (either may be negative) of map index[k]. Cells off the map read the nearest
     map cell (clamped); box_window_valid says which are real. -> (N, C, hc, wc). One gather, by index
-    arithmetic on the flattened maps, differentiable."""
-    B, C, H, W = x.shape
-    rows = (top[:, None] + torch.arange(hc, device=x.device)).clamp(0, H - 1)  # (N, hc)
-    cols = (left[:, None] + torch.arange(wc, device=x.device)).clamp(0, W - 1)  # (N, wc)
+    arithmetic on the flattened maps, differentiable (its backward a scatter-add into one map-sized
+    buffer); no copy of the N whole maps (at COCO scale 60 objects x 8 similarity channels: 130 MB)."""
+    C = x.shape[1]
+    return x.reshape(-1).gather(0, box_window_index(x.shape, top, left, hc, wc, index)).view(-1, C, hc, wc)
+
+
+def box_window_index(shape, top, left, hc, wc, index):
+    """box_windows' cells as indices into the flattened maps of `shape` (B, C, H, W) -> (N*C*hc*wc,) long."""
+    B, C, H, W = shape
+    rows = (top[:, None] + torch.arange(hc, device=top.device)).clamp(0, H - 1)  # (N, hc)
+    cols = (left[:, None] + torch.arange(wc, device=top.device)).clamp(0, W - 1)  # (N, wc)
     idx = (rows[:, :, None] * W + cols[:, None, :]).flatten(1)  # (N, hc*wc)
-    src = x.flatten(2).index_select(0, index)  # (N, C, H*W); index_select: its backward is a fast index_add
-    return src.gather(2, idx[:, None].expand(-1, C, -1)).view(-1, C, hc, wc)
+    chan = (index[:, None] * C + torch.arange(C, device=top.device)) * (H * W)  # (N, C) # start of each map
+    return (chan[:, :, None] + idx[:, None, :]).reshape(-1)  # (N*C*hc*wc,)
 
 
 def box_window_valid(top, left, hc, wc, H, W):
@@ -309,25 +315,30 @@ def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_s
     over ranks). mask_logits (N, 1, H, W); similarity (N, 8, H, W), or the images' (B, 8, H, W) with
     im_inds (N,); box_masks (N, 1, H, W) -> scalar. S is 0 for neighbours off the map.
     Speed: w = 0 outside the box, so the sums run on windows around each box (box_windows), one size
-    per half of the instances sorted by area: the same sums (test_losses checks), 4-30x fewer cells."""
+    per group of instances of similar size (box_ops.size_groups: one size for all would pad a COCO batch's
+    small boxes to its largest, and each cell costs 8 neighbours x 10 maps, forward and backward): the
+    same sums (test_losses checks), 4-30x fewer cells."""
     mask_logits = mask_logits.float()  # fp32 even under autocast
     pad = dilation * (kernel_size // 2)
     H, W = mask_logits.shape[-2:]
     # each box mask's bounding cells (all zeros for an empty mask, so it never widens the windows)
     x0, y0, x1, y1 = masks_to_boxes(box_masks[:, 0] > 0).long().unbind(1)  # (N,) each; x1, y1 exclusive
     hw = torch.stack([y1 - y0, x1 - x0], 1).tolist()  # (N, 2) box sizes in cells, on the host
-    order = sorted(range(len(hw)), key=lambda k: hw[k][0] * hw[k][1])
     total, w_sum = mask_logits.new_zeros(()), mask_logits.new_zeros(())
-    for group in (order[: len(order) // 2], order[len(order) // 2:]):
-        if not group:
-            continue
+    plans = []  # per group: its instances (n,), the windows' first rows and columns (n,), their size
+    for group in size_groups(hw, 2 * pad):
         g = torch.tensor(group, device=mask_logits.device)  # (n,) instances of this group
         hc, wc = (max(hw[k][d] for k in group) + 2 * pad for d in (0, 1))
-        top, left = y0[g] - pad, x0[g] - pad  # windows reach `pad` cells beyond the box on every side
+        plans.append((g, y0[g] - pad, x0[g] - pad, hc, wc))  # windows reach `pad` cells beyond the box on every side
+    # every group's logit windows in ONE gather: its backward is one scatter into one buffer of the
+    # logits' size (a gather per group would zero-fill that buffer once per group)
+    flat = [box_window_index(mask_logits.shape, top, left, hc, wc, g) for g, top, left, hc, wc in plans]
+    m_windows = mask_logits.reshape(-1).gather(0, torch.cat(flat)).split([len(f) for f in flat]) if plans else []
+    for (g, top, left, hc, wc), m in zip(plans, m_windows):
         window = lambda x, index: box_windows(x, top, left, hc, wc, index)
         # cells off the map: their S and box mask read 0 (so w = 0), their logits any finite value
         on_map = box_window_valid(top, left, hc, wc, H, W)  # (n, 1, hc, wc)
-        m = window(mask_logits, g)  # (n, 1, hc, wc)
+        m = m.view(-1, 1, hc, wc)  # (n, 1, hc, wc)
         log_fg = F.logsigmoid(m)  # (n, 1, hc, wc)
         nbr_m = unfold_wo_center(m, kernel_size, dilation)[:, 0]  # (n, 8, hc, wc)
         nbr_log_fg = unfold_wo_center(log_fg, kernel_size, dilation)[:, 0]  # (n, 8, hc, wc)
@@ -385,7 +396,7 @@ def paste_loss(mask_logits, paste_masks, pasted, weights=None):
 
 
 def official_focal_loss(mask_logits, target, weight):
-    """The official code's pseudo-mask loss (sim_official.md 6.3), for the `official` preset only:
+    """The official code's pseudo-mask loss (docs/official_code.md §6.3), for the `official` preset only:
     FQ = sum w * a_t * (1 - p_t)^2 * BCEwithLogits(p, t) / (sum w + 1), p = sigmoid(logits),
     p_t = p t + (1 - p)(1 - t), a_t = 0.25 t + 0.75 (1 - t). Its quirk is kept: the BCE receives the
     probability p as its logit (a double sigmoid), so the CE part is bounded. Normalised by the
@@ -399,18 +410,22 @@ def official_focal_loss(mask_logits, target, weight):
     return (w * a_t * (1 - p_t) ** 2 * ce).sum() / (w.sum() + 1)
 
 
-def official_paste_loss(mask_logits, paste_masks, pasted, weights=None):
-    """The official code's paste loss (sim_official.md 6.4), for the `official` preset only:
+def official_paste_loss(mask_logits, paste_masks, pasted, weights=None, n_pos=None):
+    """The official code's paste loss (docs/official_code.md §6.4), for the `official` preset only:
     official_focal_loss under W_p (1 on every pixel of pasted positives, 0 for the others; times
     `weights`, e.g. the image-valid mask) plus dice(p W_p, t W_p) averaged over ALL positives (a
-    non-pasted positive adds a constant 1, no gradient). Arguments as paste_loss -> scalar."""
-    if mask_logits.shape[0] == 0:
+    non-pasted positive adds a constant 1, no gradient). Arguments as paste_loss -> scalar.
+    n_pos: the number of positives when only some are passed (sim_losses passes the pasted ones: the
+    others add exactly 0 to the focal term and 1 to the dice sum); None: all are passed."""
+    n = mask_logits.shape[0] if n_pos is None else n_pos
+    if n == 0:
         return mask_logits.sum() * 0
     w = pasted.to(mask_logits.dtype).view(-1, *[1] * (mask_logits.dim() - 1)).expand_as(mask_logits)
     if weights is not None:
         w = w * weights.to(w.dtype)
     p = mask_logits.float().sigmoid()
-    return official_focal_loss(mask_logits, paste_masks, w) + dice_loss(p * w, paste_masks.to(p.dtype) * w).mean()
+    dice = dice_loss(p * w, paste_masks.to(p.dtype) * w)  # (N,)
+    return official_focal_loss(mask_logits, paste_masks, w) + (dice.sum() + (n - mask_logits.shape[0])) / n
 
 
 def pseudo_loss_weight(it, lambda1=0.5, sim_start_iter=10000, ramp_iters=0, ramp_origin=-1):
@@ -461,19 +476,37 @@ def gt_mask_targets(masks, padded_hw, stride=4):
     return F.pad(m, (0, wp - m.shape[2], 0, hp - m.shape[1]))  # (N, hp, wp)
 
 
+def object_paste_masks(target, padded_hw, stride=4):
+    """One image's pasted pseudo masks, object by object, on the mask-out grid -> bool (N, Hp/s, Wp/s), False
+    for objects that were not pasted. target['paste_masks'] (P, h, w) holds a row for each object whose
+    'pasted' is True, in object order (copypaste.with_paste_fields); sampled as gt_mask_targets."""
+    hp, wp = padded_hw[0] // stride, padded_hw[1] // stride
+    rows = target['paste_masks'][:, stride // 2::stride, stride // 2::stride]  # (P, <=hp, <=wp)
+    rows = F.pad(rows, (0, wp - rows.shape[2], 0, hp - rows.shape[1]))  # (P, hp, wp)
+    if rows.shape[0] == 0:  # nothing pasted ('pasted' may be absent then)
+        return torch.zeros(len(target['boxes']), hp, wp, dtype=torch.bool, device=rows.device)
+    pasted = target['pasted']  # (N,)
+    # object k reads row (number of pasted objects before k); no host sync
+    row_of = (torch.cumsum(pasted.long(), 0) - 1).clamp(min=0)  # (N,)
+    return rows.bool()[row_of] & pasted[:, None, None]  # (N, hp, wp)
+
+
 def object_box_masks(targets, padded_hw, stride=4, occlusion_aware=True):
     """Every object's box mask on the mask-out grid, batch order -> float (G, Hp/s, Wp/s).
 
     occlusion_aware: pixels copy-paste covered with ANOTHER object ('paste_area' minus the object's own
-    'paste_masks') leave the box, so an occluded object does not claim its occluder in any loss (the
-    official code: box AND NOT pasted, sim_official.md 7.4)."""
+    pasted mask, object_paste_masks) leave the box, so an occluded object does not claim its occluder in
+    any loss (the official code: box AND NOT pasted, docs/official_code.md §7.4). Built on the grid (sampling
+    commutes with the pixelwise AND / NOT), not at full resolution."""
     boxes = torch.cat([t['boxes'] for t in targets])  # (G, 4)
     masks = box_masks_inclusive(boxes, padded_hw, stride)  # (G, Hp/s, Wp/s)
     if occlusion_aware and any('paste_area' in t for t in targets):
-        other = [t['paste_area'][None] & ~t['paste_masks'].bool() if 'paste_area' in t
-                 else torch.zeros(len(t['boxes']), *t['size'], dtype=torch.bool, device=boxes.device)
-                 for t in targets]  # (N_b, h_b, w_b) each
-        masks = masks * (1 - torch.cat([gt_mask_targets(o, padded_hw, stride) for o in other]))
+        hp, wp = padded_hw[0] // stride, padded_hw[1] // stride
+        hidden = [gt_mask_targets(t['paste_area'][None], padded_hw, stride).bool()
+                  & ~object_paste_masks(t, padded_hw, stride) if 'paste_area' in t
+                  else torch.zeros(len(t['boxes']), hp, wp, dtype=torch.bool, device=boxes.device)
+                  for t in targets]  # (N_b, Hp/s, Wp/s) each
+        masks = masks.masked_fill(torch.cat(hidden), 0)
     return masks
 
 
@@ -493,7 +526,7 @@ def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None
     s = cfg['mask_out_stride']  # the stride of the mask logits
     if cfg['method'] == 'full':  # CondInst: dice against the GT masks
         gt = torch.cat([gt_mask_targets(t['masks'], padded_hw, s) for t in targets])[inst['gt_inds']]  # (K, Hp/s, Wp/s)
-        n_inst = reduce_mean(torch.tensor(float(logits.shape[0]), device=logits.device))
+        n_inst = reduce_mean(logits.new_full((), float(logits.shape[0])))
         terms['loss_mask'] = dice_loss(logits.float().sigmoid(), gt[:, None]).sum() / n_inst.clamp(min=1.0)
     else:  # BoxInst: projection + pairwise from the boxes alone
         bmask = object_box_masks(targets, padded_hw, s, cfg['occlusion_aware'])[inst['gt_inds']][:, None]  # (K, 1, Hp/s, Wp/s)

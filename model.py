@@ -4,7 +4,7 @@ controller and dynamic mask head. BoxInst and SIM use exactly this network; they
 only in their losses (losses.py) and in what is built around it (prototypes.py, copypaste.py).
 
 References: FCOS (Tian et al. 2019), CondInst (Tian et al. 2020), BoxInst (Tian et al. 2021),
-as the AdelaiDet reference implements them (../shared/spec/boxinst.md).
+as the AdelaiDet reference implements them (docs/official_code.md, Part B).
 
 Reading order: aligned_bilinear -> FPN -> FCOSHead -> MaskBranch -> dynamic mask head ->
 CondInst (training forward, then inference) -> fold_batchnorm (forward-only twins) -> build_model.
@@ -224,6 +224,20 @@ def num_dynamic_params(in_channels, channels=8, num_layers=3):
     return sum(i * o + o for i, o in dynamic_head_shapes(in_channels, channels, num_layers))
 
 
+def relative_coords(inst_locations, inst_levels, sizes_of_interest, H, W, stride=8):
+    """CondInst's relative coordinates: (instance location - pixel location) / the instance level's size
+    of interest, for the pixels of an (H, W) map at `stride` (pixel j at j*stride + stride//2).
+    Always float32, also under autocast: in bf16 a coordinate past 1024 px is rounded to a multiple
+    of 8 px (up to 4 px off, 0.06 after the /64 of P3), as the reference subtracts in float32 too.
+    inst_locations (K, 2) (x, y), inst_levels (K,) -> rel_x (K, W), rel_y (K, H), float32."""
+    dev = inst_locations.device
+    ys = torch.arange(H, device=dev, dtype=torch.float32) * stride + stride // 2       # (H,)
+    xs = torch.arange(W, device=dev, dtype=torch.float32) * stride + stride // 2       # (W,)
+    soi = torch.tensor(sizes_of_interest, dtype=torch.float32).to(dev, non_blocking=True)[inst_levels]  # (K,)
+    loc = inst_locations.float()                                                        # (K, 2)
+    return (loc[:, 0, None] - xs[None]) / soi[:, None], (loc[:, 1, None] - ys[None]) / soi[:, None]
+
+
 def dynamic_mask_head(mask_feats, params, im_inds, inst_locations, inst_levels, sizes_of_interest,
                       channels=8, num_layers=3, stride=8):
     """Run K instance-specific FCNs (1x1 convolutions) at once.
@@ -241,12 +255,8 @@ def dynamic_mask_head(mask_feats, params, im_inds, inst_locations, inst_levels, 
     # split the parameter vector: all weights first, then all biases
     chunks = torch.split(params.to(mask_feats.dtype), [i * o for i, o in shapes] + [o for _, o in shapes], dim=1)
     weights, biases = chunks[:num_layers], chunks[num_layers:]
-    # relative coordinates: instance location minus pixel location, per-level normalised
-    ys = torch.arange(H, device=mask_feats.device, dtype=mask_feats.dtype) * stride + stride // 2
-    xs = torch.arange(W, device=mask_feats.device, dtype=mask_feats.dtype) * stride + stride // 2
-    soi = mask_feats.new_tensor(sizes_of_interest)[inst_levels]                        # (K,)
-    rel_x = (inst_locations[:, 0, None].to(xs.dtype) - xs[None]) / soi[:, None]         # (K, W)
-    rel_y = (inst_locations[:, 1, None].to(ys.dtype) - ys[None]) / soi[:, None]         # (K, H)
+    rel_x, rel_y = relative_coords(inst_locations, inst_levels, sizes_of_interest, H, W, stride)
+    rel_x, rel_y = rel_x.to(mask_feats.dtype), rel_y.to(mask_feats.dtype)              # (K, W), (K, H)
     # layer 1 on [rel_x, rel_y, feats] without building the (K, D+2, H, W) input: its coordinate
     # columns act on rel_x (a row) and rel_y (a column), its feature columns are one matmul per image
     # with that image's instances stacked (the same sums; 2-3x faster with the backward on CPU)
@@ -289,9 +299,10 @@ class CondInst(nn.Module):
         super().__init__()
         self.cfg = dict(cfg)
         self.num_classes = cfg["num_classes"]
-        self.backbone = Backbone(cfg["backbone"], cfg["pretrained"], cfg["backbone_norm"], cfg["freeze_at"])
-        # mask_out_stride 4 (reference): mask branch on P3-P5 at stride 8; 2: on P2-P5 at stride 4
+        # mask_out_stride 4 (reference): mask branch on P3-P5 at stride 8; 2: on P2-P5 at stride 4 (C2 read)
         self.mask_out_stride = cfg["mask_out_stride"]
+        self.backbone = Backbone(cfg["backbone"], cfg["pretrained"], cfg["backbone_norm"], cfg["freeze_at"],
+                                 with_c2=self.mask_out_stride == 2)
         self.fpn = FPN(self.backbone.out_channels, cfg["fpn_channels"], with_p2=self.mask_out_stride == 2)
         D = cfg["mask_out_channels"]
         self.num_params = num_dynamic_params(D, cfg["mask_head_channels"], cfg["mask_head_layers"])

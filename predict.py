@@ -216,14 +216,17 @@ def boxes_main(cfg, model, mcfg, cats, dev):
     had_masks = any(a.get("segmentation") for a in gt_json.get("annotations", []))
     anns_of = {}  # image id -> the annotations CocoBoxDataset kept, in its order
     for i, img_id in enumerate(ds.ids):
-        anns_of[img_id] = ds.records[i]["anns"]
+        anns_of[img_id] = ds.annotations(i)
     seg = {}      # annotation id -> (rle, area, score)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False, collate_fn=data.collate)
-    pictures = []
+    pictures, unreadable = [], []
     for batch, targets in loader:
         tg = [dict(t, boxes=t["boxes"].to(dev), labels=t["labels"].to(dev)) for t in targets]
         res = box_conditioned_masks(model, batch.to(dev), tg, cfg["combine"], cfg["mu"])
         for t, r in zip(targets, res):
+            if "unreadable" in t:  # its boxes get no mask; counted and named below
+                unreadable.append((t["image_id"], t["unreadable"]))
+                continue
             for a, m, s in zip(anns_of[t["image_id"]], r["masks"].cpu(), r["scores"].cpu().tolist()):
                 seg[a["id"]] = (to_rle(m), int(m.sum()), s)
             if len(pictures) < cfg["n_overlays"]:
@@ -238,8 +241,11 @@ def boxes_main(cfg, model, mcfg, cats, dev):
     out_json = os.path.join(cfg["out"], "masks.json")
     data.write_json_atomic(gt_json, out_json)
     print(f"predict.py: {len(seg)} boxes -> masks ({n_empty} empty) in {out_json}")
+    if unreadable:
+        print(f"predict.py: {len(unreadable)} unreadable image(s) skipped (their boxes have no mask), e.g. "
+              f"{unreadable[0][1]} — fix: replace the file(s) and run again", file=sys.stderr)
     for t, r in pictures:
-        rec = ds.records[ds.ids.index(t["image_id"])]
+        rec = ds.record(ds.ids.index(t["image_id"]))
         orig = read_rgb(rec["path"])
         pred = dict(boxes=torch.from_numpy(rec["boxes"]), labels=torch.from_numpy(rec["labels"]), masks=r["masks"].cpu())
         save_overlay(orig, pred, ds.class_names, os.path.join(cfg["out"], f"masks_{t['image_id']}.png"),
@@ -247,7 +253,8 @@ def boxes_main(cfg, model, mcfg, cats, dev):
     if had_masks:  # score the box-conditioned masks against the json's own masks
         results = [dict(image_id=a["image_id"], category_id=a["category_id"], segmentation=seg[a["id"]][0],
                         score=seg[a["id"]][2]) for a in gt_json["annotations"] if a["id"] in seg]
-        stats = evaluation.coco_evaluate(ds.coco, results, "segm", ds.ids)
+        skipped = {i for i, _ in unreadable}
+        stats = evaluation.coco_evaluate(ds.coco, results, "segm", [i for i in ds.ids if i not in skipped])
         data.write_json_atomic({"ckpt": cfg["ckpt"], "boxes": path, "combine": cfg["combine"], "segm": stats},
                                os.path.join(cfg["out"], "metrics.json"))
         print(f"predict.py: box-conditioned mask AP {stats['AP']:.1f} (GT boxes in, masks scored against {path}'s)")

@@ -3,7 +3,7 @@
 moving-average update (Eq. 4-5), IoU-weighted self-correction (Eq. 6), the rectified map (Eq. 7) and
 the pseudo labels with their ignore band (Eq. 8's targets); nanoSIM's departures beside them
 (the colour evidence is in colormap.py).
-Pure functions, and PrototypeMemory holding the sub-centres as buffers. Spec: ../shared/spec/sim.md.
+Pure functions, and PrototypeMemory holding the sub-centres as buffers. The authors' code: docs/official_code.md §4-§5.
 """
 
 import math
@@ -24,7 +24,8 @@ def normalize_features(mask_feats):
     pixel 4i + 2: the [2::4] grid of BoxInst's box masks (model.aligned_bilinear would land 2 px off).
     """
     z = F.interpolate(mask_feats.float(), scale_factor=2, mode="bilinear", align_corners=False)  # (B, D, H4, W4)
-    return F.normalize(z, dim=1)                                                               # (B, D, H4, W4)
+    # F.normalize(z, dim=1) up to rounding: its norm over the channel dim is 25x slower on CPU than this sum
+    return z / (z * z).sum(1, keepdim=True).sqrt().clamp_min(1e-12)                          # (B, D, H4, W4)
 
 
 # -----------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def ema_update(protos, centroids, counts, gamma=0.999, norm_dim=-1):
 
     protos, centroids (..., L, D); counts (..., L). norm_dim -1 (the paper: unit sub-centres):
     sub-centres that received no pixel are returned bit-identical (no renormalisation either).
-    norm_dim -2 reproduces the official code's normalisation along L (sim_official.md 4.2): the
+    norm_dim -2 reproduces the official code's normalisation along L (docs/official_code.md §4.2): the
     moved rows are mixed in, then every (class, channel) column over L is scaled to unit norm.
     """
     has = (counts > 0)[..., None]                                                      # (..., L, 1)
@@ -153,7 +154,7 @@ class PrototypeMemory(nn.Module):
         self.sinkhorn_iters = sinkhorn_iters
         self.assign = assign          # "argmax" (paper) or "gumbel" (official: hard Gumbel draw)
         # "D": unit sub-centres (the paper); "L": the official code's normalisation along L (a bug,
-        # for the official preset only: sub-centres are then not unit vectors, sim_official.md 4.2)
+        # for the official preset only: sub-centres are then not unit vectors, docs/official_code.md §4.2)
         self.norm_dim = -1 if norm == "D" else -2
         protos = torch.empty(2, num_classes, L, D)
         # timm-style trunc_normal_ (bounds +-2 absolute, i.e. ~100 std: effectively normal), then
@@ -168,24 +169,29 @@ class PrototypeMemory(nn.Module):
         """M_S for K objects: feats_norm (B, D, H, W), obj_img (K,), obj_cls (K,) -> (K, H, W).
         Eq. (1), or with calibrated=True calibrated_semantic_map against the class's background sub-centres.
         region (K, H, W) bool: computed there only (0 elsewhere): SIM reads M_S inside the box alone,
-        a tenth of the map, so it gathers those pixels instead of K copies of the feature maps."""
+        a tenth of the map, so it gathers those pixels instead of K copies of the feature maps, and
+        scores each object's pixels against its class's sub-centres in one matmul (not a copy of the
+        sub-centres per pixel: 10^5 pixels x L x D at COCO scale); the same sums up to rounding."""
         if region is None:
             if not calibrated:
                 return object_semantic_maps(feats_norm, self.protos, obj_img, obj_cls, self.tau)
             return calibrated_semantic_map(feats_norm[obj_img], self.protos[obj_cls], self.bg_protos[obj_cls], self.tau)
-        k, y, x = region.nonzero(as_tuple=True)                                        # (M,) each
-        z = feats_norm[obj_img[k], :, y, x][:, :, None, None]                           # (M, D, 1, 1): a 1x1 map per pixel
-        cls = obj_cls[k]                                                               # (M,)
+        k, y, x = region.nonzero(as_tuple=True)                                        # (M,) each, by object
+        z = feats_norm[obj_img[k], :, y, x]                                            # (M, D)
+        per_obj = z.split(torch.bincount(k, minlength=len(obj_cls)).tolist())          # (M_k, D) each
+        best = lambda protos: torch.cat([zk @ protos[c].T for zk, c in zip(per_obj, obj_cls.tolist())]
+                                        ).amax(1) if len(z) else z.new_zeros(0)        # (M,) best sub-centre
         if calibrated:
-            m = calibrated_semantic_map(z, self.protos[cls], self.bg_protos[cls], self.tau)  # (M, 1, 1)
+            m = torch.sigmoid((best(self.protos) - best(self.bg_protos)) / self.tau)   # (M,)
         else:
-            m = semantic_map(z, self.protos[cls], self.tau)                            # (M, 1, 1)
-        return feats_norm.new_zeros(region.shape).index_put_((k, y, x), m.view(-1))   # (K, H, W)
+            m = torch.sigmoid(best(self.protos) / self.tau)                            # (M,)
+        return feats_norm.new_zeros(region.shape).index_put_((k, y, x), m)            # (K, H, W)
 
     def _updated(self, protos, z_all, obj_img, obj_cls, sel, B, H, W):
-        """Eq. (2)-(5) for one set of sub-centres (C, L, D) from the pixels sel (K, H, W) -> new (C, L, D)."""
+        """Eq. (2)-(5) for one set of sub-centres (C, L, D) from the pixels sel (K, H, W) bool, or their
+        indices (k, y, x) -> new (C, L, D)."""
         C, L, D = protos.shape
-        k, y, x = sel.nonzero(as_tuple=True)                                           # (M0,) each
+        k, y, x = sel if isinstance(sel, tuple) else sel.nonzero(as_tuple=True)        # (M0,) each
         # one key per (class, image, pixel), class-major, deduplicated
         key = torch.unique((obj_cls[k] * B + obj_img[k]) * (H * W) + y * W + x)         # (M,)
         cls = key // (B * H * W)                                                       # (M,) class
@@ -208,7 +214,8 @@ class PrototypeMemory(nn.Module):
 
         feats_norm (B, D, H, W) unit features (the student's, as the official code); obj_img, obj_cls
         (K,) long; fg (K, H, W) bool: the pixels that update object k's class; bg (K, H, W) or None:
-        those that update its background sub-centres. A pixel in two objects of one class counts once.
+        those that update its background sub-centres; either may be given as the indices (k, y, x) of its
+        True entries instead (sim.prototype_pixels). A pixel in two objects of one class counts once.
         Collective under torch.distributed: call on every rank every time, even with K = 0.
         """
         B, D, H, W = feats_norm.shape
@@ -277,6 +284,27 @@ def pseudo_labels(m_prob, box_mask, tau_low=0.3, tau_high=0.7, supervise_outside
     return fg.to(m_prob.dtype), weight.to(m_prob.dtype)
 
 
+def _rank_with_zeros(x, sel, n):
+    """The (n_k + 1)-th largest value of each row of x * sel (x, sel (K, N), n (K,) long < N) -> (K,), from
+    a sort of the selected values alone: the unselected count as zeros. Two sorts of the
+    selected values (by value descending, then stably by row); one host read (the number selected)."""
+    k, p = sel.nonzero(as_tuple=True)                                                  # (M,) each, by row
+    v = x[k, p]                                                                        # (M,)
+    o = v.argsort(descending=True)
+    o = o[k[o].argsort(stable=True)]                                                   # by row, values descending
+    k, v = k[o], v[o]
+    count = torch.bincount(k, minlength=sel.shape[0])                                  # (K,) selected per row
+    if len(v) == 0:  # nothing selected: every row all zeros
+        return x.new_zeros(len(n))
+    start = torch.cumsum(count, 0) - count                                             # (K,) each row's first
+    outside = sel.shape[1] - count                                                     # (K,) zeros not sorted
+    above = torch.zeros_like(count).index_add_(0, k, (v > 0).long())                   # (K,) positive values
+    zeros = torch.zeros_like(count).index_add_(0, k, (v == 0).long()) + outside        # (K,)
+    # a row in full, descending: `above` positives, `zeros` zeros, then its negative selected values
+    at = lambda i: v[(start + i).clamp(0, len(v) - 1)]                                 # (K,)
+    return torch.where(n < above, at(n), torch.where(n < above + zeros, x.new_zeros(()), at(n - outside)))
+
+
 def pseudo_labels_adaptive(m_prob, m_i, box_mask, conf=0.7, t_min=0.7, t_max=0.8, bg=0.4,
                            supervise_outside=False):
     """Official variant of the targets: an area-matched foreground threshold per object.
@@ -284,12 +312,13 @@ def pseudo_labels_adaptive(m_prob, m_i, box_mask, conf=0.7, t_min=0.7, t_max=0.8
     n = #in-box pixels with M_I > conf; t = the (n+1)-th largest in-box M_prob (outside counts 0),
     clamped to [t_min, t_max]; M_hat = [M_prob > t] in the box; W = [M_prob > t or M_prob < bg] in
     the box, 0 outside (or 1 outside with supervise_outside, as pseudo_labels). m_prob, m_i,
-    box_mask (K, H, W) -> (M_hat, W) float in {0, 1}. No host sync: sort + gather.
+    box_mask (K, H, W) -> (M_hat, W) float in {0, 1}.
+    The ranking sorts the in-box values alone (a tenth of the maps; the outside's zeros are counted, not
+    sorted): the same t as sorting the whole masked maps.
     """
     inside = box_mask.bool()                                                           # (K, H, W)
     n = ((m_i > conf) & inside).flatten(1).sum(1).clamp(max=inside[0].numel() - 1)     # (K,)
-    ranked = (m_prob * inside).flatten(1).sort(dim=1, descending=True).values          # (K, H*W)
-    t = ranked.gather(1, n[:, None]).clamp(t_min, t_max)                               # (K, 1)
+    t = _rank_with_zeros(m_prob.flatten(1), inside.flatten(1), n).clamp(t_min, t_max)  # (K,)
     t = t.view(-1, *[1] * (m_prob.dim() - 1))                                          # (K, 1, 1)
     fg = (m_prob > t) & inside                                                         # (K, H, W)
     sure = (m_prob > t) | (m_prob < bg)                                                # (K, H, W)

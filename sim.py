@@ -11,7 +11,7 @@ prototypes.py (Eq. 1-7), losses.py (Eq. 8-10) and copypaste.py (Eq. 9, 11):
      teacher EMA                                                            after_step()
 
 Three presets (--sim_variant, PRESETS below): "paper" is Eq. 1-11 and Sec. 4.1 literally,
-"official" the authors' code as shared/spec/sim_official.md reads it, "nanosim" (the default) the
+"official" the authors' code as docs/official_code.md describes it, "nanosim" (the default) the
 paper's method with departures, each its own switch and function, each measured in BENCHMARKS.md:
   - supervise_outside: pixels outside the box (and pasted over the object) are background targets;
   - occlusion_aware: pixels pasted over an object leave its box in every loss;
@@ -25,7 +25,7 @@ paper's method with departures, each its own switch and function, each measured 
   - color_weight: colour evidence from the box's surroundings mixed into Eq. 7 (colormap.color_map):
     where the teacher is unsure, the feature-based M_S is near chance, the colours are not.
 
-Choices where sim.md leaves them open (see the comments where they are made):
+Choices the paper leaves open (docs/official_code.md §12; see the comments where they are made):
   - M_I comes from the TEACHER's mask predictions at the student's selected positives.
   - pasted objects take part in the FCOS and BoxInst losses as ordinary GT boxes, and get
     L_paste (against the mask they were pasted with) instead of L_pseudo.
@@ -41,7 +41,7 @@ import colormap
 import copypaste
 import losses
 import prototypes
-from box_ops import box_iou_pairs, decode_boxes
+from box_ops import box_iou_pairs, decode_boxes, masks_to_boxes, size_groups
 from model import fold_batchnorm, refold
 
 
@@ -57,7 +57,7 @@ PRESETS = {
                   lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_prob=0.5,
                   paste_replacement=False, paste_detector=True, pairwise_affinity="color", color_weight=0.0,
                   bank_masks="teacher"),
-    # the authors' code (sim_official.md): no temperature, prototypes normalised over L, Gumbel
+    # the authors' code (docs/official_code.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
     # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
     # schedule: 3 * max_iters here), bank 50, paste with replacement, colour x feature affinity.
@@ -149,8 +149,8 @@ class SIMState:
 
 def make_teacher(model):
     """A deep copy of the student; no gradients; eval mode, so its BN uses running statistics.
-    (sim.md lets us choose: the official code runs it in train mode; eval mode keeps the
-    teacher's features independent of the batch, which is what a teacher is for.)"""
+    (The paper does not say; the official code runs it in train mode, docs/official_code.md §3.1. Eval
+    mode keeps the teacher's features independent of the batch, which is what a teacher is for.)"""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -170,8 +170,8 @@ def update_teacher(teacher, model, momentum=0.9999):
 def bf16_kernels(device):
     """Whether `device` has native bfloat16 convolutions and matmuls: a CUDA GPU that supports bf16,
     or a CPU with AVX512-BF16 or AMX (oneDNN's check). Elsewhere bf16 is emulated, slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native only: V100/T4 report bf16 through emulation, slower than fp32 there
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -226,7 +226,8 @@ def objects(targets, padded_hw, stride=4, occlusion_aware=True, images=None):
     """Every GT object of the batch, in the global order of gt_inds: boxes (G, 4), classes (G,),
     image (G,), pasted (G,) bool, and on the mask-out grid (stride s = 4 in the reference; all maps
     below are "Hp/4" for s = 4): box masks (G, Hp/s, Wp/s) (occlusion_aware: minus the pixels pasted
-    over the object, losses.object_box_masks), pasted pseudo masks (G, Hp/s, Wp/s), the
+    over the object, losses.object_box_masks), pasted pseudo masks (G, Hp/s, Wp/s) float, 0 for objects
+    not pasted (losses.object_paste_masks; None unless every target has 'paste_masks'), the
     image-valid masks (B, Hp/s, Wp/s) (0 on padding), and with images (B, 3, Hp, Wp) (raw RGB) their
     CIE-Lab colours on the same grid, lab (B, 3, Hp/s, Wp/s) (averaged over each s x s cell, as the
     pairwise loss's), for color_map."""
@@ -234,13 +235,13 @@ def objects(targets, padded_hw, stride=4, occlusion_aware=True, images=None):
     boxes = torch.cat([t["boxes"] for t in targets])                                    # (G, 4)
     img = torch.cat([torch.full((len(t["boxes"]),), i, device=dev, dtype=torch.long) for i, t in enumerate(targets)])
     pasted = torch.cat([t.get("pasted", torch.zeros(len(t["boxes"]), dtype=torch.bool, device=dev)) for t in targets])
-    paste = [losses.gt_mask_targets(t["paste_masks"], padded_hw, stride) for t in targets if "paste_masks" in t]
+    paste = [losses.object_paste_masks(t, padded_hw, stride) for t in targets if "paste_masks" in t]
     valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw,
                                      stride, bottom_pixels_removed=0, device=dev)       # (B, Hp/4, Wp/4)
     lab = None if images is None else losses.rgb_to_lab(torch.nn.functional.avg_pool2d(images.float(), stride))
     return dict(valid=valid, lab=lab, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
                 box_mask=losses.object_box_masks(targets, padded_hw, stride, occlusion_aware),  # (G, Hp/4, Wp/4)
-                paste_mask=torch.cat(paste) if len(paste) == len(targets) else None)
+                paste_mask=torch.cat(paste).float() if len(paste) == len(targets) else None)
 
 
 def positive_box_ious(out, im_inds, loc_inds, strides, gt_boxes):
@@ -277,28 +278,77 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     w = prototypes.positive_weights(ious, gi, G, cfg["mu"])                             # (K,)
     m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/4, Wp/4)
     m_mean = prototypes.instance_map(probs, prototypes.positive_weights(ious, gi, G, 0.0), gi, G)
-    # Eq. (7) and the thresholds: confident fg / bg, an ignored band between; outside the box
-    # background (supervise_outside) or nothing
-    m_prob = prototypes.rectified_map(m_s, m_i, cfg["alpha"], obj["box_mask"])          # (G, Hp/4, Wp/4)
-    m_c = None
-    if cfg["color_weight"] > 0:  # nanoSIM: colour evidence from the box's surroundings (colormap.color_map)
-        fg_seed, bg_seed, ring = colormap.color_seeds(obj["box_mask"], m_i, obj["valid"][obj["img"]],
-                                                        cfg["proto_conf_thresh"], cfg["color_ring"])
-        m_c = colormap.color_map(obj["lab"][obj["img"]], fg_seed, bg_seed, inside,
-                                   cfg["color_seeds"], cfg["color_temp"], ring, cfg["color_min_contrast"])
-        # Eq. (7)'s mix once more: M_prob' = (1 - beta) M_prob + beta M_C (beta = 0: the paper)
-        m_prob = prototypes.rectified_map(m_prob, m_c, cfg["color_weight"], obj["box_mask"])
-    if cfg["pseudo_thresh"] == "fixed":
-        m_hat, weight = prototypes.pseudo_labels(m_prob, obj["box_mask"], cfg["tau_low"], cfg["tau_high"],
-                                                 cfg["supervise_outside"])
-    else:  # "area": the foreground never outgrows the teacher's confident area
-        m_hat, weight = prototypes.pseudo_labels_adaptive(m_prob, m_i, obj["box_mask"], cfg["proto_conf_thresh"],
-                                                          cfg["tau_high"], cfg["area_t_max"], cfg["tau_low"],
-                                                          cfg["supervise_outside"])
-    weight = weight * obj["valid"][obj["img"]]                                          # never on the padding
+    # Eq. (7) and the thresholds, in a window around each box (box_pseudo_labels: they are confined to it)
+    color = cfg["color_weight"] > 0
+    m_c = torch.full_like(m_i, 0.5) if color else None  # outside the boxes: no colour evidence
+    m_prob, m_hat = torch.zeros_like(m_i), torch.zeros_like(m_i)
+    # outside the boxes: background on the image (supervise_outside) or nothing
+    weight = obj["valid"][obj["img"]] if cfg["supervise_outside"] else torch.zeros_like(m_i)  # (G, Hp/4, Wp/4)
+    for g, ids, win in box_windows_of(inside, cfg["color_ring"] if color else 0):
+        img = obj["img"][g]
+        res = box_pseudo_labels(win(m_s, g), win(m_i, g), win(obj["box_mask"], g), win(obj["valid"], img),
+                                win(obj["lab"], img) if color else None, ids, cfg)
+        for full, part in zip((m_prob, m_hat, weight, m_c), res):
+            if full is not None:
+                full.view(G, -1)[g[:, None], ids.flatten(1)] = part.flatten(1)
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
     return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
                 has_pos=has_pos, pos_weights=w)
+
+
+def box_windows_of(box_mask, margin=0):
+    """Windows of the mask-out grid around each box mask box_mask (G, H, W) bool (its bounding cells and
+    `margin` more on each side, moved inside the grid where they would leave it), for pseudo_masks ->
+    [(g, ids, win)], one per group of boxes of similar size (box_ops.size_groups): g (n,) the boxes,
+    ids (n, hc, wc) long each window cell's index in the flattened grid, win(x, index) the windows of
+    maps x (N, [C,] H, W) (map index[k] for box g[k]) -> (n, [C,] hc, wc). One host read."""
+    H, W = box_mask.shape[-2:]
+    dev = box_mask.device
+    rects = []
+    for c0, r0, c1, r1 in masks_to_boxes(box_mask).long().tolist():
+        c0, r0 = min(max(c0 - margin, 0), W - 1), min(max(r0 - margin, 0), H - 1)
+        c1, r1 = max(min(c1 + margin, W), c0 + 1), max(min(r1 + margin, H), r0 + 1)
+        rects.append((c0, r0, c1, r1))
+    out = []
+    for group in size_groups([(r1 - r0, c1 - c0) for c0, r0, c1, r1 in rects]):
+        hc = max(rects[k][3] - rects[k][1] for k in group)
+        wc = max(rects[k][2] - rects[k][0] for k in group)
+        g = torch.tensor(group, device=dev)  # (n,)
+        top = torch.tensor([min(rects[k][1], H - hc) for k in group], device=dev)  # (n,) inside the grid
+        left = torch.tensor([min(rects[k][0], W - wc) for k in group], device=dev)
+        ids = ((top[:, None] + torch.arange(hc, device=dev))[:, :, None] * W
+               + (left[:, None] + torch.arange(wc, device=dev))[:, None, :])  # (n, hc, wc)
+
+        def win(x, index, top=top, left=left, hc=hc, wc=wc):
+            y = x if x.dim() == 4 else x[:, None]
+            y = losses.box_windows(y, top, left, hc, wc, index)  # (n, C, hc, wc)
+            return y if x.dim() == 4 else y[:, 0]
+        out.append((g, ids, win))
+    return out
+
+
+def box_pseudo_labels(m_s, m_i, box_mask, valid, lab, ids, cfg):
+    """Eq. (7), nanoSIM's colour term and the thresholds on maps (n, h, w) that hold each object's box
+    (pseudo_masks runs it on windows around the boxes, box_windows_of: every value outside a box is a
+    constant, and the colour seeds lie within color_ring cells of it): M_S, M_I, box masks, the
+    image-valid masks, the Lab colours (n, 3, h, w) (None: no colour term), ids (n, h, w) each cell's
+    index in the full map (for the colour seeds' hash) -> M_prob, M_hat, W (times valid), M_C (or None)."""
+    m_prob = prototypes.rectified_map(m_s, m_i, cfg["alpha"], box_mask)                  # (n, h, w)
+    m_c = None
+    if lab is not None:  # nanoSIM: colour evidence from the box's surroundings (colormap.color_map)
+        fg_seed, bg_seed, ring = colormap.color_seeds(box_mask, m_i, valid, cfg["proto_conf_thresh"], cfg["color_ring"])
+        m_c = colormap.color_map(lab, fg_seed, bg_seed, box_mask > 0, cfg["color_seeds"], cfg["color_temp"], ring,
+                                 cfg["color_min_contrast"], ids=ids)
+        # Eq. (7)'s mix once more: M_prob' = (1 - beta) M_prob + beta M_C (beta = 0: the paper)
+        m_prob = prototypes.rectified_map(m_prob, m_c, cfg["color_weight"], box_mask)
+    if cfg["pseudo_thresh"] == "fixed":
+        m_hat, weight = prototypes.pseudo_labels(m_prob, box_mask, cfg["tau_low"], cfg["tau_high"],
+                                                 cfg["supervise_outside"])
+    else:  # "area": the foreground never outgrows the teacher's confident area
+        m_hat, weight = prototypes.pseudo_labels_adaptive(m_prob, m_i, box_mask, cfg["proto_conf_thresh"],
+                                                          cfg["tau_high"], cfg["area_t_max"], cfg["tau_low"],
+                                                          cfg["supervise_outside"])
+    return m_prob, m_hat, weight * valid, m_c                                           # never on the padding
 
 
 def sim_losses(out, pm, obj, cfg):
@@ -307,20 +357,26 @@ def sim_losses(out, pm, obj, cfg):
     and cfg["paste_loss"]: "bce_dice" (the paper) or "official"."""
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
-    logits = out["mask_logits"][:, 0]                                                   # (K, Hp/4, Wp/4)
+    logits = out["mask_logits"].squeeze(1)                                              # (K, Hp/4, Wp/4), a view
     pasted = obj["pasted"][gi]                                                          # (K,)
     keep = ~pasted
-    # "official": the official code's focal-style forms (sim_official.md 6.3-6.4)
+    # "official": the official code's focal-style forms (docs/official_code.md §6.3-§6.4)
     pseudo = losses.official_focal_loss if cfg["pseudo_loss"] == "official" else losses.pseudo_mask_loss
-    terms = {"loss_pseudo": pseudo(logits[keep], pm["M_hat"][gi][keep], pm["W"][gi][keep])}
+    terms = {"loss_pseudo": pseudo(logits[keep], pm["M_hat"][gi[keep]], pm["W"][gi[keep]])}
     if obj["paste_mask"] is not None:
-        paste = losses.official_paste_loss if cfg["paste_loss"] == "official" else losses.paste_loss
-        terms["loss_paste"] = paste(logits, obj["paste_mask"][gi], pasted, obj["valid"][inst["im_inds"]])
+        # only the pasted positives are passed: the others weigh 0 in both forms (the official one's dice
+        # mean still counts them, n_pos), and their (K, Hp/4, Wp/4) targets need not be gathered
+        sel = pasted.nonzero().squeeze(1)                                               # (P,)
+        args = (logits[sel], obj["paste_mask"][gi[sel]], pasted[sel], obj["valid"][inst["im_inds"][sel]])
+        terms["loss_paste"] = (losses.official_paste_loss(*args, n_pos=len(gi)) if cfg["paste_loss"] == "official"
+                               else losses.paste_loss(*args))
     return terms
 
 
-def prototype_pixels(pm, obj, cfg):
-    """The pixels that update the class sub-centres (fg) and the background sub-centres (bg), (G, Hp/s, Wp/s) bool.
+def prototype_pixels(pm, obj, cfg, as_indices=False):
+    """The pixels that update the class sub-centres (fg) and the background sub-centres (bg), (G, Hp/s, Wp/s) bool,
+    or with as_indices the indices (k, y, x) of their True entries (what PrototypeMemory.update reads):
+    then the tests run on the in-box cells alone, not on G whole maps.
 
     fg: inside the box where the teacher's mean mask over the positives > proto_conf_thresh (the
     official rule); bg: inside the box where it is < 1 - proto_conf_thresh (only with the calibrated
@@ -332,18 +388,23 @@ def prototype_pixels(pm, obj, cfg):
     (BENCHMARKS.md D16). The filter keeps a pixel the map already calls background out of the class.
     """
     box = (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]                          # (G, Hp/s, Wp/s)
-    fg = (pm["M_mean"] > cfg["proto_conf_thresh"]) & box
+    m_mean, m_s = pm["M_mean"], pm["M_S"]
+    if as_indices:
+        idx = box.nonzero(as_tuple=True)                                                # (M,) each: in-box cells
+        box, m_mean, m_s = torch.ones_like(idx[0], dtype=torch.bool), m_mean[idx], m_s[idx]  # (M,) each
+        pick = lambda sel: tuple(i[sel] for i in idx)
+    fg = (m_mean > cfg["proto_conf_thresh"]) & box
     if cfg["semantic_map"] != "calibrated":
-        return fg, None
-    bg = (pm["M_mean"] < 1 - cfg["proto_conf_thresh"]) & box
+        return (pick(fg), None) if as_indices else (fg, None)
+    bg = (m_mean < 1 - cfg["proto_conf_thresh"]) & box
     if cfg["proto_filter"]:
-        fg, bg = fg & (pm["M_S"] > 0.5), bg & (pm["M_S"] < 0.5)
-    return fg, bg
+        fg, bg = fg & (m_s > 0.5), bg & (m_s < 0.5)
+    return (pick(fg), pick(bg)) if as_indices else (fg, bg)
 
 
 def feature_similarity(feats, kernel_size=3, dilation=2):
     """The official code's feature affinity (not a paper equation): S_feat(i, j) = exp(-||f_i - f_j||_2)
-    between each pixel and its 8 dilated neighbours, 0 for neighbours off the map (sim_official.md 6.2).
+    between each pixel and its 8 dilated neighbours, 0 for neighbours off the map (docs/official_code.md §6.2).
     feats (B, D, H, W) -> (B, k*k-1, H, W)."""
     f = feats.float()
     diff = f[:, :, None] - losses.unfold_wo_center(f, kernel_size, dilation)            # (B, D, 8, H, W)
@@ -368,7 +429,7 @@ def after_step(state, model, out, pm, obj, images, targets, ema=True):
     optimizer step, not per accumulated micro-batch."""
     cfg = state.cfg
     feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
-    fg, bg = prototype_pixels(pm, obj, cfg)
+    fg, bg = prototype_pixels(pm, obj, cfg, as_indices=True)
     state.protos.update(feats, obj["img"], obj["cls"], fg, bg)
     # the bank's masks: the teacher's mean mask (the official code) or nanoSIM's rectified map (Eq. 7, with
     # the colour term when on): the pasted objects then carry the labels' outline, not the teacher's

@@ -183,7 +183,7 @@ def render_synthetic_image(rng, height, width, size=160, min_visible=20, min_vis
 
     Why these two thresholds (version 7; min_visible_frac=0, low_contrast_bg=0.8 reproduce version 6
     exactly): on version 6 the low-contrast objects (80% background colour) and the occluded ones were
-    cases for the detector, not for the masks. `python ablate.py --attr_ap` on the session-5 runs:
+    cases for the detector, not for the masks. `python ablate.py --attr_ap` on the generator-v6 runs of 2026-11-22:
     box AP 15 on the low-contrast objects and 13 on the occluded ones, with GT masks as with boxes
     (BENCHMARKS.md D1): they measured how fast a from-scratch detector learns to see faint
     slivers, not what box supervision costs. Both cases stay, at a strength the demo's detector can

@@ -60,3 +60,19 @@ def test_conv_gmacs_hand_counts():
     with pytest.raises(ZeroDivisionError):
         bench.conv_gmacs(lambda: 1 / 0)
     assert len(hooks) == 0  # removed, also when fn raised
+
+
+def test_compare_host_prints_old_and_new(capsys, monkeypatch):
+    """--compare=host at 64 x 96 px, 3 objects per image, one rep, with this tree standing in for the old
+    commit (the real run adds a git worktree of it): a row per setting with both ratios, then the stages."""
+    import os
+    here = os.path.dirname(os.path.abspath(bench.__file__))
+    for k, v in dict(HOST_SIZE=(64, 96), HOST_OBJECTS=(3,), HOST_REPS=1, HOST_OLD_TREE=here).items():
+        monkeypatch.setattr(bench, k, v)
+    bench.main(["--compare=host"])
+    out = capsys.readouterr().out
+    for paste in ("on", "off"):
+        ratio = r"\d+ \| \d+ \| \d+\.\d\dx"  # old | new | old / new
+        assert re.search(rf"^\| 3 \| {paste} \| {ratio} \| {ratio} \|$", out, re.M), out
+        stages = " \\| ".join([r"\d+ -> \d+"] * len(bench.HOST_STAGES))
+        assert re.search(rf"^\| 3, {paste} \| {stages} \|$", out, re.M), out

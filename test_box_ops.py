@@ -1,9 +1,9 @@
-"""Tests for box_ops.py: the two box-mask pixel conventions on hand-made boxes, the centre, IoU, decoding."""
+"""Tests for box_ops.py: the two box-mask pixel conventions on hand-made boxes, the centre, IoU, decoding, groups."""
 
 import torch
 
 from box_ops import (box_iou_pairs, box_mask_centers, box_masks_exclusive, box_masks_inclusive, decode_boxes,
-                     masks_to_boxes, stride_grid)
+                     masks_to_boxes, size_groups, stride_grid)
 
 
 def rect(h, w, y0, y1, x0, x1):
@@ -79,3 +79,16 @@ def test_the_conventions_differ_by_the_end_pixel():
 def test_decode_boxes():
     loc = torch.tensor([[10.0, 20.0]])
     assert torch.equal(decode_boxes(loc, torch.tensor([[1.0, 2.0, 3.0, 4.0]])), torch.tensor([[9.0, 18.0, 13.0, 24.0]]))
+
+
+def test_size_groups_cover_every_box_once_within_the_waste():
+    g = torch.Generator().manual_seed(0)
+    hw = [tuple(int(v) for v in torch.randint(1, 60, (2,), generator=g)) for _ in range(40)] + [(0, 0), (150, 3)]
+    for extra, waste in ((0, 2.0), (4, 4.0)):
+        groups = size_groups(hw, extra, waste)
+        assert sorted(sum(groups, [])) == list(range(len(hw)))
+        for grp in groups:
+            h, w = (max(hw[k][d] + extra for k in grp) for d in (0, 1))
+            need = sum((hw[k][0] + extra) * (hw[k][1] + extra) for k in grp)
+            assert len(grp) == 1 or len(grp) * h * w <= waste * need
+    assert size_groups([]) == [] and size_groups([(3, 4)] * 5) == [[0, 1, 2, 3, 4]]

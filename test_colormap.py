@@ -86,3 +86,41 @@ def test_dilate_matches_max_pool():
     for r in (1, 3):
         want = F.max_pool2d(m[:, None].float(), 2 * r + 1, stride=1, padding=r)[:, 0] > 0
         assert torch.equal(colormap._dilate(m, r), want)
+
+
+def test_nearest_colour_and_seed_pick_equal_their_definitions():
+    """The fast nearest colour (per object, channel by channel, sqrt after the min) and seed pick (one sort of
+    the seeds) give exactly the brute-force values and picks, pixels in or out of object order."""
+    g = torch.Generator().manual_seed(0)
+    G, k, M = 5, 7, 300
+    pix = torch.randn(M, 3, generator=g) * 30
+    obj = torch.randint(G, (M,), generator=g)
+    ref = torch.randn(G, k, 3, generator=g) * 30
+    ok = torch.rand(G, k, generator=g) > 0.3
+    ok[2] = False  # an object without colours: inf
+    want = (pix[:, None] - ref[obj]).pow(2).sum(-1).sqrt().masked_fill(~ok[obj], math.inf).amin(1)
+    assert torch.equal(colormap._nearest_colour(pix, obj, ref, ok, chunk=16), want)
+    o = obj.argsort()
+    assert torch.equal(colormap._nearest_colour(pix[o], obj[o], ref, ok, chunk=16), want[o])
+    seed = torch.rand(G, 50, generator=g) < torch.tensor([0.0, 0.05, 0.5, 1.0, 0.2])[:, None]
+    for n_pick in (4, 64):
+        order = (torch.arange(50) * 2654435761) % 4294967296
+        top = torch.where(seed, order.double()[None], -1.0).topk(min(n_pick, 50), dim=1)
+        idx, valid = colormap._spread_pick(seed, n_pick)
+        assert torch.equal(valid, top.values >= 0) and torch.equal(idx[valid], top.indices[valid])
+        # ids: the hash of each pixel's index in a larger map (windows of it pick what the map picks)
+        ids = torch.arange(50)[None].expand(G, -1) + 1000
+        order = ((torch.arange(50) + 1000) * 2654435761) % 4294967296
+        top = torch.where(seed, order.double()[None], -1.0).topk(min(n_pick, 50), dim=1)
+        idx, valid = colormap._spread_pick(seed, n_pick, ids)
+        assert torch.equal(idx[valid], top.indices[valid])
+
+
+def test_color_map_reads_each_objects_image():
+    """color_map with the images' Lab (B, 3, H, W) and img: the same as with a Lab copy per object."""
+    g = torch.Generator().manual_seed(1)
+    lab = torch.rand(2, 3, 6, 7, generator=g) * 50
+    img = torch.tensor([1, 0, 1])
+    fg, bg, region = (torch.rand(3, 6, 7, generator=g) > p for p in (0.7, 0.6, 0.3))
+    want = colormap.color_map(lab[img], fg, bg, region, 4)
+    assert torch.equal(colormap.color_map(lab, fg, bg, region, 4, img=img), want)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from box_ops import box_masks_exclusive, masks_to_boxes
-from copypaste import (MemoryBank, bank_entry_from_teacher, box_quality_gate, copy_paste_batch,
-                       object_scores, paste, sample_objects, with_paste_fields)
+from copypaste import (MemoryBank, bank_entry_from_teacher, box_quality_gate, copy_paste_batch, crops_to_masks,
+                       masks_to_crops, object_scores, paste, sample_objects, with_paste_fields)
 
 
 def rect(h, w, y0, y1, x0, x1):
@@ -18,8 +18,10 @@ def rect(h, w, y0, y1, x0, x1):
 
 
 def make_entry(image, masks, labels=None, scores=None):
+    """A bank entry (the bank's layout: each mask a crop of its tight box at mask_xy) of full-size masks."""
     n = len(masks)
-    return dict(image=image, boxes=masks_to_boxes(masks), masks=masks,
+    crops, xy = masks_to_crops(masks)
+    return dict(image=image, boxes=masks_to_boxes(masks), masks=crops, mask_xy=xy,
                 labels=torch.arange(10, 10 + n) if labels is None else labels,
                 scores=torch.ones(n) if scores is None else scores)
 
@@ -73,8 +75,11 @@ def test_bank_fifo_order_and_capacity():
     image.fill_(0)
     e = bank.entries[-1]
     assert [int(x['image'][0, 0, 0]) for x in bank.entries] == [3, 4, 5]
-    assert e['labels'].tolist() == [3] and e['masks'].shape == (1, 2, 2) and e['scores'].tolist() == [pytest.approx(0.8)]
-    assert e['image'].dtype == torch.uint8 and e['masks'].dtype == torch.bool and e['image'].device.type == 'cpu'
+    assert e['labels'].tolist() == [3] and e['scores'].tolist() == [pytest.approx(0.8)]
+    # the mask kept as the crop of its tight box (pixel (0, 0)) at mask_xy
+    assert len(e['masks']) == 1 and e['masks'][0].tolist() == [[True]] and e['mask_xy'].tolist() == [[0, 0]]
+    assert torch.equal(crops_to_masks(e['masks'], e['mask_xy'], 2, 2), masks[:1])
+    assert e['image'].dtype == torch.uint8 and e['masks'][0].dtype == torch.bool and e['image'].device.type == 'cpu'
 
 
 def test_bank_sample_uniform():
@@ -97,13 +102,21 @@ def test_bank_state_dict_round_trip():
     other.load_state_dict(torch.load(buf))
     assert len(other) == 3 and other.full
     for a, b in zip(bank.entries, other.entries):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != 'masks')
+        assert len(a['masks']) == len(b['masks']) and all(torch.equal(u, v) for u, v in zip(a['masks'], b['masks']))
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for _ in range(5):
         assert torch.equal(bank.sample(g1)['image'], other.sample(g2)['image'])
     small = MemoryBank(capacity=2)
     small.load_state_dict(bank.state_dict())
     assert [int(e['image'][0, 0, 0]) for e in small.entries] == [2, 3]  # the most recent survive
+    # a bank saved with full-size masks (N, h, w) loads as crops
+    old = {'capacity': 3, 'entries': [{**{k: v for k, v in e.items() if k != 'mask_xy'},
+                                      'masks': crops_to_masks(e['masks'], e['mask_xy'], 2, 2)} for e in bank.entries]}
+    other.load_state_dict(old)
+    for a, b in zip(bank.entries, other.entries):
+        assert torch.equal(a['mask_xy'], b['mask_xy'])
+        assert all(torch.equal(u, v) for u, v in zip(a['masks'], b['masks']))
 
 # -----------------------------------------------------------------------------
 # importance sampling
@@ -157,9 +170,9 @@ def test_paste_hides_one_object_and_shrinks_others():
     torch.testing.assert_close(t['boxes'], torch.tensor([[2, 4, 6, 6], [4.5, 5.25, 7.5, 7.75],
                                                          [0.5, 4, 1.5, 6.5], [6, 5, 6, 8], [0, 0, 8, 4]]))
     assert t['pasted'].tolist() == [False, False, False, False, True]
-    assert t['paste_masks'].dtype == torch.float32 and t['paste_masks'].shape == (5, h, w)
-    assert torch.equal(t['paste_masks'][:4], torch.zeros(4, h, w))
-    assert torch.equal(t['paste_masks'][4], band.float())
+    # one paste-mask row per pasted object (bool), in object order
+    assert t['paste_masks'].dtype == torch.bool and t['paste_masks'].shape == (1, h, w)
+    assert torch.equal(t['paste_masks'][0], band)
     # GT masks follow: occluded originals, the pasted pseudo mask appended
     assert t['masks'].shape == (5, h, w) and t['masks'].dtype == torch.uint8
     assert torch.equal(t['masks'][0].bool(), rect(h, w, 4, 6, 2, 6))
@@ -190,9 +203,9 @@ def test_paste_pixels_and_crop_from_larger_entry():
     vis0 = m0[:8, :12] & ~m2[:8, :12]  # the later object m2 covers the earlier m0
     torch.testing.assert_close(t['boxes'][-2], masks_to_boxes(vis0[None])[0])
     assert t['boxes'][-2, 2] <= 12 and t['boxes'][-2, 3] <= 8
-    assert torch.equal(t['paste_masks'][-2], vis0.float())
-    assert torch.equal(t['paste_masks'][-1], m2[:8, :12].float())
-    assert t['paste_masks'].shape[1:] == (8, 12)
+    assert torch.equal(t['paste_masks'][-2], vis0)
+    assert torch.equal(t['paste_masks'][-1], m2[:8, :12])
+    assert t['paste_masks'].shape == (2, 8, 12)
 
 
 def test_paste_exact_crop_box():
@@ -250,7 +263,7 @@ def test_copy_paste_batch_unchanged(capacity, prob):
     for t, o in zip(targets, outt):
         assert torch.equal(o['boxes'], t['boxes']) and torch.equal(o['labels'], t['labels'])
         assert o['pasted'].tolist() == [False] * len(t['boxes'])
-        assert torch.equal(o['paste_masks'], torch.zeros(len(t['boxes']), *t['size']))
+        assert torch.equal(o['paste_masks'], torch.zeros(0, *t['size'], dtype=torch.bool))
         assert 'pasted' not in t
 
 
@@ -276,14 +289,108 @@ def test_bank_entry_from_teacher():
     boxes = torch.tensor([[0.0, 0, 4, 4], [0, 0, 8, 8], [0, 0, 8, 8]])
     image = torch.zeros(3, 6, 7, dtype=torch.uint8)
     e = bank_entry_from_teacher(image, boxes, torch.tensor([1, 2, 3]), probs, (6, 7))
-    assert e['labels'].tolist() == [1, 3] and e['masks'].shape == (2, 6, 7) and e['masks'].dtype == torch.bool
-    assert torch.equal(e['masks'][0], rect(6, 7, 0, 4, 0, 4))
+    # each mask a crop of its tight box, at mask_xy
+    assert e['labels'].tolist() == [1, 3] and [tuple(c.shape) for c in e['masks']] == [(4, 4), (3, 3)]
+    assert e['mask_xy'].tolist() == [[0, 0], [0, 0]] and e['masks'][0].dtype == torch.bool
+    masks = crops_to_masks(e['masks'], e['mask_xy'], 6, 7)
+    assert torch.equal(masks[0], rect(6, 7, 0, 4, 0, 4))
     # bilinear x4 of [[1, 0], [0, 0]]: rows/cols 0, 1 -> 1, 2 -> 0.875, 3 -> 0.625 (< 0.7 even alone)
-    assert torch.equal(e['masks'][1], rect(6, 7, 0, 3, 0, 3))
+    assert torch.equal(masks[1], rect(6, 7, 0, 3, 0, 3))
     torch.testing.assert_close(e['scores'], torch.tensor([0.9 * 16 / 17, 2.875 ** 2 / 10]))
     bank = MemoryBank(1)
     bank.push(**e)
     assert bank.full and bank.entries[0]['labels'].tolist() == [1, 3]
+    e = bank.entries[0]
+    assert [tuple(c.shape) for c in e['masks']] == [(4, 4), (3, 3)] and e['mask_xy'].tolist() == [[0, 0], [0, 0]]
+    assert torch.equal(crops_to_masks(e['masks'], e['mask_xy'], 6, 7), masks)
+
+
+@pytest.mark.parametrize('stride', [2, 4])
+def test_bank_entry_from_teacher_equals_full_maps(stride):
+    """The entry of a random teacher map, computed in windows around the boxes, against the definition on
+    whole maps (upsample every map, threshold, AND the box, Eq. 11's score, the quality gate): the same
+    masks bit for bit, with boxes of many sizes (several window groups), boxes that leave the image,
+    touch its edges or are empty."""
+    g = torch.Generator().manual_seed(stride)
+    h, w = 30, 37  # padded 32 x 40
+    corners = torch.rand(24, 2, 2, generator=g) * torch.tensor([50.0, 42]) - 5
+    boxes = torch.cat([torch.tensor([[0.0, 0, 37, 30], [30.2, 25.5, 45, 40], [36.5, 29.5, 60, 50], [10, 10, 10, 10]]),
+                       torch.cat([corners.amin(1), corners.amax(1)], 1)])  # (28, 4)
+    probs = torch.rand(len(boxes), 32 // stride, 40 // stride, generator=g)  # (N, Hp/s, Wp/s)
+    labels = torch.arange(len(boxes))
+    up = torch.nn.functional.interpolate(probs[:, None], scale_factor=stride, mode='bilinear', align_corners=False)
+    up = up[:, 0, :h, :w]  # (N, h, w)
+    for min_iou in (0.0, 0.5):
+        image = torch.zeros(3, h, w, dtype=torch.uint8)
+        e = bank_entry_from_teacher(image, boxes, labels, probs, (h, w), 0.6, stride, min_iou)
+        masks = (up > 0.6) & box_masks_exclusive(boxes, h, w)  # (N, h, w)
+        scores = (up * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1)
+        keep = masks.flatten(1).any(1)
+        if min_iou > 0:
+            scores, ok = box_quality_gate(masks, boxes, scores, min_iou)
+            keep &= ok
+        assert e['labels'].tolist() == keep.nonzero().squeeze(1).tolist() and 5 < len(e['labels']) < len(boxes)
+        assert torch.equal(crops_to_masks(e['masks'], e['mask_xy'], h, w), masks[keep])
+        assert all(c.shape[0] * c.shape[1] > 0 and c[0].any() and c[-1].any() and c[:, 0].any() and c[:, -1].any()
+                   for c in e['masks'])  # each crop its mask's tight box
+        torch.testing.assert_close(e['scores'], scores[keep])
+        torch.testing.assert_close(e['boxes'], boxes[keep])
+
+
+def full_size_paste(image, target, full, entry_image, idx, size):
+    """The definition of a paste with full-size masks (h, w) per object, written out: what paste() computes in
+    the window of the drawn crops. full (n_entry, H', W') the entry's masks; 'paste_masks' rows as paste's."""
+    h, w = size
+    fit = lambda t: torch.nn.functional.pad(t, (0, max(w - t.shape[-1], 0), 0, max(h - t.shape[-2], 0)))[..., :h, :w]
+    src = fit(full[idx])  # (n, h, w)
+    visible = torch.stack([src[k] & ~src[k + 1:].any(0) for k in range(len(idx))])  # later objects cover earlier
+    alpha = src.any(0)
+    out = image.clone()
+    out[:, :h, :w] = torch.where(alpha, fit(entry_image), image[:, :h, :w])
+    remaining = box_masks_exclusive(target['boxes'], h, w) & ~alpha
+    tight = masks_to_boxes(remaining)
+    b = target['boxes']
+    boxes = torch.cat([torch.maximum(b[:, :2], tight[:, :2]), torch.minimum(b[:, 2:], tight[:, 2:])], 1)
+    keep = torch.cat([remaining.flatten(1).any(1), visible.flatten(1).any(1)])
+    pasted = torch.cat([target.get('pasted', torch.zeros(len(boxes), dtype=torch.bool)),
+                        torch.ones(len(idx), dtype=torch.bool)])
+    old_rows = target.get('paste_masks', torch.zeros(0, h, w, dtype=torch.bool)) & ~alpha
+    rows = torch.cat([old_rows, visible])[keep[pasted]]
+    return out, dict(boxes=torch.cat([boxes, masks_to_boxes(visible)])[keep], pasted=pasted[keep], paste_masks=rows,
+                     paste_area=target.get('paste_area', torch.zeros(h, w, dtype=torch.bool)) | alpha,
+                     masks=torch.cat([target['masks'] * ~alpha, visible.to(torch.uint8)])[keep])
+
+
+def test_paste_equals_the_full_size_definition():
+    """Random entries, boxes that leave the image, a crop that leaves the valid region, duplicate and
+    hidden objects, two pastes in a row (the second covering the first's paste masks): paste() in its
+    window is the full-size definition (full_size_paste) exactly."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        H, W = 20, 24
+        h, w = int(torch.randint(10, 21, (), generator=g)), int(torch.randint(10, 25, (), generator=g))
+        corners = torch.rand(5, 2, 2, generator=g) * torch.tensor([30.0, 26]) - 3  # (5, corner, xy): some off the image
+        boxes = torch.cat([corners.amin(1), corners.amax(1)], 1)  # (5, 4)
+        target = make_target(boxes.tolist(), list(range(5)), (h, w))
+        target['masks'] = torch.randint(0, 2, (5, h, w), generator=g, dtype=torch.uint8)
+        image = torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8)
+        t, img = with_paste_fields(target, (h, w)), image
+        for step in range(2):
+            full = torch.zeros(4, 22, 26, dtype=torch.bool)
+            for m in full:
+                x0, y0 = (int(v) for v in torch.randint(0, 18, (2,), generator=g))
+                dy, dx = (int(v) for v in torch.randint(1, 9, (2,), generator=g))
+                m[y0:y0 + dy, x0:x0 + dx] = True
+                m &= torch.rand(22, 26, generator=g) > 0.2  # holes
+            entry = make_entry(torch.randint(0, 256, (3, 22, 26), generator=g, dtype=torch.uint8), full)
+            idx = torch.randint(0, 4, (int(torch.randint(1, 4, (), generator=g)),), generator=g)
+            want_img, want = full_size_paste(img, t, full, entry['image'], idx, (h, w))
+            img, t = paste(img, t, entry, idx, (h, w))
+            assert torch.equal(img, want_img), trial
+            for k in ('boxes', 'pasted', 'paste_masks', 'paste_area', 'masks'):
+                assert t[k].dtype == want[k].dtype and torch.equal(t[k], want[k]), (trial, step, k)
+            assert len(t['labels']) == len(t['boxes']) == len(t['masks'])
+            assert len(t['paste_masks']) == int(t['pasted'].sum())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -299,6 +406,25 @@ def test_paste_cuda_matches_cpu():
     assert torch.equal(gpu_img.cpu(), cpu_img)
     for k in ('boxes', 'labels', 'pasted', 'paste_masks'):
         assert gpu_t[k].device.type == 'cuda' and torch.equal(gpu_t[k].cpu(), cpu_t[k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_bank_entry_cuda_matches_cpu():
+    """The teacher's entry computed on the GPU (as after_step does in a real run) and pushed: the CPU's."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 8, 10, generator=g)
+    image = torch.randint(0, 256, (3, 30, 37), generator=g, dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0, 37, 30], [3.5, 2.2, 20.1, 17.9], [30.2, 25.5, 45, 40], [10, 10, 10, 10],
+                          [5, 2, 9, 29]])
+    args = lambda dev: (image.to(dev), boxes.to(dev), torch.arange(5, device=dev), probs.to(dev), (30, 37), 0.6, 4, 0.5)
+    cpu, gpu = bank_entry_from_teacher(*args('cpu')), bank_entry_from_teacher(*args('cuda'))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu['masks'], gpu['masks']))
+    torch.testing.assert_close(gpu['scores'].cpu(), cpu['scores'])
+    bank = MemoryBank(1)
+    bank.push(**gpu)
+    e = bank.entries[0]
+    assert e['mask_xy'].device.type == 'cpu' and torch.equal(e['mask_xy'], cpu['mask_xy'])
+    assert all(m.device.type == 'cpu' for m in e['masks'])
 
 
 def test_paste_area_and_occlusion_aware_box_masks():

@@ -287,3 +287,18 @@ def test_subset_ap_ignores_the_objects_outside_the_subset():
     assert ablate.subset_ap(gt, dets, lambda a: a["tag"] == "missed", "bbox") == pytest.approx(0.0)
     assert ablate.subset_ap(gt, dets, lambda a: True, "bbox") == pytest.approx(100 * 51 / 101)
     assert gt["annotations"][1]["iscrowd"] == 0 and dets[0]["bbox"] == [2, 2, 10, 10]  # inputs untouched
+
+
+def test_unreadable_image_is_left_out_counted_and_named(ds, capsys):
+    """A val image the dataset could not read (its target says so) is left out of the scores and named:
+    the other image, predicted perfectly, scores AP 100 (it would be lower if the unreadable image
+    counted with its GT and no detections)."""
+    preds = gt_preds(ds)
+    preds[12] = {k: v[:0] for k, v in preds[12].items()}  # the placeholder image gets no detections
+    batches = loader_of(ds)
+    batches[1][1][0]["unreadable"] = "12.png: cannot identify image file"
+    stats = ev.evaluate(FakeModel(preds), batches, ds, torch.device("cpu"))
+    assert stats["segm"]["AP"] == pytest.approx(100.0) and stats["bbox"]["AP"] == pytest.approx(100.0)
+    out = capsys.readouterr().out
+    assert "eval: 1 unreadable image(s) left out of the scores, e.g. 12.png: cannot identify image file" in out
+    assert "eval: 1 images," in out

@@ -455,7 +455,7 @@ def test_pseudo_loss_weight_ramp():
 
 
 def test_official_focal_loss_hand_value():
-    # sim_official.md 6.3: p = (0.9, 0.2), t = (1, 0), W = 1 -> 0.00827 (the probability fed as a logit)
+    # docs/official_code.md §6.3: p = (0.9, 0.2), t = (1, 0), W = 1 -> 0.00827 (the probability fed as a logit)
     p = torch.tensor([[0.9, 0.2]])
     logits = torch.log(p / (1 - p))
     fq = L.official_focal_loss(logits, torch.tensor([[1.0, 0.0]]), torch.ones(1, 2))

@@ -113,6 +113,23 @@ def test_dynamic_head_matches_per_instance_convs():
         assert torch.allclose(out[k:k + 1], aligned_bilinear(x, 2), atol=1e-5)
 
 
+def test_relative_coordinates_stay_float32_under_bf16():
+    """Past x = 1024 px bf16 holds only multiples of 8: relative coordinates built in the features' bf16
+    would be up to 4 px off (0.06 at P3's 1/64). A one-layer head that outputs rel_x alone, on bf16
+    features 160 cells wide (stride 8: pixels up to 1276 px), gives rel_x to bf16's rounding of the
+    result, as float32 features do."""
+    W, loc_x = 160, 1204.0
+    params = torch.zeros(1, num_dynamic_params(4, num_layers=1))
+    params[0, 0] = 1.0                                            # W1's rel_x column; rel_y, features, bias 0
+    locs, lv, im = torch.tensor([[loc_x, 20.0]]), torch.tensor([0]), torch.tensor([0])
+    out = {dt: dynamic_mask_head(torch.zeros(1, 4, 3, W, dtype=dt), params, im, locs, lv, [64], num_layers=1)
+           for dt in (torch.float32, torch.bfloat16)}
+    near = slice(2 * 140, 2 * W)                                  # output cells within ~100 px of the instance
+    exact = out[torch.float32][0, 0, 1, near]
+    assert exact.abs().max() < 1.6                                # |rel_x| small here: bf16's rounding is ~0.004
+    assert (out[torch.bfloat16][0, 0, 1, near].float() - exact).abs().max() < 0.02
+
+
 def test_dynamic_head_instances_in_any_image_order():
     """Instances listed out of image order, and an image with none, give each instance the mask its
     own image's features give it alone."""

@@ -171,7 +171,7 @@ def test_pseudo_labels_band_and_outside():
 
 
 def test_pseudo_labels_adaptive_official_example():
-    # sim_official.md Sec. 5.3: 6 in-box pixels then 4 outside
+    # docs/official_code.md §5.3: 6 in-box pixels then 4 outside
     mi = torch.tensor([[0.9, 0.8, 0.75, 0.6, 0.3, 0.1, 0.95, 0, 0, 0]])
     ms = torch.tensor([[0.7, 0.75, 0.3, 0.7, 0.6, 0.25, 0.7, 0.5, 0.5, 0.5]])
     box = torch.tensor([[1] * 6 + [0] * 4], dtype=torch.bool)
@@ -362,3 +362,17 @@ def test_semantic_maps_in_a_region_equal_the_full_maps_there(calibrated):
     full = mem.semantic_maps(feats, obj_img, obj_cls, calibrated)
     part = mem.semantic_maps(feats, obj_img, obj_cls, calibrated, region)
     assert torch.allclose(part, full * region, atol=1e-6)
+
+
+def test_rank_with_zeros_equals_sorting_the_masked_rows():
+    """pseudo_labels_adaptive's threshold: the (n+1)-th largest of x * sel per row, from the selected values
+    alone; with ties, zeros, negative values, empty and full selections."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        K, N = int(torch.randint(1, 6, (), generator=g)), int(torch.randint(1, 40, (), generator=g))
+        x = torch.randn(K, N, generator=g)
+        x = x.abs() if trial % 3 == 0 else x.round() if trial % 3 == 1 else x  # nonnegative (as SIM's), ties
+        sel = torch.rand(K, N, generator=g) < [0.0, 0.3, 1.0, 0.7][trial % 4]
+        n = torch.randint(N, (K,), generator=g)
+        want = (x * sel).sort(1, descending=True).values.gather(1, n[:, None])[:, 0]
+        assert torch.equal(prototypes._rank_with_zeros(x, sel, n), want), trial

@@ -94,11 +94,12 @@ def test_objects_paste_fields():
               size=(32, 28), orig_size=(32, 28), pasted=torch.tensor([False, True]))
     t1 = dict(boxes=torch.tensor([[16.0, 8.0, 30.0, 20.0]]), labels=torch.tensor([1]), size=(24, 32),
               orig_size=(24, 32), pasted=torch.tensor([True]))
-    t0["paste_masks"] = torch.zeros(2, 32, 28)
-    t0["paste_masks"][1, 6, 10] = 1    # on the grid: (6 - 2) / 4 = 1, (10 - 2) / 4 = 2
-    t0["paste_masks"][1, 5, 10] = 1    # between grid rows: never sampled
-    t1["paste_masks"] = torch.zeros(1, 24, 32)
-    t1["paste_masks"][0, 22, 30] = 1   # last real grid row and column
+    # one bool row per pasted object (object 1 of image 0, object 0 of image 1)
+    t0["paste_masks"] = torch.zeros(1, 32, 28, dtype=torch.bool)
+    t0["paste_masks"][0, 6, 10] = True    # on the grid: (6 - 2) / 4 = 1, (10 - 2) / 4 = 2
+    t0["paste_masks"][0, 5, 10] = True    # between grid rows: never sampled
+    t1["paste_masks"] = torch.zeros(1, 24, 32, dtype=torch.bool)
+    t1["paste_masks"][0, 22, 30] = True   # last real grid row and column
     obj = sim.objects([t0, t1], (32, 32))
     assert obj["pasted"].tolist() == [False, True, True]
     pm = obj["paste_mask"]
@@ -107,6 +108,76 @@ def test_objects_paste_fields():
     # one target without paste masks: no paste masks for the batch
     del t1["paste_masks"]
     assert sim.objects([t0, t1], (32, 32))["paste_mask"] is None
+
+
+def test_paste_layout_gives_the_old_full_layouts_inputs_and_losses():
+    """A hand-made batch with pastes, in the layout copypaste writes ('paste_masks': a bool row per pasted
+    object), against the former layout (a float row per object, zeros for the others) written out here:
+    the same box masks (occlusion-aware) and paste masks for the pseudo masks, and the same L_paste
+    (both forms) and L_pseudo, computed here by their formulas on the former layout."""
+    # padded 16 x 16, stride 4: grid pixels 2, 6, 10, 14. Image 0 (16 x 12): A plain, B and C pasted;
+    # image 1 (12 x 16): D pasted, E plain
+    t0 = dict(boxes=torch.tensor([[0.0, 0, 11, 15], [4, 4, 12, 12], [1, 9, 8, 16]]), labels=torch.tensor([0, 1, 2]),
+              size=(16, 12), orig_size=(16, 12), pasted=torch.tensor([False, True, True]))
+    t1 = dict(boxes=torch.tensor([[2.0, 1, 15, 11], [0, 0, 16, 12]]), labels=torch.tensor([1, 0]),
+              size=(12, 16), orig_size=(12, 16), pasted=torch.tensor([True, False]))
+    old0, old1 = torch.zeros(3, 16, 12), torch.zeros(2, 12, 16)  # the former layout: a row per object
+    old0[1, 5:11, 4:12] = 1                    # B, partly covered by C below
+    old0[2, 9:16, 1:8] = 1                     # C
+    old0[1, 9:11, 4:8] = 0
+    old1[0, 1:11, 6:15] = 1                    # D
+    t0["paste_masks"], t1["paste_masks"] = old0[1:].bool(), old1[:1].bool()   # the layout: pasted rows only
+    t0["paste_area"], t1["paste_area"] = old0.sum(0) > 0, old1.sum(0) > 0
+    obj = sim.objects([t0, t1], (16, 16))
+
+    def grid(m):  # a full-size (h, w) map -> the stride-4 grid of the padded 16 x 16 canvas
+        full = torch.zeros(16, 16)
+        full[:m.shape[0], :m.shape[1]] = m
+        return full[2::4, 2::4]
+    want_box, want_paste = [], []
+    for t, old in ((t0, old0), (t1, old1)):
+        for k, (x0, y0, x1, y1) in enumerate(t["boxes"].floor().long().tolist()):
+            box = torch.zeros(16, 16)
+            box[y0:y1 + 1, x0:x1 + 1] = 1                          # BoxInst's inclusive box mask
+            other = (t["paste_area"] & (old[k] == 0)).float()      # pasted pixels of another object
+            want_box.append(box[2::4, 2::4] * (1 - grid(other)))
+            want_paste.append(grid(old[k]))
+    assert torch.equal(obj["box_mask"], torch.stack(want_box))
+    assert torch.equal(obj["paste_mask"], torch.stack(want_paste))
+    assert obj["box_mask"][0].sum() < 16 and obj["paste_mask"][1].sum() > 0  # A lost pixels to B and C
+
+    # L_paste and L_pseudo on positives of every object, against the former layout's formulas
+    g = torch.Generator().manual_seed(0)
+    gi = torch.tensor([0, 1, 1, 2, 3, 4, 4])
+    im = obj["img"][gi]
+    logits = (2 * torch.randn(len(gi), 1, 4, 4, generator=g)).requires_grad_(True)
+    out = dict(inst=dict(gt_inds=gi, im_inds=im), mask_logits=logits)
+    pm = dict(M_hat=(torch.rand(5, 4, 4, generator=g) > 0.5).float(),
+              W=(torch.rand(5, 4, 4, generator=g) > 0.3).float())
+    x, is_p = logits[:, 0], obj["pasted"][gi]
+    t = torch.stack(want_paste)[gi]                                                   # (K, 4, 4) the former rows
+    w = is_p[:, None, None].float() * obj["valid"][im]
+    p = x.sigmoid()
+    sums = lambda x: x.flatten(1).sum(1)                                              # (K,)
+    dice = 1 - 2 * sums(p * w * t * w) / (sums((p * w).pow(2)) + sums((t * w).pow(2)) + 1e-5)
+    bce = lambda z, y: z.clamp(min=0) - z * y + torch.log1p(torch.exp(-z.abs()))    # BCE with logits z
+    p_t = p * t + (1 - p) * (1 - t)
+    focal = (w * (0.25 * t + 0.75 * (1 - t)) * (1 - p_t) ** 2 * bce(p, t)).sum() / (w.sum() + 1)
+    want_official = focal + dice.mean()                                               # dice over ALL positives
+    per = (w * bce(x, t)).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1) + dice
+    want_eq9 = per[is_p].mean()                                                       # Eq. 9: the pasted ones
+    m, wt = pm["M_hat"][gi], pm["W"][gi]
+    q = x.sigmoid() * wt
+    per = (wt * bce(x, m)).flatten(1).sum(1) / wt.flatten(1).sum(1).clamp(min=1) \
+        + 1 - 2 * sums(q * m * wt) / (sums(q.pow(2)) + sums((m * wt).pow(2)) + 1e-5)
+    want_pseudo = per[~is_p].mean()
+    for form, want in (("official", want_official), ("bce_dice", want_eq9)):
+        got = sim.sim_losses(out, pm, obj, dict(pseudo_loss="bce_dice", paste_loss=form))
+        torch.testing.assert_close(got["loss_paste"], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["loss_pseudo"], want_pseudo, rtol=1e-5, atol=1e-6)
+        g_got, = torch.autograd.grad(got["loss_paste"], logits)
+        g_want, = torch.autograd.grad(want, logits, retain_graph=True)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------
@@ -266,6 +337,56 @@ def test_pseudo_masks_eq6_constructed():
     assert pm["has_pos"].tolist() == [True, True]
 
 
+@pytest.mark.parametrize("variant", ["nanosim", "paper"])
+def test_pseudo_masks_in_box_windows_equal_the_whole_maps(variant):
+    """pseudo_masks computes Eq. (7), the colour term and the thresholds in windows around the boxes: the
+    same maps as those functions on the whole maps (with pasted pixels cut out of a box, a box on the
+    image's edge, and image 1's padding): the same colour seeds, so M_C to the last bit but where
+    torch.sigmoid rounds differently (its vectorised body and its scalar tail differ by an ulp, and
+    the pixels fall elsewhere in a shorter vector: M_C of one object alone differs so too)."""
+    cfg = sim_cfg(variant, color_ring=2, proto_conf_thresh=0.45)  # the untrained teacher's M_I: 0.4-0.6
+    model, state, images, targets = setup(cfg)
+    targets[1]["size"] = (52, 64)
+    targets[1]["boxes"][1] = torch.tensor([40.0, 30, 64, 52])                       # on the right and bottom edges
+    targets = [copypaste.with_paste_fields(t, t["size"]) for t in targets]
+    targets[0]["paste_area"] = torch.zeros(64, 64, dtype=torch.bool)
+    targets[0]["paste_area"][14:24, 12:20] = True                                  # cut out of object 0's box
+    out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    box, valid = obj["box_mask"], obj["valid"][obj["img"]]
+    assert (box[0] == 0).any() and box[0].sum() > 0
+    m_prob = prototypes.rectified_map(pm["M_S"], pm["M_I"], cfg["alpha"], box)
+    if variant == "nanosim":
+        fg, bg, ring = colormap.color_seeds(box, pm["M_I"], valid, cfg["proto_conf_thresh"], cfg["color_ring"])
+        m_c = colormap.color_map(obj["lab"][obj["img"]], fg, bg, box > 0, cfg["color_seeds"], cfg["color_temp"], ring,
+                                 cfg["color_min_contrast"])
+        torch.testing.assert_close(pm["M_C"], m_c, rtol=1e-6, atol=1e-9)
+        assert (m_c != 0.5).any()
+        m_prob = prototypes.rectified_map(m_prob, m_c, cfg["color_weight"], box)
+        m_hat, w = prototypes.pseudo_labels_adaptive(m_prob, pm["M_I"], box, cfg["proto_conf_thresh"], cfg["tau_high"],
+                                                     cfg["area_t_max"], cfg["tau_low"], cfg["supervise_outside"])
+    else:
+        assert pm["M_C"] is None
+        m_hat, w = prototypes.pseudo_labels(m_prob, box, cfg["tau_low"], cfg["tau_high"], cfg["supervise_outside"])
+    torch.testing.assert_close(pm["M_prob"], m_prob, rtol=1e-6, atol=1e-9)
+    assert torch.equal(pm["M_hat"], m_hat) and m_hat.sum() > 0
+    assert torch.equal(pm["W"], w * valid)
+
+
+def test_prototype_pixels_as_indices():
+    """The in-box cell list that after_step hands to the prototype update: the True entries of the maps."""
+    g = torch.Generator().manual_seed(0)
+    obj = dict(box_mask=(torch.rand(3, 5, 6, generator=g) > 0.4).float())
+    pm = dict(M_mean=torch.rand(3, 5, 6, generator=g), M_S=torch.rand(3, 5, 6, generator=g),
+              has_pos=torch.tensor([True, False, True]))
+    for cfg in (dict(proto_conf_thresh=0.6, semantic_map="calibrated", proto_filter=True),
+                dict(proto_conf_thresh=0.6, semantic_map="paper", proto_filter=False)):
+        dense, idx = sim.prototype_pixels(pm, obj, cfg), sim.prototype_pixels(pm, obj, cfg, as_indices=True)
+        for d, i in zip(dense, idx):
+            assert (d is None) == (i is None)
+            if d is not None:
+                assert all(torch.equal(a, b) for a, b in zip(d.nonzero(as_tuple=True), i)) and len(i[0]) > 0
+
+
 # -----------------------------------------------------------------------------
 # L_pseudo (Eq. 8) and L_paste (Eq. 9)
 
@@ -279,7 +400,7 @@ def loss_setup(pasted):
     for t, flags in zip(targets, pasted):
         t["pasted"] = torch.tensor(flags)
         w = t["size"][1]
-        t["paste_masks"] = t["masks"][:, :, :w].float() * t["pasted"][:, None, None]
+        t["paste_masks"] = t["masks"][t["pasted"]][:, :, :w].bool()  # a row per pasted object
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     return model, targets, out, obj, pm
 
@@ -394,10 +515,11 @@ def test_after_step_bank_entries():
     e0, e1 = state.bank.entries
     assert torch.equal(e0["image"], images[0, :, :, :60])
     assert torch.equal(e0["boxes"], targets[0]["boxes"][:1]) and e0["labels"].tolist() == [0]
-    assert torch.equal(e0["masks"], box_ops.box_masks_exclusive(e0["boxes"], 64, 60))
+    full = lambda e, h, w: copypaste.crops_to_masks(e["masks"], e["mask_xy"], h, w)     # the crops at full size
+    assert torch.equal(full(e0, 64, 60), box_ops.box_masks_exclusive(e0["boxes"], 64, 60))
     assert torch.equal(e1["image"], images[1])
     assert torch.equal(e1["boxes"], targets[1]["boxes"][1:]) and e1["labels"].tolist() == [2]
-    assert torch.equal(e1["masks"], box_ops.box_masks_exclusive(e1["boxes"], 64, 64))
+    assert torch.equal(full(e1, 64, 64), box_ops.box_masks_exclusive(e1["boxes"], 64, 64))
     assert ((e0["scores"] > 0) & (e0["scores"] < 1)).all()
 
 
@@ -561,7 +683,8 @@ def test_sim_state_round_trip():
     assert torch.equal(new.protos.protos, state.protos.protos)
     assert len(new.bank) == len(state.bank) == 2
     for e, f in zip(state.bank.entries, new.bank.entries):
-        assert e.keys() == f.keys() and all(torch.equal(e[k], f[k]) for k in e)
+        assert e.keys() == f.keys() and all(torch.equal(e[k], f[k]) for k in e if k != "masks")
+        assert len(e["masks"]) == len(f["masks"]) and all(torch.equal(u, v) for u, v in zip(e["masks"], f["masks"]))
     assert torch.equal(torch.rand(5, generator=new.generator), torch.rand(5, generator=state.generator))
     # before the teacher starts, the state has none and loading keeps it so
     fresh = sim.SIMState(cfg, torch.device("cpu"))
@@ -721,7 +844,7 @@ def test_after_step_bank_masks_from_the_rectified_map():
     pm["M_prob"][0, :4, :4] = 1.0                          # object 0's map: the top-left 16 x 16 px only
     sim.after_step(state, model, out, pm, obj, images, targets)
     e0 = state.bank.entries[0]
-    assert e0["masks"].shape[0] == 1                       # object 1 of image 0: an empty mask, dropped
+    assert len(e0["masks"]) == 1                           # object 1 of image 0: an empty mask, dropped
     # cells 0..3 at stride 4, bilinear x4: along each axis 1 up to pixel 13, then 0.875, 0.625, 0.375,
     # 0.125, 0; the 2-d value is the product; > 0.5 and inside the box [8, 10, 28, 30]
     v = torch.zeros(64)
@@ -729,7 +852,8 @@ def test_after_step_bank_masks_from_the_rectified_map():
     v[14:18] = torch.tensor([0.875, 0.625, 0.375, 0.125])
     want = (v[:, None] * v[None, :]) > 0.5
     want[:10], want[:, :8] = False, False
-    assert want.sum() == 6 * 8 - 1 and torch.equal(e0["masks"][0], want)   # (15, 15): 0.39
+    full = copypaste.crops_to_masks(e0["masks"], e0["mask_xy"], 64, 64)[0]
+    assert want.sum() == 6 * 8 - 1 and torch.equal(full, want)   # (15, 15): 0.39
 
 
 def test_viz_grids_for_sim_and_boxinst(tmp_path):

@@ -13,6 +13,7 @@ The reference (COCO R50 1x) values are in configs/.
 """
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -59,6 +60,7 @@ synthetic_min_visible = 0.3  # generator: objects keep >= this share of their ou
 synthetic_low_contrast = 0.6  # generator: low-contrast objects' colour share from the background (v6: 0.8)
 min_size_train = (144, 160, 176)  # shorter side sampled from these
 scale_per_batch = True       # one scale per batch, not per image (reference): less padding, 1.1x faster demo steps
+group_by_aspect = True       # batches of landscape or of portrait images only (reference): less padding
 max_size_train = 320
 min_size_test = 160
 max_size_test = 320
@@ -132,8 +134,8 @@ tau_high = 0.7               # [preset]
 area_t_max = 0.8             # [preset]
 supervise_outside = True     # [preset] pixels outside the box are background targets (paper/official: ignored)
 occlusion_aware = True       # [preset] pixels pasted over an object leave its box in every loss
-pseudo_loss = "bce_dice"     # [preset] "bce_dice" (Eq. 8) or "official" (focal-style, sim_official.md 6.3)
-paste_loss = "official"      # [preset] "bce_dice" (Eq. 9, over the pasted positives) or "official" (6.4;
+pseudo_loss = "bce_dice"     # [preset] "bce_dice" (Eq. 8) or "official" (focal-style, docs/official_code.md §6.3)
+paste_loss = "official"      # [preset] "bce_dice" (Eq. 9, over the pasted positives) or "official" (§6.4;
                              # nanosim: Eq. 9's form costs 6 box AP here, BENCHMARKS.md D15)
 lambda1 = 0.5                # [preset] Eq. (10) weight of L_pseudo
 lambda1_ramp_iters = 300     # [preset] lambda1 ramps linearly over this many iterations (0: a step)
@@ -164,6 +166,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 amp = True                   # autocast on CUDA (ignored on CPU)
 amp_dtype = "bfloat16"       # or "float16" (with a GradScaler)
 seed = 0
+dist_timeout_min = 60        # how long a rank waits in a collective: covers rank 0 alone scoring COCO's val
+                             # (COCOeval, json, pictures) while the others wait; NCCL's default is 10 min
 # -----------------------------------------------------------------------------
 
 
@@ -237,11 +241,19 @@ def rank_ckpt_path(ckpt_path, rank):
     return ckpt_path.replace(".pt", f".rank{rank}.pt")
 
 
-def load_rank_state(ckpt_path, rank, dev):
+def load_checkpoint(path):
+    """A checkpoint onto the CPU, whatever device wrote it: RNG states must be CPU byte tensors
+    (torch.set_rng_state, Generator.set_state), the memory bank lives on the CPU, and load_state_dict
+    copies weights onto the model's own device. mmap: a rank reads only the tensors it uses (ranks
+    1..N-1 never page in rank 0's bank stored in ckpt.pt)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def load_rank_state(ckpt_path, rank):
     path = rank_ckpt_path(ckpt_path, rank)
     if not os.path.isfile(path):
         return None
-    return torch.load(path, map_location=dev, weights_only=False)["rank_state"]
+    return load_checkpoint(path)["rank_state"]
 
 
 def save_atomic(obj, path):
@@ -301,6 +313,11 @@ def scale_schedule(cfg, world_size):
     return out
 
 
+def barrier(dev):
+    """dist.barrier on this rank's GPU under NCCL (without device_ids NCCL guesses the device)."""
+    dist.barrier(device_ids=[dev.index]) if dev.type == "cuda" else dist.barrier()
+
+
 def all_finite(x):
     """x is finite on every process (under DDP all ranks must skip a step together, or they hang)."""
     ok = torch.isfinite(x).all().float()
@@ -316,11 +333,12 @@ def train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, 
     optimizer steps and the teacher's EMA moves after the last one only (DDP syncs only then)."""
     m, n = micro
     last = m == n - 1
-    if sim_state is not None and it >= cfg["sim_start_iter"] and cfg["paste_prob"] > 0:  # online copy-paste (bank on the CPU)
+    images, targets = to_device(images, targets, dev)
+    if sim_state is not None and it >= cfg["sim_start_iter"] and cfg["paste_prob"] > 0:
+        # online copy-paste on the training device: the bank stays on the CPU, the drawn crops move
         images, targets = copypaste.copy_paste_batch(images, targets, sim_state.bank, cfg["paste_prob"],
                                                      sim_state.generator, cfg["paste_max_objects"],
                                                      cfg["paste_replacement"])
-    images, targets = to_device(images, targets, dev)
     teacher_on = sim_state is not None and it >= cfg["teacher_start_iter"]
     if teacher_on and sim_state.teacher is None:
         sim_state.start_teacher(raw_model)
@@ -368,7 +386,8 @@ def main():
         dev = f"cuda:{local_rank}" if device.startswith("cuda") else "cpu"
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(minutes=dist_timeout_min))
         rank, world_size = dist.get_rank(), dist.get_world_size()
     else:
         dev, rank, world_size = device, 0, 1
@@ -391,17 +410,23 @@ def main():
     if master:
         dataset_paths()  # generates the synthetic dataset on first use
     if ddp:
-        dist.barrier()
+        barrier(dev)
     paths = dataset_paths()
     train_ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True, min_sizes=min_size_train,
                                    max_size=max_size_train, with_masks=(method == "full"))
     val_ds = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(min_size_test,),
                                  max_size=max_size_test, with_masks=False)
+    # a val image that cannot be opened stops the run now, not after training (every rank checks, so all stop)
+    bad = val_ds.check_images()
+    if bad:
+        sys.exit(f"train.py: {len(bad)} val image(s) cannot be read, e.g. {bad[0]} — fix: replace the file(s) "
+                 f"or remove them from {paths['val_json']}")
     if num_classes == 0:
         num_classes = train_ds.num_classes
     config.update(num_classes=num_classes, **paths)
     train_loader = data.make_loader(train_ds, batch_size, train=True, num_workers=num_workers, distributed=ddp, seed=seed,
-                                    scale_per_batch=scale_per_batch)
+                                    scale_per_batch=scale_per_batch, group_by_aspect=group_by_aspect,
+                                    pin_memory=device_type == "cuda")
 
     # model, optimizer
     model = build_model(config).to(dev)
@@ -418,11 +443,11 @@ def main():
     if resume:
         if not os.path.isfile(ckpt_path):
             sys.exit(f"train.py: --resume given but {ckpt_path} does not exist — fix: drop --resume or set --out_dir")
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_iter = ckpt["iter"]
-        own = ckpt.get("rank_state") if rank == 0 else load_rank_state(ckpt_path, rank, dev)
+        own = ckpt.get("rank_state") if rank == 0 else load_rank_state(ckpt_path, rank)
         if sim_state is not None:
             sim_state.load_state_dict((own or ckpt)["sim"], model)
         if own is not None:
@@ -434,7 +459,10 @@ def main():
     batches = data.infinite(train_loader, start_iter * accum_steps)
     raw_model = model
     if ddp:
-        model = DDP(model, device_ids=[dev.index] if device_type == "cuda" else None)
+        # find_unused_parameters=False (the default, and the fast path): every trainable parameter must get a
+        # gradient on every rank at every step, also on a rank whose batch has no positive (test_train.py
+        # runs each config's network this way on 2 processes)
+        model = DDP(model, device_ids=[dev.index] if device_type == "cuda" else None, find_unused_parameters=False)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         print("config:", json.dumps(config))
@@ -447,7 +475,11 @@ def main():
               f"{f' x {accum_steps} accumulated' if accum_steps > 1 else ''}), lr {lr}, {max_iters} iterations, "
               f"lr steps {lr_steps}" + (f" (linear scaling from the recipe's batch {reference_batch})" if linear_scaling else ""))
 
+    written = [start_iter]  # the iteration of the newest checkpoint on disk
+
     def checkpoint(it):
+        if it == written[0]:  # already on disk (the last iteration is also a ckpt_interval multiple)
+            return
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             print(f"warning: iteration {it}: non-finite weights, checkpoint NOT written (the previous one is kept)",
                   flush=True)
@@ -456,15 +488,17 @@ def main():
         if master:
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
                          "config": config, "sim": own["sim"], "rank_state": own,
-                         "categories": train_ds.coco.loadCats(train_ds.cat_ids)}, ckpt_path)  # for predict.py
+                         "categories": train_ds.categories}, ckpt_path)  # for predict.py
         else:  # each rank's own bank and random states, beside the master's checkpoint
             save_atomic({"iter": it, "rank_state": own}, rank_ckpt_path(ckpt_path, rank))
+        written[0] = it
 
     # training loop
     # SIGTERM (a cluster's pre-emption, torchrun passing on a kill): finish the step, checkpoint, exit
-    stop = torch.zeros(1)
+    # the flag lives on the training device: NCCL all-reduces CUDA tensors only
+    stop = torch.zeros(1, device=dev)
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.fill_(1))
-    n_unreadable, n_nonfinite, last_unreadable = 0, 0, ""
+    n_unreadable, n_nonfinite, last_unreadable, warned = 0, 0, "", set()
     viz_batch = None
 
     model.train()
@@ -477,6 +511,10 @@ def main():
             for t in targets:  # files the dataset could not read, replaced by the next image (data.py)
                 for p in t.pop("skipped", ()):
                     n_unreadable, last_unreadable = n_unreadable + 1, p
+                    if p not in warned:  # one warning per file; later skips are only counted
+                        warned.add(p)
+                        print(f"warning: rank {rank}: cannot read {p}; skipped (counted, not warned again), the "
+                              f"next image stands in", file=sys.stderr, flush=True)
             loss, logs = train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, config, dev,
                                     autocast, (m, accum_steps))
             n_nonfinite += not torch.isfinite(loss).all()
@@ -487,8 +525,9 @@ def main():
             ips = n_iters * batch_size * world_size * accum_steps / dt
             eta = (max_iters - it - 1) * dt / n_iters
             parts = " ".join(f"{k} {v.item():.3f}" for k, v in logs.items())
+            mem = f" | peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GB" if device_type == "cuda" else ""
             print(f"iter {it + 1}/{max_iters} | loss {loss.item():.3f} | {parts} | lr {get_lr(it):.2e} | "
-                  f"{ips:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+                  f"{ips:.1f} img/s | ETA {eta / 60:.1f} min{mem}", flush=True)
             if n_unreadable or n_nonfinite:
                 print(skip_summary(n_unreadable, last_unreadable, n_nonfinite), flush=True)
             t_log = time.time()
@@ -536,16 +575,19 @@ def run_eval(raw_model, val_ds, dev, master, ddp, final):
     """COCO box and mask AP on the val split: every process predicts its shard, the master
     gathers and scores them; at the end also metrics.json and PNG overlays."""
     import eval as evaluation  # the module, not the builtin
-    loader = data.make_loader(val_ds, batch_size, train=False, num_workers=num_workers, distributed=ddp)
+    loader = data.make_loader(val_ds, batch_size, train=False, num_workers=num_workers, distributed=ddp,
+                              pin_memory=dev.type == "cuda")
+    # the training's autocast dtype: predictions as the network was trained
     metrics = evaluation.evaluate(raw_model, loader, val_ds, dev, out_dir=out_dir if final and master else None,
-                                  amp=amp and dev.type == "cuda", distributed=ddp)
+                                  amp=amp and dev.type == "cuda", distributed=ddp,
+                                  amp_dtype=torch.bfloat16 if amp_dtype == "bfloat16" else torch.float16)
     if master and final:
         data.write_json_atomic(metrics, os.path.join(out_dir, "metrics.json"), indent=1)
         paths = viz.save_overlays(raw_model, val_ds, dev, out_dir, n=n_overlays)
         print(f"box AP {metrics['bbox']['AP']:.1f} | mask AP {metrics['segm']['AP']:.1f} | "
               f"{len(paths)} pictures in {out_dir}/ | metrics in {out_dir}/metrics.json")
-    if ddp:
-        dist.barrier()
+    # no barrier: the other ranks go on (to their next step's collectives, or to exit after the final
+    # evaluation) and wait there while rank 0 scores; dist_timeout_min covers that wait
 
 
 if __name__ == "__main__":

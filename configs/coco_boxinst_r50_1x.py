@@ -40,4 +40,5 @@ lr_steps = (60000, 80000)
 max_iters = 90000
 ckpt_interval = 5000
 eval_interval = 0
+viz_interval = 5000                 # rank 0 draws 2 val images while the others wait: rarely
 log_interval = 20
