@@ -121,14 +121,11 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
     import data
     import prototypes
     import sim
-    import train
-    from model import build_model
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    base = dict(train.config)
-    base.update(ckpt["config"])
-    net = build_model(base).eval()
-    teacher = (ckpt.get("sim") or {}).get("teacher")
-    net.load_state_dict(teacher if teacher is not None else ckpt["model"])
+    from model import load_checkpoint, model_from_checkpoint
+    ckpt = load_checkpoint(ckpt_path)
+    base = ckpt["config"]
+    teacher = ckpt["sim"]["teacher"] if ckpt["sim"] is not None else None  # None: BoxInst, or before teacher_start_iter
+    net = model_from_checkpoint(ckpt, teacher).eval()
     s = base["mask_out_stride"]
     kw = dict(train=False, min_sizes=(base["min_size_test"],), max_size=base["max_size_test"])
     build_ds = data.CocoBoxDataset(base["train_json"], base["train_images"], with_masks=False, **kw)
@@ -224,40 +221,38 @@ def probe(ckpt_path, n_iters=200):
     probe iteration (no ramp). A row that loses AP against "BoxInst continued" names the culprit."""
     import contextlib
     import io
+    import configurator
     import data
     import eval as evaluation
     import sim
-    import train
-    from model import build_model
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    paths = train.dataset_paths(dict(train.config, **ckpt["config"]))
+    import step
+    from model import build_model, load_checkpoint
+    ckpt = load_checkpoint(ckpt_path)
     it0 = ckpt["iter"]
     print(f"{ckpt_path} at iteration {it0}, {n_iters} probe iterations per row")
     print("| row | box AP | mask AP |\n|---|---|---|")
     for label, args in PROBES:
-        cfg = dict(train.config)
-        cfg.update({k: v for k, v in ckpt["config"].items() if k in cfg})
-        train.configure(args, cfg)
-        cfg.update(num_classes=ckpt["config"]["num_classes"], teacher_start_iter=it0, sim_start_iter=it0, bank_size=20,
-                   lambda1_ramp_iters=0)
+        cfg = dict(ckpt["config"])  # the run's settings (its data paths and num_classes too), then the row's
+        configurator.configure_run(args, cfg, "ablate.py")
+        cfg.update(teacher_start_iter=it0, sim_start_iter=it0, bank_size=20, lambda1_ramp_iters=0)
         torch.manual_seed(0)
         model = build_model(cfg)
         model.load_state_dict(ckpt["model"])
         model.train()
-        opt = torch.optim.AdamW(train.param_groups(model), lr=cfg["lr"], fused=True)
+        opt = step.build_optimizer(model, cfg)
         opt.load_state_dict(ckpt["optimizer"])
         state = sim.SIMState(cfg, torch.device("cpu")) if cfg["method"] == "sim" else None
-        ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True, min_sizes=cfg["min_size_train"],
+        ds = data.CocoBoxDataset(cfg["train_json"], cfg["train_images"], train=True, min_sizes=cfg["min_size_train"],
                                  max_size=cfg["max_size_train"])
         batches = data.infinite(data.make_loader(ds, cfg["batch_size"], train=True, num_workers=1, seed=1,
                                                  scale_per_batch=cfg["scale_per_batch"]))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for it in range(it0, it0 + n_iters):
             for g in opt.param_groups:
-                g["lr"] = cfg["lr"] * 0.1 ** sum(it >= s for s in cfg["lr_steps"])
-            train.train_step(model, model, opt, scaler, state, *next(batches), it, cfg, torch.device("cpu"),
-                             lambda: torch.autocast("cpu", enabled=False))
-        val = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(cfg["min_size_test"],),
+                g["lr"] = step.get_lr(it, cfg)
+            step.train_step(model, model, opt, scaler, state, *next(batches), it, cfg, torch.device("cpu"),
+                            lambda: torch.autocast("cpu", enabled=False))
+        val = data.CocoBoxDataset(cfg["val_json"], cfg["val_images"], train=False, min_sizes=(cfg["min_size_test"],),
                                   max_size=cfg["max_size_test"])
         with contextlib.redirect_stdout(io.StringIO()):
             m = evaluation.evaluate(model, data.make_loader(val, 4, train=False, num_workers=1), val, torch.device("cpu"))
@@ -351,7 +346,8 @@ def attr_ap(run_dir, val_json=""):
     val_json: the same images) tags each object with low_contrast and visible_frac (the share of its
     in-image outline not occluded)."""
     if not val_json:
-        val_json = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["config"]["val_json"]
+        from model import load_checkpoint
+        val_json = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["config"]["val_json"]
     with open(val_json) as f:
         gt = json.load(f)
     if not all("low_contrast" in a for a in gt["annotations"]):
@@ -420,13 +416,14 @@ OPTIONS = dict(  # ablate.py's own options; every other --key=value goes to each
 
 
 def cli(argv):
-    import train
+    import config
     import configurator
     own = [a for a in argv if a.startswith("--") and a[2:].partition("=")[0] in OPTIONS]
     extra = [a for a in argv if a not in own]
     opt = dict(OPTIONS)
     configurator.configure(own, opt, "ablate.py")
-    train.configure(extra, dict(train.config))  # a typo in a train.py option stops here, not in 16 runs
+    # a typo in a train.py option stops here, not in 16 runs
+    configurator.configure_run(extra, config.defaults(), "train.py")
     if opt["ms_stats"]:
         ms_stats(opt["ms_stats"], only=opt["only"])
     elif opt["attr_ap"]:

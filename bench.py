@@ -1,12 +1,14 @@
 """
 Step-time benchmark: BoxInst vs SIM training steps in ONE process, on the same batches, so the
-ratio is meaningful on a noisy machine. Runs train.py's own train_step (nanoGPT's bench.py idea).
+ratio is meaningful on a noisy machine. Runs the step train.py runs, step.train_step (nanoGPT's
+bench.py idea).
 
     python bench.py                          # the demo model on the embedded dataset, CPU
-    python bench.py --device=cuda --steps=20 # any train.py setting can be overridden
+    python bench.py --device=cuda --steps=20 # any config.py setting can be overridden
     python bench.py --compare=scale          # BoxInst steps, one training scale per image vs per batch
     python bench.py --compare=torchvision    # ResNet-50-FPN at 512 px: torchvision's FCOS vs nanoSIM
     python bench.py --compare=eval           # a COCO run's end: 5k val images x 100 detections, gather + COCOeval
+    python bench.py --compare=syncs          # the host-device sync points of one SIM step, by source line
     python bench.py --compare=index          # data.py's index on a COCO-sized json: start-up, memory, workers
     python bench.py --compare=host           # the SIM step without its networks at COCO scale, vs commit 3983ddd
     python bench.py --profile=True           # and the top operators of a SIM step (torch.profiler)
@@ -30,6 +32,7 @@ allocator peak per variant; on the CPU the peak resident size of a child process
 variant (2 steps).
 """
 
+import random
 import resource
 import statistics
 import sys
@@ -37,9 +40,11 @@ import time
 
 import torch
 
+import config
+import configurator
 import data
 import sim
-import train
+import step
 from model import build_model, fold_batchnorm, refold
 
 steps = 5       # timed steps per round and method
@@ -69,7 +74,7 @@ def tv_inputs(dev, seed=0):
             masks[k, y0:y1, x0:x1] = 1
         targets.append(dict(boxes=boxes, labels=torch.randint(TV_CLASSES, (TV_BOXES,), generator=g), masks=masks,
                             size=(TV_SIZE, TV_SIZE), orig_size=(TV_SIZE, TV_SIZE), image_id=len(targets)))
-    return train.to_device(images, targets, dev)
+    return data.to_device(images, targets, dev)
 
 
 def tv_variants(base, dev, only=None):
@@ -111,20 +116,20 @@ def _nanosim_variant(base, dev, name, images, targets):
     """nanoSIM at torchvision FCOS's size: ResNet-50, 256-channel FPN and 4-conv head, masks at stride 4."""
     method = NANOSIM_VARIANTS[name]
     cfg = dict(base, method=method, backbone="resnet50", pretrained="", backbone_norm="bn", freeze_at=0,
-               fpn_channels=256, head_channels=256, head_convs=4, mask_branch_channels=128, mask_branch_convs=4,
+               fpn_channels=256, head_convs=4, mask_branch_channels=128, mask_branch_convs=4,
                mask_out_stride=4, sizes_of_interest=(64, 128, 256, 512), num_classes=TV_CLASSES,
                channels_last=dev.type == "cpu", teacher_start_iter=0, sim_start_iter=0, bank_size=2,
                bank_thresh=-1.0, min_size_test=TV_SIZE, max_size_test=TV_SIZE)
     torch.manual_seed(0)
     model = build_model(cfg).to(dev).train()
-    opt = torch.optim.SGD(train.param_groups(model), lr=1e-4, momentum=0.9)
+    opt = torch.optim.SGD(step.param_groups(model, cfg["weight_decay"]), lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler(dev.type, enabled=False)
     state = sim.SIMState(cfg, dev) if method == "sim" else None
     autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg["amp"] and dev.type == "cuda")
     it = [0]
 
-    def step():
-        loss, _ = train.train_step(model, model, opt, scaler, state, images, targets, it[0], cfg, dev, autocast)
+    def train_one():
+        loss, _ = step.train_step(model, model, opt, scaler, state, images, targets, it[0], cfg, dev, autocast)
         it[0] += 1
         return loss
 
@@ -134,7 +139,7 @@ def _nanosim_variant(base, dev, name, images, targets):
         refold(pairs)  # the weights moved since the last inference: timed with it
         with torch.no_grad(), autocast():
             return twin.predict(images[:1], targets[:1])
-    return step, infer
+    return train_one, infer
 
 
 def conv_gmacs(fn):
@@ -181,9 +186,9 @@ def peak_memory_child(name, argv):
     """Peak resident memory (MB) of a child process running only variant `name` (CPU): its VmHWM (Linux;
     getrusage's maxrss would include the parent's pages at the fork)."""
     import subprocess
-    code = ("import sys, bench, train; bench.TV_SIZE = int(sys.argv[2]); "
-            "cfg = dict(train.config, steps=1, rounds=1, warmup=1, compare='torchvision'); "
-            "train.configure(sys.argv[3:], cfg); "
+    code = ("import sys, bench, config, configurator; bench.TV_SIZE = int(sys.argv[2]); "
+            "cfg = dict(config.defaults(), steps=1, rounds=1, warmup=1, compare='torchvision'); "
+            "configurator.configure_run(sys.argv[3:], cfg, 'bench.py'); "
             "import torch; torch.manual_seed(0); v = bench.tv_variants(cfg, torch.device('cpu'), sys.argv[1])[sys.argv[1]]; "
             "[v[0]() for _ in range(2)]; v[1](); "
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
@@ -220,9 +225,9 @@ def compare_torchvision(cfg, argv):
                 kernel.append((ru2.ru_stime - ru.ru_stime, ru2.ru_minflt - ru.ru_minflt))
         return ts
     gmacs = {}
-    for name, (step, infer) in variants.items():  # warm-up (also fills SIM's bank), the first step counted
-        gmacs[name] = (conv_gmacs(step), conv_gmacs(infer))
-        timed(step, cfg["warmup"])
+    for name, (train_one, infer) in variants.items():  # warm-up (also fills SIM's bank), the first step counted
+        gmacs[name] = (conv_gmacs(train_one), conv_gmacs(infer))
+        timed(train_one, cfg["warmup"])
         timed(infer, 1)
     st = {n: [] for n in variants}  # per round: that round's step times
     it = {n: [] for n in variants}
@@ -230,10 +235,10 @@ def compare_torchvision(cfg, argv):
     peak = {}
     for r in range(cfg["rounds"]):
         for name in (variants if r % 2 == 0 else list(reversed(list(variants)))):
-            step, infer = variants[name]
+            train_one, infer = variants[name]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            st[name].append(timed(step, cfg["steps"], kern[name]))
+            st[name].append(timed(train_one, cfg["steps"], kern[name]))
             it[name].append(timed(infer, cfg["steps"]))
             if dev.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(dev) / 2 ** 20)
@@ -352,6 +357,87 @@ def eval_cost(n_images=None, n_dets=None, world=2):
 
 
 # -----------------------------------------------------------------------------
+# --compare=syncs: the host-device synchronisations of one SIM step
+
+# on the CPU, the calls that would wait for a GPU: a value read on the host, a data-dependent shape, a
+# host-to-device copy of host data
+SYNC_CALLS = {torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Tensor.__bool__: "bool",
+              torch.Tensor.__int__: "int", torch.Tensor.__float__: "float", torch.nonzero: "nonzero",
+              torch.Tensor.nonzero: "nonzero", torch.unique: "unique", torch.Tensor.unique: "unique",
+              torch.masked_select: "masked_select", torch.repeat_interleave: "repeat_interleave"}
+
+
+def sync_points(fn, cuda=False, top=12):
+    """Counts the host-device sync points of fn() -> (total, [(count, 'kind file:line')] most frequent first).
+    On CUDA torch's own sync detector counts them (torch.cuda.set_sync_debug_mode); on the CPU a
+    TorchFunctionMode counts the calls in SYNC_CALLS, boolean-mask indexing and torch.tensor(...,
+    device=...), attributed to the innermost nanoSIM source line: a proxy for a GPU run's syncs."""
+    import collections, os, traceback, warnings
+    from torch.overrides import TorchFunctionMode
+    here = os.path.dirname(os.path.abspath(__file__))
+    where = collections.Counter()
+
+    def site(kind):
+        frames = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(here)]
+        where[f"{kind} {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else kind] += 1
+
+    if cuda:  # torch warns at each synchronising CUDA call: counted where it was made
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            shown, warnings.showwarning = warnings.showwarning, lambda *a, **k: site("cuda-sync")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = shown
+        return sum(where.values()), where.most_common(top)
+
+    class Counting(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            kind = SYNC_CALLS.get(func)
+            if func is torch.Tensor.__getitem__:
+                index = args[1] if isinstance(args[1], tuple) else (args[1],)
+                kind = "bool-index" if any(torch.is_tensor(i) and i.dtype == torch.bool for i in index) else None
+            if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+                kind = "host-to-device"
+            if kind:
+                site(kind)
+            return func(*args, **kwargs)
+    with Counting():
+        fn()
+    return sum(where.values()), where.most_common(top)
+
+
+def sync_cost(cfg):
+    """Prints the sync points of one SIM step (teacher, pseudo masks, copy-paste from a full bank) of the
+    configured network on 2 images of the embedded data."""
+    dev = torch.device(cfg["device"])
+    paths = data.dataset_paths(cfg, need=("train_json", "train_images"))
+    ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True,
+                             min_sizes=cfg["min_size_train"], max_size=cfg["max_size_train"])
+    cfg.update(num_classes=ds.num_classes, method="sim", teacher_start_iter=0, sim_start_iter=0, paste_prob=1.0,
+               bank_size=1, bank_thresh=0.0, bank_min_box_iou=0.0)
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])  # the dataset's scale and flip draws
+    model = build_model(cfg).to(dev).train()
+    opt = step.build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    state = sim.SIMState(cfg, dev)
+    images, targets = data.collate([ds[i] for i in range(2)])
+    autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg["amp"] and dev.type == "cuda")
+    run = lambda it: step.train_step(model, model, opt, scaler, state, images, targets, it, cfg, dev, autocast)
+    for it in range(2):  # the teacher made, the bank filled
+        run(it)
+    n, top = sync_points(lambda: run(2), dev.type == "cuda")
+    print(f"host-device sync points in one SIM step ({dev}, {sum(len(t['boxes']) for t in targets)} objects): {n}")
+    for where, count in top:
+        print(f"  {count:4d}  {where}")
+    return n
+
+
+# -----------------------------------------------------------------------------
 # --compare=host: the SIM step's work outside the network, this tree against an older commit
 
 HOST_SIZE = (800, 1333)        # each image's size: a COCO image at the reference's training scale
@@ -366,7 +452,8 @@ def _host_setup(n_obj, paste, size, batch, seed=0):
     """Everything a SIM step reads, at COCO scale, with the network's outputs as random tensors of the
     network's shapes (R50-FPN, 80 classes, D = 16, mask logits at stride 4): the networks are what the
     other modes time; here only what surrounds them counts. Only APIs that 3983ddd has too, since
-    host_timings runs on both trees. paste: a full bank (entries of this batch's size, an elliptic
+    host_timings runs on both trees (the settings: this tree's config.defaults() on both, each tree's
+    sim.apply_preset setting its own nanosim knobs). paste: a full bank (entries of this batch's size, an elliptic
     pseudo mask in each box) and paste_prob 1, so every image is pasted on; else paste_prob 0 (no bank)."""
     import math
     import types
@@ -379,7 +466,7 @@ def _host_setup(n_obj, paste, size, batch, seed=0):
     low = torch.rand(batch, 3, hp // 32 + 1, wp // 32 + 1, generator=g) * 255
     images = torch.nn.functional.interpolate(low, size=(hp, wp), mode="bilinear", align_corners=False).to(torch.uint8)
     images[:, :, h:], images[:, :, :, w:] = 0, 0
-    cfg = dict(train.config, method="sim", sim_variant="nanosim", num_classes=80, mask_out_stride=4,
+    cfg = dict(config.defaults(), method="sim", sim_variant="nanosim", num_classes=80, mask_out_stride=4,
                sizes_of_interest=(64, 128, 256, 512), bottom_pixels_removed=10, num_subcenters=10,
                topk_proposals_per_im=64, sim_start_iter=10, teacher_start_iter=0, device="cpu")
     sim.apply_preset(cfg)
@@ -504,16 +591,19 @@ def host_timings(objects, size, batch, reps):
 
 
 def _host_child(tree, objects, size, batch, reps):
-    """host_timings in a fresh `python` whose imports come from `tree` (this file's code, that tree's modules)."""
+    """host_timings in a fresh `python` whose imports come from `tree` (this file's code, that tree's modules).
+    The modules this file imports that `tree` lacks (config.py and step.py came after HOST_OLD) come from
+    this file's tree, searched last."""
     import os
     import subprocess
-    code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]); "
-            "spec = importlib.util.spec_from_file_location('bench_host', sys.argv[2]); "
+    code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]); sys.path.append(sys.argv[2]); "
+            "spec = importlib.util.spec_from_file_location('bench_host', sys.argv[3]); "
             "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
-            "print(repr(b.host_timings(*eval(sys.argv[3]))))")
+            "print(repr(b.host_timings(*eval(sys.argv[4]))))")
     args = repr((tuple(objects), tuple(size), batch, reps))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", code, tree, os.path.abspath(__file__), args], capture_output=True,
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", code, tree, here, os.path.abspath(__file__), args], capture_output=True,
                        text=True, cwd=tree, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"host timing on {tree} failed:\n{r.stderr[-3000:]}")
@@ -560,10 +650,12 @@ def host_cost(objects=None, size=None, batch=None, reps=None, old_tree=None):
 
 
 def main(argv):
-    cfg = dict(train.config, steps=steps, rounds=rounds, warmup=warmup, compare=compare, profile=profile)
-    train.configure(argv, cfg)
+    cfg = dict(config.defaults(), steps=steps, rounds=rounds, warmup=warmup, compare=compare, profile=profile)
+    configurator.configure_run(argv, cfg, "bench.py")
     if cfg["compare"] == "eval":
         return eval_cost()
+    if cfg["compare"] == "syncs":
+        return sync_cost(cfg)
     if cfg["compare"] == "index":
         return index_cost()
     if cfg["compare"] == "host":
@@ -572,7 +664,7 @@ def main(argv):
         return compare_torchvision(cfg, [a for a in argv if not a.startswith(("--compare", "--profile"))])
     dev = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    paths = train.dataset_paths(cfg, need=("train_json", "train_images"))
+    paths = data.dataset_paths(cfg, need=("train_json", "train_images"))
     ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True,
                              min_sizes=cfg["min_size_train"], max_size=cfg["max_size_train"])
     cfg.update(num_classes=ds.num_classes, teacher_start_iter=0, sim_start_iter=0)
@@ -602,7 +694,7 @@ def main(argv):
         mcfg = dict(cfg, method=method)
         torch.manual_seed(cfg["seed"])
         model = build_model(mcfg).to(dev).train()
-        opt = torch.optim.SGD(train.param_groups(model), lr=1e-4, momentum=0.9)
+        opt = torch.optim.SGD(step.param_groups(model, mcfg["weight_decay"]), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(dev.type, enabled=False)
         state = None
         if method == "sim":
@@ -619,7 +711,7 @@ def main(argv):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            loss, _ = train.train_step(model, model, opt, scaler, state, images, targets, it0 + k, mcfg, dev, autocast)
+            loss, _ = step.train_step(model, model, opt, scaler, state, images, targets, it0 + k, mcfg, dev, autocast)
             loss.item()  # wait for the step to finish
             if dev.type == "cuda":
                 torch.cuda.synchronize()

@@ -1,13 +1,16 @@
 """
 nanoGPT's configurator, the one configuration path of every script (train, eval, predict, viz, ablate,
 bench): positional arguments are Python config files run against the defaults, --key=value overrides
-them, each value parsed as a Python literal and checked against its default's type.
+them, each value parsed as a Python literal and checked against its default's type. configure_run adds
+the SIM preset, for a run's settings (config.py's defaults).
 
     python train.py configs/coco_sim_r50_1x.py --lr=5e-4 --resume
 """
 
 import ast
 import os
+
+import sim
 
 
 class _Recorder(dict):
@@ -40,10 +43,19 @@ def parse_value(key, val, default, prog):
     return val
 
 
+class Explicit(set):
+    """The keys a run set explicitly (config files and the command line); .command_line: those named on
+    the command line alone (a SIM preset yields to these, not to a config file's values: sim.apply_preset)."""
+
+    def __init__(self):
+        super().__init__()
+        self.command_line = set()
+
+
 def configure(argv, config, prog="train.py"):
-    """Apply config files and --key=value overrides to `config` in place -> the set of keys set explicitly.
-    A bad argument stops with one line naming it and the fix."""
-    explicit = set()
+    """Apply config files and --key=value overrides to `config` in place -> the keys set explicitly
+    (an Explicit set). A bad argument stops with one line naming it and the fix."""
+    explicit = Explicit()
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
@@ -56,8 +68,16 @@ def configure(argv, config, prog="train.py"):
             continue
         key, _, val = arg[2:].partition("=")
         if key not in config:
-            names = ", ".join("--" + k for k in config) if len(config) <= 20 else f"the names at the top of {prog}"
+            names = ", ".join("--" + k for k in config) if len(config) <= 20 else "the names in config.py"
             raise SystemExit(f"{prog}: unknown option --{key} — fix: use one of {names}")
         config[key] = parse_value(key, val, config[key], prog)
         explicit.add(key)
+        explicit.command_line.add(key)
     return explicit
+
+
+def configure_run(argv, cfg, prog="train.py"):
+    """configure, then the SIM preset of cfg["sim_variant"] fills the knobs nobody set explicitly
+    (sim.apply_preset) -> what the preset set. The path of a run's settings (config.defaults()): train.py's,
+    and that of every script that steps or checks as train.py would (bench.py, ablate.py)."""
+    return sim.apply_preset(cfg, configure(argv, cfg, prog))

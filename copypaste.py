@@ -34,14 +34,15 @@ PER_OBJECT_KEYS = ('boxes', 'labels', 'masks', 'pasted')
 # -----------------------------------------------------------------------------
 # the Eq. (11) score and what enters the bank
 
-def object_scores(mask_probs, pseudo_masks):
-    """Eq. (11): s_k = sum_i M_k(i) * M̂_k(i) / (sum_i M̂_k(i) + 1).
-
-    mask_probs (N, H, W) teacher mask probability M_k, pseudo_masks (N, H, W) binary M̂_k.
-    The mean probability inside the pseudo mask, shrunk towards 0 for tiny masks; 0 if empty.
+def object_scores(mask_probs, pseudo_masks, plus_one=True):
+    """Eq. (11): s_k = sum_i M_k(i) * M̂_k(i) / sum_i M̂_k(i), the mean probability inside the pseudo
+    mask (the supplement: "the averaged mask score"; plus_one=False), or with plus_one (the official
+    code, docs/official_code.md §7.2) / (sum_i M̂_k(i) + 1), which shrinks tiny masks' scores towards 0.
+    mask_probs (N, H, W) mask probability M_k, pseudo_masks (N, H, W) binary M̂_k -> (N,); 0 if empty.
     """
     m = pseudo_masks.float()  # (N, H, W)
-    return (mask_probs.float() * m).flatten(1).sum(1) / (m.flatten(1).sum(1) + 1)  # (N,)
+    n = m.flatten(1).sum(1)  # (N,)
+    return (mask_probs.float() * m).flatten(1).sum(1) / (n + 1 if plus_one else n.clamp(min=1))  # (N,)
 
 
 def box_pixel_windows(boxes, h, w):
@@ -61,14 +62,17 @@ def source_cells(a, b, n, stride):
     return lo, min(max(math.floor((b - 0.5) / stride - 0.5), 0) + 2, n)
 
 
-def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, stride=4, min_box_iou=0.0):
+def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, stride=4, min_box_iou=0.0,
+                            score_probs=None, plus_one=True):
     """Bank entry of one image from the teacher: dict(image, boxes, labels, masks, mask_xy, scores).
 
     image uint8 (3, h, w) unpadded; boxes (N, 4); labels (N,); mask_probs (N, Hp/s, Wp/s) the
     teacher's mask probability per object at the mask-out stride s; size (h, w). Pseudo mask =
     [prob upsampled x s > thresh] in the box; Eq. (11) score; empty masks dropped. For bank.push(**entry):
     masks a list of bool crops, each its mask's tight box, mask_xy (N, 2) their top-left (x, y).
-    min_box_iou > 0: nanoSIM's quality gate (box_quality_gate).
+    min_box_iou > 0: nanoSIM's quality gate (box_quality_gate). score_probs (N, Hp/s, Wp/s): the
+    probabilities Eq. (11) averages over each mask (default mask_probs; the paper's bank masks are M_hat,
+    scored by the instance map); plus_one: object_scores' official denominator.
     Each object is upsampled inside its box only, objects of similar size together in one window size
     (box_ops.size_groups): the cost of the boxes' pixels, not of N full-resolution maps; one host read
     of the boxes. The same numbers as upsampling whole maps for a power-of-2 stride (2, 4:
@@ -86,6 +90,8 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
     where = [None] * len(wins)  # object -> (its group's window masks, its row there, the window's (x, y))
     scores, tight = boxes.new_zeros(len(wins)), boxes.new_zeros(len(wins), 4)
     probs = mask_probs[:, None].float()  # (N, 1, Hp/s, Wp/s)
+    if score_probs is not None:  # a second channel, cut and upsampled with the first
+        probs = torch.cat([probs, score_probs[:, None].float()], 1)  # (N, 2, Hp/s, Wp/s)
     # a group pads its boxes to a common window: up to 4x their cells, few groups (each a dozen kernels)
     for group in size_groups([(r1 - r0, c1 - c0) for (r0, r1), (c0, c1) in cells], waste=4.0):
         hc = max(cells[k][0][1] - cells[k][0][0] for k in group)  # the group's window, in cells
@@ -93,8 +99,9 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
         top = [min(cells[k][0][0], H - hc) for k in group]  # inside the map, from each box's first cell or before
         left = [min(cells[k][1][0], W - wc) for k in group]
         g, top_t, left_t = (torch.tensor(v, device=probs.device) for v in (group, top, left))  # (n,) each
-        up = F.interpolate(box_windows(probs, top_t, left_t, hc, wc, g), scale_factor=stride, mode='bilinear',
-                           align_corners=False)[:, 0]  # (n, hc s, wc s)
+        both = F.interpolate(box_windows(probs, top_t, left_t, hc, wc, g), scale_factor=stride, mode='bilinear',
+                             align_corners=False)  # (n, 1 or 2, hc s, wc s)
+        up = both[:, 0]  # (n, hc s, wc s)
         # each object's box in its window
         o = torch.tensor([[wins[k][0] - lk * stride, wins[k][1] - tk * stride, wins[k][2] - lk * stride,
                            wins[k][3] - tk * stride] for k, tk, lk in zip(group, top, left)],
@@ -104,7 +111,7 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
         inbox = (((rows >= o[:, 1:2]) & (rows < o[:, 3:4]))[:, :, None]
                  & ((cols >= o[:, 0:1]) & (cols < o[:, 2:3]))[:, None, :])  # (n, hc s, wc s)
         m = (up > thresh) & inbox  # (n, hc s, wc s)
-        scores[g] = object_scores(up, m)
+        scores[g] = object_scores(both[:, -1], m, plus_one)
         shift = torch.stack([left_t, top_t, left_t, top_t], 1).to(tight.dtype) * stride  # (n, 4)
         rows, cols = m.any(2), m.any(1)  # (n, hc s), (n, wc s): the tight boxes from these, as masks_to_boxes
         (ty0, ty1), (tx0, tx1) = _first_last(rows), _first_last(cols)
@@ -229,17 +236,19 @@ class MemoryBank:
 # -----------------------------------------------------------------------------
 # importance sampling and pasting
 
-def sample_objects(scores, generator=None, max_n=3, power=3, replacement=False):
+def sample_objects(scores, generator=None, max_n=3, power=3, replacement=False, fraction=0.5):
     """Indices of the objects to paste, in paste order.
 
-    n = clamp(floor(0.5 * N), 1, max_n) (the official code; the paper says a quarter) drawn with
-    probability ~ score^power. Without replacement by default (the paper's "a subset"); replacement=True
-    is the official code. All scores 0: uniform; n never exceeds the objects with a non-zero score.
+    n = clamp(floor(fraction * N), 1, max_n) drawn with probability ~ score^power: fraction 0.5 and
+    power 3 are the official code's; the paper (Sec. 4.1) extracts "a quarter of the instances from
+    each image with 1 ~ 3 instances per image" (fraction 0.25) "according to their mask scores" (power
+    1). Without replacement by default (the paper's "a subset"); replacement=True is the official code.
+    All scores 0: uniform; n never exceeds the objects with a non-zero score.
     """
     weights = scores.float().clamp(min=0) ** power  # (N,)
     if weights.sum() <= 0:
         weights = torch.ones_like(weights)
-    n = min(max(len(scores) // 2, 1), max_n)
+    n = min(max(int(fraction * len(scores)), 1), max_n)
     if not replacement:
         n = min(n, int((weights > 0).sum()))
     return torch.multinomial(weights, n, replacement=replacement, generator=generator)  # (n,)
@@ -376,7 +385,8 @@ def paste(image, target, entry, idx, size):
     return out, out_t
 
 
-def copy_paste_batch(images, targets, bank, prob=0.5, generator=None, max_n=3, replacement=False):
+def copy_paste_batch(images, targets, bank, prob=0.5, generator=None, max_n=3, replacement=False, fraction=0.5,
+                     power=3):
     """Online copy-paste over a batch: images uint8 (B, 3, Hp, Wp), targets list of dicts.
 
     Each image on its own (official: once per batch): if the bank is full and a draw < prob, paste
@@ -390,7 +400,7 @@ def copy_paste_batch(images, targets, bank, prob=0.5, generator=None, max_n=3, r
         t = with_paste_fields(t, t['size'])
         if bank.full and torch.rand((), generator=generator).item() < prob:
             entry = bank.sample(generator)
-            idx = sample_objects(entry['scores'], generator, max_n=max_n, replacement=replacement)
+            idx = sample_objects(entry['scores'], generator, max_n, power, replacement, fraction)
             out_images[b], t = paste(images[b], t, entry, idx, t['size'])
         out_targets.append(t)
     return out_images, out_targets

@@ -1,6 +1,6 @@
 """Data: a COCO-format detection dataset with boxes (and optional GT masks), the detectron2-style
-resize + flip used by BoxInst, batch collation, data loaders, and atomic file writing. The embedded
-synthetic dataset that is the repo's default data is made by synthetic.py.
+resize + flip used by BoxInst, batch collation, data loaders, where a run's data lies (data_root's layout,
+explicit paths or the embedded synthetic dataset, which synthetic.py makes), and atomic file writing.
 
 Conventions (shared with the rest of nanoSIM):
 - an image is a uint8 tensor (3, h, w), RGB, 0-255, not normalised;
@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+import synthetic
 
 
 class DataError(ValueError):
@@ -458,6 +460,14 @@ def collate(batch, size_divisibility=32):
     return out, list(targets)
 
 
+def to_device(images, targets, device):
+    """A batch onto the training device: the images and every tensor of the targets (non_blocking: from
+    pinned memory the copy overlaps the step)."""
+    images = images.to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
 class TrainBatchSampler(torch.utils.data.Sampler):
     """Training batches of (index, shorter side, flip) triples, every draw a function of (seed, epoch):
     the image order comes from a DistributedSampler (one rank: num_replicas 1), the scales and flips
@@ -591,6 +601,44 @@ def infinite(loader, start_iter=0):
 
 
 # -----------------------------------------------------------------------------
+# where a run's data lies
+
+# data_root's files per dataset (relative to data_root). VOC: the SBD-augmented VOC 2012 train split
+# (10,582 images) and the VOC 2012 val split (1,449) in COCO format, as BoxInst and SIM train and test
+# on it; README.md says how to make the two json files.
+DATA_LAYOUTS = {
+    "coco": dict(train_json="annotations/instances_train2017.json", train_images="train2017",
+                 val_json="annotations/instances_val2017.json", val_images="val2017"),
+    "voc": dict(train_json="annotations/voc_2012_train_aug_cocostyle.json", train_images="JPEGImages",
+                val_json="annotations/voc_2012_val_cocostyle.json", val_images="JPEGImages"),
+}
+
+
+def dataset_paths(cfg, need=("train_json", "train_images", "val_json", "val_images")):
+    """The json/image paths of cfg: those given, else data_root's (DATA_LAYOUTS), else the embedded
+    synthetic dataset's (generated on first use). Only the `need`ed paths are checked to exist."""
+    given = {k: cfg[k] for k in ("train_json", "train_images", "val_json", "val_images")}
+    if cfg["data_root"]:
+        if cfg["dataset"] not in DATA_LAYOUTS:
+            raise SystemExit(f"data.py: --dataset={cfg['dataset']!r} is not a layout — fix: one of {', '.join(DATA_LAYOUTS)}")
+        paths = {k: given[k] or os.path.join(cfg["data_root"], v) for k, v in DATA_LAYOUTS[cfg["dataset"]].items()}
+        for k in need:
+            p = paths[k]
+            if not (os.path.isfile(p) if k.endswith("json") else os.path.isdir(p)):
+                raise SystemExit(f"data.py: {p} not found (--data_root={cfg['data_root']}, --dataset={cfg['dataset']}) "
+                                 f"— fix: put the {cfg['dataset'].upper()} {k} there (layout: data.DATA_LAYOUTS), or "
+                                 f"pass --{k}=PATH")
+        return paths
+    if cfg["train_json"]:
+        return given
+    try:
+        return synthetic.ensure_synthetic(cfg["synthetic_root"], low_contrast_bg=cfg["synthetic_low_contrast"],
+                                          min_visible_frac=cfg["synthetic_min_visible"])
+    except FileExistsError as e:  # synthetic_root holds something else: bad input, one line (DataError)
+        raise DataError(str(e)) from None
+
+
+# -----------------------------------------------------------------------------
 # file writing: atomic, so a crash or kill -9 mid-write never leaves a half-written file behind
 # nor loses the previous one (checkpoints, metrics, COCO results, pictures)
 
@@ -615,3 +663,8 @@ def write_atomic(path, write):
 def write_json_atomic(obj, path, **dump_kw):
     """json.dump(obj) to path through write_atomic (ASCII: the bytes do not depend on the locale)."""
     write_atomic(path, lambda f: f.write(json.dumps(obj, **dump_kw).encode("ascii")))
+
+
+def save_atomic(obj, path):
+    """torch.save through write_atomic: a crash or kill -9 mid-write never loses the previous checkpoint."""
+    write_atomic(path, lambda f: torch.save(obj, f))

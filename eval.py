@@ -5,7 +5,7 @@ COCO evaluation for nanoSIM.
 
 Top to bottom: predictions -> COCO result dicts, COCOeval (bbox and segm, 12 stats in percent),
 the evaluation loop used by train.py (DDP-aware), and the CLI (which also writes viz.py's overlay
-pictures). model.py and viz.py are imported only inside main(), so everything above it works without them.
+pictures).
 """
 import os
 import sys
@@ -16,9 +16,11 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.cocoeval import COCOeval
 
+import config
 import configurator
 import data
-from model import fold_batchnorm
+import viz
+from model import fold_batchnorm, load_checkpoint, model_from_checkpoint
 
 # the 12 numbers COCOeval.summarize() computes, in its order
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -184,9 +186,9 @@ def main(argv):
         ckpt="",            # checkpoint written by train.py (required)
         val_json="",        # COCO annotation json; empty: the one in the checkpoint's config
         val_images="",      # image folder for val_json
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=config.device,
         out_dir="",         # empty: <checkpoint folder>/eval
-        n_overlays=8,       # overlay pictures to write
+        n_overlays=config.n_overlays,  # overlay pictures to write
         batch_size=8,
         amp=False,          # autocast the forward pass
     )
@@ -201,52 +203,37 @@ def main(argv):
         return fail("--device=cuda but CUDA is not available — fix: --device=cpu")
     device = torch.device(cfg["device"])
 
-    # the checkpoint holds tensors, state dicts and a config dict of primitives, so the safe loader suffices
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return fail(f"{path} could not be loaded with torch.load(weights_only=True): {first} — "
                     "fix: pass a checkpoint written by train.py (its config must hold only plain Python values)")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         return fail(f"{path} lacks the 'model' or 'config' entry — fix: pass a checkpoint written by train.py")
-    config = ckpt["config"]
+    ckpt_cfg = ckpt["config"]
     needed = ["min_size_test", "max_size_test"] + ([] if cfg["val_json"] else ["val_json", "val_images"])
-    missing = [k for k in needed if k not in config]
+    missing = [k for k in needed if k not in ckpt_cfg]
     if missing:
         return fail(f"{path}: checkpoint config lacks keys {missing} — fix: re-save it from the current train.py"
                     + ("" if cfg["val_json"] else ", or pass --val_json=J --val_images=DIR"))
 
-    from model import build_model
-    import viz
-
-    if cfg["val_json"]:
-        val_json, val_images = cfg["val_json"], cfg["val_images"] or config["val_images"]
-    else:  # the run's own val data: its json, its --data_root layout, or the embedded synthetic set
-        import train
-        paths = train.dataset_paths(dict(train.config, **config), need=("val_json", "val_images"))
-        val_json, val_images = paths["val_json"], cfg["val_images"] or paths["val_images"]
+    # the run's own val data by default: train.py stored the paths it trained with in the config
+    val_json, val_images = cfg["val_json"] or ckpt_cfg["val_json"], cfg["val_images"] or ckpt_cfg["val_images"]
     if not os.path.isfile(val_json):
         return fail(f"{val_json} not found — fix: --val_json=PATH of a COCO annotation file")
     if not os.path.isdir(val_images):
         return fail(f"{val_images} is not a folder — fix: --val_images=DIR holding the images of {val_json}")
 
-    try:
-        model = build_model(config)
-    except KeyError as e:
-        return fail(f"{path}: checkpoint config lacks key {e} needed by build_model — fix: re-save it from the current train.py")
-    # torch.compile prefixes parameter names with _orig_mod.; strip it so compiled and eager runs load alike
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    model.to(device)
-    print(f"eval.py: {path} (iter {ckpt.get('iter', '?')}) on {val_json}, device {device}")
+    model = model_from_checkpoint(ckpt).to(device)
+    print(f"eval.py: {path} (iter {ckpt['iter']}) on {val_json}, device {device}")
 
-    ds = data.CocoBoxDataset(val_json, val_images, train=False, min_sizes=(config["min_size_test"],),
-                             max_size=config["max_size_test"], with_masks=False)
+    ds = data.CocoBoxDataset(val_json, val_images, train=False, min_sizes=(ckpt_cfg["min_size_test"],),
+                             max_size=ckpt_cfg["max_size_test"], with_masks=False)
     loader = data.make_loader(ds, cfg["batch_size"], train=False, num_workers=2)
     out_dir = cfg["out_dir"] or os.path.join(os.path.dirname(os.path.abspath(path)), "eval")
     stats = evaluate(model, loader, ds, device, out_dir=out_dir, amp=cfg["amp"])
-    data.write_json_atomic({"ckpt": path, "iter": ckpt.get("iter"), "val_json": val_json, **stats},
+    data.write_json_atomic({"ckpt": path, "iter": ckpt["iter"], "val_json": val_json, **stats},
                            os.path.join(out_dir, "metrics.json"))
     written = viz.save_overlays(model, ds, device, out_dir, n=cfg["n_overlays"])
     print(f"eval.py: wrote {os.path.join(out_dir, 'metrics.json')}, results_*.json and {len(written)} overlays")

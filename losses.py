@@ -381,18 +381,20 @@ def pseudo_mask_loss(mask_logits, pseudo_masks, weights):
     return weighted_bce_dice(mask_logits, pseudo_masks, weights).mean()
 
 
-def paste_loss(mask_logits, paste_masks, pasted, weights=None):
+def paste_loss(mask_logits, paste_masks, pasted, weights=None, reduction="mean"):
     """Eq. (9): L_paste = sum_k 1_paste(k) l_mask(M_pred^k, M_hat'^k) over the positives of pasted
-    objects, against the mask each was pasted with; averaged over them (as Eq. 8). weights default to
-    1 everywhere: a pasted object's mask is fully known. mask_logits, paste_masks (N, ...), pasted (N,)
-    bool, weights (N, ...) or None -> scalar (0, attached, when nothing is pasted)."""
+    objects, against the mask each was pasted with: summed as Eq. (9) writes it (reduction="sum"), or
+    averaged over them as Eq. (8) averages L_pseudo ("mean": then the term's scale does not grow with the
+    number of pasted positives). weights default to 1 everywhere: a pasted object's mask is fully
+    known. mask_logits, paste_masks (N, ...), pasted (N,) bool, weights (N, ...) or None -> scalar
+    (0, attached, when nothing is pasted)."""
     if weights is None:
         weights = torch.ones_like(mask_logits)
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0
     ind = pasted.to(mask_logits.dtype)  # (N,)
     per_inst = weighted_bce_dice(mask_logits, paste_masks, weights)  # (N,)
-    return (per_inst * ind).sum() / ind.sum().clamp(min=1.0)
+    return (per_inst * ind).sum() / (ind.sum().clamp(min=1.0) if reduction == "mean" else 1.0)
 
 
 def official_focal_loss(mask_logits, target, weight):
@@ -540,4 +542,12 @@ def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None
         terms['loss_pairwise'] = pairwise_loss(logits, sim, bmask, thresh, im_inds=inst['im_inds'])
     terms.update(extra or {})
     return total_loss(terms, it, cfg['lambda1'], cfg['lambda2'], cfg['sim_start_iter'],
-                      cfg['pairwise_warmup_iters'], cfg['lambda1_ramp_iters'], cfg['lambda1_ramp_origin'])
+                      cfg['pairwise_warmup_iters'], lambda1_ramp_length(cfg), cfg['lambda1_ramp_origin'])
+
+
+def lambda1_ramp_length(cfg):
+    """The iterations L_pseudo's weight ramps over: cfg's lambda1_ramp_iters, or with -1 (nanosim) the
+    teacher's head start sim_start_iter - teacher_start_iter (300 on the demo, 5000 on COCO): a young
+    teacher's labels grow in weight for as long as the teacher had to mature before they started."""
+    n = cfg['lambda1_ramp_iters']
+    return cfg['sim_start_iter'] - cfg['teacher_start_iter'] if n < 0 else n

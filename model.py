@@ -7,7 +7,8 @@ References: FCOS (Tian et al. 2019), CondInst (Tian et al. 2020), BoxInst (Tian 
 as the AdelaiDet reference implements them (docs/official_code.md, Part B).
 
 Reading order: aligned_bilinear -> FPN -> FCOSHead -> MaskBranch -> dynamic mask head ->
-CondInst (training forward, then inference) -> fold_batchnorm (forward-only twins) -> build_model.
+CondInst (training forward, then inference) -> fold_batchnorm (forward-only twins) -> build_model
+-> load_checkpoint (the one checkpoint loader of every script).
 The backbones are in backbone.py, box helpers in box_ops.py, SIM's EMA teacher in sim.py.
 """
 
@@ -512,8 +513,8 @@ def refold(pairs):
 
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = (  # what build_model reads from the config (train.py's names and defaults)
-    "backbone", "pretrained", "backbone_norm", "freeze_at", "fpn_channels", "head_channels", "head_convs",
+MODEL_KEYS = (  # what build_model reads from the config (config.py's names and defaults)
+    "backbone", "pretrained", "backbone_norm", "freeze_at", "fpn_channels", "head_convs",
     "num_classes", "mask_branch_channels", "mask_branch_convs", "mask_out_channels", "mask_out_stride",
     "mask_head_channels", "mask_head_layers", "sizes_of_interest", "center_radius", "topk_proposals_per_im",
     "max_proposals", "method", "score_thresh", "pre_nms_topk", "nms_thresh", "max_dets", "mask_thresh", "channels_last",
@@ -521,14 +522,29 @@ MODEL_KEYS = (  # what build_model reads from the config (train.py's names and d
 
 
 def build_model(cfg):
-    """The network from a flat config dict (train.py's globals, or a checkpoint's 'config')."""
+    """The network from a flat config dict (config.defaults() as a script set it, or a checkpoint's 'config')."""
     missing = [k for k in MODEL_KEYS if k not in cfg]
     if missing:
         raise SystemExit(f"model.py: config lacks {missing} — fix: use a checkpoint written by this train.py")
     cfg = {k: cfg[k] for k in MODEL_KEYS}
     if cfg["mask_out_stride"] not in (2, 4):
         raise SystemExit(f"model.py: mask_out_stride={cfg['mask_out_stride']} — fix: 4 (reference) or 2 (small images)")
-    if cfg["fpn_channels"] != cfg["head_channels"]:
-        raise SystemExit("model.py: head_channels must equal fpn_channels (the head is shared over FPN levels)")
     model = CondInst(cfg)
     return model.to(memory_format=torch.channels_last) if cfg["channels_last"] else model
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py, onto the CPU whatever device wrote it: RNG states must be CPU
+    byte tensors (torch.set_rng_state, Generator.set_state), the memory bank lives on the CPU, and
+    load_state_dict copies weights onto the model's own device. weights_only: plain values and tensors
+    only, so a checkpoint from elsewhere cannot run code when loaded. mmap: a process reads only the
+    tensors it uses (ranks 1..N-1 never page in rank 0's bank stored in ckpt.pt)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def model_from_checkpoint(ckpt, state_dict=None):
+    """The network of a loaded checkpoint, on the CPU: built from its config, with its weights (or
+    state_dict's: a SIM checkpoint's teacher)."""
+    model = build_model(ckpt["config"])
+    model.load_state_dict(ckpt["model"] if state_dict is None else state_dict)
+    return model

@@ -35,13 +35,14 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from torchvision.ops import nms
 
+import config
 import configurator
 import data
 import eval as evaluation  # the module, not the builtin
 import prototypes
 import sim
 import viz
-from model import build_model, fold_batchnorm
+from model import fold_batchnorm, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings (--key=value)
@@ -49,7 +50,7 @@ ckpt = ""               # checkpoint written by train.py
 images = ""             # a folder, or comma-separated image files
 boxes = ""              # COCO json with boxes and classes: box-conditioned masks instead of detection
 out = "out/predict"     # output folder
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = config.device
 batch_size = 4
 score_thresh = 0.3      # pictures only: detections drawn at this score or above
 nms_thresh = 0.5        # pictures only: class-agnostic NMS over the drawn detections
@@ -59,33 +60,19 @@ n_overlays = 16         # pictures written (0: none)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # -----------------------------------------------------------------------------
+# the model and the images
 
 
 def load_model(path, dev):
     """A train.py checkpoint -> (model in eval mode, BatchNorms folded, its config, categories [{'id', 'name'}])."""
     if not os.path.isfile(path):
         raise SystemExit(f"predict.py: {path} not found — fix: --ckpt=PATH of a checkpoint written by train.py")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
         raise SystemExit(f"predict.py: {path} lacks 'model' or 'config' — fix: pass a checkpoint written by train.py")
-    cfg = ck["config"]
-    model = build_model(cfg)
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()})
-    cats = ck.get("categories") or training_categories(cfg)
+    model = model_from_checkpoint(ck)
     # only forwards from here: the twin with the BatchNorms folded into the convs (the same function, faster)
-    return fold_batchnorm(model.to(dev).eval())[0], cfg, cats
-
-
-def training_categories(cfg):
-    """The categories of the training json (checkpoints written before train.py stored them), or
-    'class i' with ids 1..C when that file is gone."""
-    path = cfg["train_json"]
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            cats = json.load(f).get("categories", [])
-        if len(cats) == cfg["num_classes"]:
-            return sorted(({"id": c["id"], "name": c["name"]} for c in cats), key=lambda c: c["id"])
-    return [{"id": i + 1, "name": f"class {i}"} for i in range(cfg["num_classes"])]
+    return fold_batchnorm(model.to(dev).eval())[0], ck["config"], ck["categories"]
 
 
 def list_images(spec):

@@ -106,18 +106,23 @@ def _group_logsumexp(x, groups, n_groups):
     return m + s.log()                                                                 # (G, L)
 
 
-def cluster_centroids(feats, assign, L):
-    """Eq. (5): p_l = sum_i z_i 1(Q_il = 1) / sum_i 1(Q_il = 1), then l2-normalised.
+def cluster_centroids(feats, assign, L, normalize=True):
+    """Eq. (5): p_l = sum_i z_i 1(Q_il = 1) / sum_i 1(Q_il = 1), the mean of the assigned features
+    (normalize=False: as the paper writes it), or that mean l2-normalised (normalize=True: the official
+    code, docs/official_code.md §4.5; nanoSIM keeps it: a unit centroid moves a unit sub-centre by the
+    same angle whatever the spread of its pixels). Normalising the sum equals normalising the mean.
 
-    feats (N, D); assign (N,) long in [0, L) (hard assignment); returns centroids (L, D), unit
-    (zero rows for empty clusters), and counts (L,) long. Normalising the sum equals normalising
-    the mean. L may be C*L flattened (class-major) to do all classes in one call.
+    feats (N, D); assign (N,) long in [0, L) (hard assignment); returns centroids (L, D) (zero rows
+    for empty clusters) and counts (L,) long. L may be C*L flattened (class-major) to do all classes
+    in one call.
     """
     sums = torch.zeros(L, feats.shape[1], device=feats.device, dtype=feats.dtype)
     sums = sums.index_add_(0, assign, feats)                                           # (L, D)
     counts = torch.zeros(L, dtype=torch.long, device=feats.device)
     counts = counts.scatter_add_(0, assign, torch.ones_like(assign))                   # (L,)
-    return F.normalize(sums, dim=-1), counts
+    if normalize:
+        return F.normalize(sums, dim=-1), counts
+    return sums / counts.clamp(min=1)[:, None].to(sums.dtype), counts
 
 
 def ema_update(protos, centroids, counts, gamma=0.999, norm_dim=-1):
@@ -145,10 +150,11 @@ class PrototypeMemory(nn.Module):
     """
 
     def __init__(self, num_classes, L=10, D=16, gamma=0.999, tau=0.1, eps=0.05, sinkhorn_iters=3,
-                 assign="argmax", norm="D"):
+                 assign="argmax", norm="D", centroid_norm=True):
         super().__init__()
         assert assign in ("argmax", "gumbel") and norm in ("D", "L")
         self.gamma = gamma            # Eq. (4) momentum
+        self.centroid_norm = centroid_norm  # Eq. (5)'s centroid unit (official) or the plain mean (the paper)
         self.tau = tau                # Eq. (1) temperature (official code: 1.0)
         self.eps = eps                # Eq. (2) entropy weight
         self.sinkhorn_iters = sinkhorn_iters
@@ -205,7 +211,7 @@ class PrototypeMemory(nn.Module):
             # draw is argmax(Q + Gumbel noise) whatever the temperature
             gumbel = -torch.empty_like(q).exponential_().log()                         # (M, L)
             sub = (q + gumbel).argmax(dim=1)                                           # (M,)
-        centroids, counts = cluster_centroids(z, cls * L + sub, C * L)                # (C*L, D), (C*L,)
+        centroids, counts = cluster_centroids(z, cls * L + sub, C * L, self.centroid_norm)  # (C*L, D), (C*L,)
         return ema_update(protos, centroids.view(C, L, D), counts.view(C, L), self.gamma, self.norm_dim)
 
     @torch.no_grad()

@@ -3,7 +3,7 @@ SIM's training step around the BoxInst network (paper Sec. 3, Fig. 2), wiring to
 prototypes.py (Eq. 1-7), losses.py (Eq. 8-10) and copypaste.py (Eq. 9, 11):
 
   1. copy-paste onto the batch (once the memory bank is full)             copypaste.py
-  2. student forward (train.py) and teacher forward (no grad)             model.py
+  2. student forward (step.py) and teacher forward (no grad)              model.py
   3. pseudo masks from the teacher: M_S (Eq. 1), M_I (Eq. 6),
      M_prob (Eq. 7), then M_hat and the ignore weight W                    pseudo_masks()
   4. L_pseudo (Eq. 8) on the positives, L_paste (Eq. 9) on pasted ones     sim_losses()
@@ -50,52 +50,63 @@ from model import fold_batchnorm, refold
 # file, wins over the preset)
 
 PRESETS = {
-    # the paper, Eq. 1-11 and Sec. 4.1 as written
+    # the paper, Eq. 1-11, Sec. 3 and 4.1 as written (the supplement where they are silent). Where the text
+    # is ambiguous: tau = 0.1, Sec. 4.1's stated value (the supplement's Tab. 8 peaks at 1.0, the official
+    # code's, with the headline 32.2; its text describes the parameter as Eq. 7's modulation, so it is not
+    # clearly Eq. 1's tau); the teacher in float32 (the paper has no reduced precision)
     "paper": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="argmax",
-                  proto_norm="D", pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False,
-                  occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="bce_dice", lambda1=0.5, lambda1_ramp_iters=0,
-                  lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_min_box_iou=0.0, paste_prob=0.5,
-                  paste_replacement=False, paste_detector=True, pairwise_affinity="color", color_weight=0.0,
-                  bank_masks="teacher"),
+                  proto_norm="D", centroid_norm=False, proto_pixels="pseudo", pseudo_region="image",
+                  pseudo_thresh="fixed", tau_low=0.3, tau_high=0.7, supervise_outside=False, occlusion_aware=True,
+                  pseudo_loss="bce_dice", paste_loss="bce_dice", paste_reduction="sum", lambda1=0.5,
+                  lambda1_ramp_iters=0, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100, bank_masks="pseudo",
+                  bank_score_plus_one=False, bank_min_box_iou=0.0, paste_prob=1.0, paste_fraction=0.25,
+                  paste_score_power=1, paste_replacement=False, paste_detector=True, pairwise_affinity="color",
+                  color_weight=0.0, teacher_momentum=0.9999, proto_momentum=0.999, teacher_bf16=False),
     # the authors' code (docs/official_code.md): no temperature, prototypes normalised over L, Gumbel
     # assignment, plain mean over positives, area-matched threshold with background below 0.4,
-    # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k = 3x the 1x
-    # schedule: 3 * max_iters here), bank 50, paste with replacement, colour x feature affinity.
+    # outside the box ignored, focal-style loss with 0.3 * min(it / T, 1) (T = 270k on COCO: 3x the
+    # 1x schedule, iters_1x), bank 50, paste with replacement, colour x feature affinity.
     # Unlike the official code, L_pseudo skips pasted objects here (they have L_paste)
     "official": dict(tau=1.0, mu=0.0, alpha=0.5, semantic_map="paper", proto_filter=False, proto_assign="gumbel",
-                     proto_norm="L", pseudo_thresh="area", tau_low=0.4, tau_high=0.7, area_t_max=0.8,
-                     supervise_outside=False, occlusion_aware=True, pseudo_loss="official", paste_loss="official", lambda1=0.3,
-                     lambda1_ramp_iters=lambda cfg: 3 * cfg["max_iters"], lambda1_ramp_origin=0, lambda2=1.0,
-                     bank_size=50, bank_min_box_iou=0.0, paste_prob=0.5, paste_replacement=True, paste_detector=True,
-                     pairwise_affinity="color_feat", color_weight=0.0, bank_masks="teacher"),
-    # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md)
-    "nanosim": dict(tau=0.1, mu=5.0, alpha=0.5, semantic_map="calibrated", proto_filter=True, proto_assign="argmax",
-                    proto_norm="D", pseudo_thresh="area", tau_low=0.3, tau_high=0.7, area_t_max=0.8,
-                    supervise_outside=True, occlusion_aware=True, pseudo_loss="bce_dice", paste_loss="official", lambda1=0.5,
-                    lambda1_ramp_iters=300, lambda1_ramp_origin=-1, lambda2=1.0, bank_size=100,
-                    bank_min_box_iou=0.8, paste_prob=0.5, paste_replacement=False, paste_detector=True,
-                    pairwise_affinity="color", color_weight=0.5, bank_masks="teacher"),
+                     proto_norm="L", centroid_norm=True, proto_pixels="teacher", pseudo_region="box",
+                     pseudo_thresh="area", tau_low=0.4, tau_high=0.7, area_t_max=0.8, supervise_outside=False,
+                     occlusion_aware=True, pseudo_loss="official", paste_loss="official", paste_reduction="mean",
+                     lambda1=0.3, lambda1_ramp_iters=lambda cfg: 3 * cfg["iters_1x"], lambda1_ramp_origin=0,
+                     lambda2=1.0, bank_size=50, bank_masks="teacher", bank_score_plus_one=True, bank_min_box_iou=0.0,
+                     paste_prob=0.5, paste_fraction=0.5, paste_score_power=3, paste_replacement=True,
+                     paste_detector=True, pairwise_affinity="color_feat", color_weight=0.0, teacher_momentum=0.9999,
+                     proto_momentum=0.999, teacher_bf16=False),
+    # nanoSIM: the paper plus the measured fixes (module docstring, BENCHMARKS.md). Its values are the
+    # defaults (config.py's [preset] keys): written there once, so this preset sets nothing
+    "nanosim": dict(),
 }
 
 
 CHOICES = dict(semantic_map=("paper", "calibrated"), pseudo_thresh=("fixed", "area"), pseudo_loss=("bce_dice", "official"),
                paste_loss=("bce_dice", "official"), proto_assign=("argmax", "gumbel"), proto_norm=("D", "L"),
-               pairwise_affinity=("color", "color_feat"), bank_masks=("teacher", "rectified"))
+               pairwise_affinity=("color", "color_feat"), bank_masks=("teacher", "pseudo", "rectified"),
+               proto_pixels=("teacher", "pseudo"), pseudo_region=("box", "image"), paste_reduction=("mean", "sum"))
 
 
 def apply_preset(cfg, explicit=()):
-    """Set cfg's SIM knobs from PRESETS[cfg["sim_variant"]], except the keys in `explicit`, then check
-    every switch with a fixed set of values (CHOICES). Values may be functions of the config
-    (evaluated on the final cfg). Returns what it set."""
+    """Set cfg's SIM knobs from PRESETS[cfg["sim_variant"]], except the keys named on the command line
+    (explicit.command_line, configurator.configure's; a plain set: all of it), then check every switch
+    with a fixed set of values (CHOICES). A config file's value for a preset key does not win: the file
+    sets a schedule, the preset the method (--sim_variant=paper on a COCO config is the paper's SIM).
+    Values may be functions of the config (evaluated on the final cfg). Returns what it set."""
     name = cfg["sim_variant"]
     if name not in PRESETS:
         raise SystemExit(f"sim.py: --sim_variant={name!r} is not a preset — fix: one of {', '.join(PRESETS)}")
-    chosen = {k: v for k, v in PRESETS[name].items() if k not in explicit}
+    named = getattr(explicit, "command_line", explicit)
+    chosen = {k: v for k, v in PRESETS[name].items() if k not in named}
     chosen = {k: v(cfg) if callable(v) else v for k, v in chosen.items()}
     cfg.update(chosen)
     for k, allowed in CHOICES.items():
         if cfg[k] not in allowed:
             raise SystemExit(f"sim.py: --{k}={cfg[k]!r} is not an option — fix: one of {', '.join(allowed)}")
+    if cfg["pseudo_region"] == "image" and cfg["color_weight"] > 0:
+        raise SystemExit("sim.py: --color_weight > 0 reads the colours around each box — fix: --pseudo_region=box, "
+                         "or --color_weight=0")
     return chosen
 
 
@@ -112,14 +123,15 @@ class SIMState:
             torch.manual_seed(cfg["seed"])
             self.protos = prototypes.PrototypeMemory(cfg["num_classes"], cfg["num_subcenters"], cfg["mask_out_channels"],
                                                      cfg["proto_momentum"], cfg["tau"], cfg["sinkhorn_eps"],
-                                                     cfg["sinkhorn_iters"], cfg["proto_assign"], cfg["proto_norm"]).to(device)
+                                                     cfg["sinkhorn_iters"], cfg["proto_assign"], cfg["proto_norm"],
+                                                     cfg["centroid_norm"]).to(device)
         self.bank = copypaste.MemoryBank(cfg["bank_size"])
         # copy-paste draws (CPU), different on every rank like the rest of the randomness
         self.generator = torch.Generator().manual_seed(cfg["seed"] + 1 + rank)
 
     def start_teacher(self, model):
         self.teacher = make_teacher(model)
-        if self.cfg.get("teacher_fold_bn", True):
+        if self.cfg["teacher_fold_bn"]:
             self.teacher_fwd, self.fold_pairs = fold_batchnorm(self.teacher)
         else:
             self.teacher_fwd, self.fold_pairs = self.teacher, []
@@ -201,7 +213,7 @@ def teacher_outputs(state, images):
     It runs the BN-folded twin (D20) under torch.inference_mode (no autograd bookkeeping; what is
     computed from these outputs later is an ordinary tensor again) and teacher_autocast (D21); the
     outputs come back in float32, since the thresholds of M_hat need the precision."""
-    with torch.inference_mode(), teacher_autocast(images.device, state.cfg.get("teacher_bf16", True)):
+    with torch.inference_mode(), teacher_autocast(images.device, state.cfg["teacher_bf16"]):
         t_out = state.teacher_fwd.features(images, classify=False)
     return float32_outputs(t_out)
 
@@ -224,8 +236,8 @@ def broadcast_buffers(module, src=0):
 
 def objects(targets, padded_hw, stride=4, occlusion_aware=True, images=None):
     """Every GT object of the batch, in the global order of gt_inds: boxes (G, 4), classes (G,),
-    image (G,), pasted (G,) bool, and on the mask-out grid (stride s = 4 in the reference; all maps
-    below are "Hp/4" for s = 4): box masks (G, Hp/s, Wp/s) (occlusion_aware: minus the pixels pasted
+    image (G,), pasted (G,) bool, and on the mask-out grid (stride s = mask_out_stride: 2 on the demo,
+    4 in the reference): box masks (G, Hp/s, Wp/s) (occlusion_aware: minus the pixels pasted
     over the object, losses.object_box_masks), pasted pseudo masks (G, Hp/s, Wp/s) float, 0 for objects
     not pasted (losses.object_paste_masks; None unless every target has 'paste_masks'), the
     image-valid masks (B, Hp/s, Wp/s) (0 on padding), and with images (B, 3, Hp, Wp) (raw RGB) their
@@ -237,10 +249,10 @@ def objects(targets, padded_hw, stride=4, occlusion_aware=True, images=None):
     pasted = torch.cat([t.get("pasted", torch.zeros(len(t["boxes"]), dtype=torch.bool, device=dev)) for t in targets])
     paste = [losses.object_paste_masks(t, padded_hw, stride) for t in targets if "paste_masks" in t]
     valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw,
-                                     stride, bottom_pixels_removed=0, device=dev)       # (B, Hp/4, Wp/4)
+                                     stride, bottom_pixels_removed=0, device=dev)       # (B, Hp/s, Wp/s)
     lab = None if images is None else losses.rgb_to_lab(torch.nn.functional.avg_pool2d(images.float(), stride))
     return dict(valid=valid, lab=lab, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
-                box_mask=losses.object_box_masks(targets, padded_hw, stride, occlusion_aware),  # (G, Hp/4, Wp/4)
+                box_mask=losses.object_box_masks(targets, padded_hw, stride, occlusion_aware),  # (G, Hp/s, Wp/s)
                 paste_mask=torch.cat(paste).float() if len(paste) == len(targets) else None)
 
 
@@ -259,7 +271,7 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
 
     out: the student's training output (its selected positives out['inst']); t_out: the
     teacher's dense outputs on the same images. Returns maps on the mask-out grid (G, Hp/s, Wp/s),
-    written Hp/4 below (the reference's s = 4):
+    written Hp/s below (s = mask_out_stride):
     M_S, M_I, M_prob, M_hat, W, and M_mean (plain mean of the teacher's masks over the object's
     positives, for the prototype update and the bank), has_pos (G,), and pos_weights (K,) (Eq. 6's
     weight of each positive, for viz.py).
@@ -268,22 +280,30 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     gi = inst["gt_inds"]                                                                # (K,)
     G = obj["boxes"].shape[0]
     # Eq. (1): the teacher's features against the prototypes of each object's class
-    feats = prototypes.normalize_features(t_out["mask_feats"])                          # (B, D, Hp/4, Wp/4)
-    inside = obj["box_mask"] > 0                                                        # (G, Hp/4, Wp/4)
+    feats = prototypes.normalize_features(t_out["mask_feats"])                          # (B, D, Hp/s, Wp/s)
+    # pseudo_region "box": Eq. 1, 7 and the thresholds inside each box (0 / ignored or background outside);
+    # "image": on every pixel of the image, as the paper writes them
+    whole = cfg["pseudo_region"] == "image"
+    inside = (obj["valid"][obj["img"]] if whole else obj["box_mask"]) > 0              # (G, Hp/s, Wp/s)
     m_s = protos.semantic_maps(feats, obj["img"], obj["cls"], cfg["semantic_map"] == "calibrated",
-                               inside)                                                  # (G, Hp/4, Wp/4), 0 outside the box
+                               inside)                                                  # (G, Hp/s, Wp/s), 0 outside
     # Eq. (6): the teacher's mask at each positive, weighted by exp(mu * IoU(its box, the GT box))
-    probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/4, Wp/4)
+    probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/s, Wp/s)
     ious = positive_box_ious(t_out, inst["im_inds"], inst["loc_inds"], teacher.strides, obj["boxes"][gi])  # (K,)
     w = prototypes.positive_weights(ious, gi, G, cfg["mu"])                             # (K,)
-    m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/4, Wp/4)
+    m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/s, Wp/s)
     m_mean = prototypes.instance_map(probs, prototypes.positive_weights(ious, gi, G, 0.0), gi, G)
+    if whole:  # one call on the whole maps: the image plays the box's part
+        m_prob, m_hat, weight, m_c = box_pseudo_labels(m_s, m_i, inside.float(), obj["valid"][obj["img"]], None, None,
+                                                       cfg)
+        return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
+                    has_pos=torch.bincount(gi, minlength=G) > 0, pos_weights=w)
     # Eq. (7) and the thresholds, in a window around each box (box_pseudo_labels: they are confined to it)
     color = cfg["color_weight"] > 0
     m_c = torch.full_like(m_i, 0.5) if color else None  # outside the boxes: no colour evidence
     m_prob, m_hat = torch.zeros_like(m_i), torch.zeros_like(m_i)
     # outside the boxes: background on the image (supervise_outside) or nothing
-    weight = obj["valid"][obj["img"]] if cfg["supervise_outside"] else torch.zeros_like(m_i)  # (G, Hp/4, Wp/4)
+    weight = obj["valid"][obj["img"]] if cfg["supervise_outside"] else torch.zeros_like(m_i)  # (G, Hp/s, Wp/s)
     for g, ids, win in box_windows_of(inside, cfg["color_ring"] if color else 0):
         img = obj["img"][g]
         res = box_pseudo_labels(win(m_s, g), win(m_i, g), win(obj["box_mask"], g), win(obj["valid"], img),
@@ -357,7 +377,7 @@ def sim_losses(out, pm, obj, cfg):
     and cfg["paste_loss"]: "bce_dice" (the paper) or "official"."""
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
-    logits = out["mask_logits"].squeeze(1)                                              # (K, Hp/4, Wp/4), a view
+    logits = out["mask_logits"].squeeze(1)                                              # (K, Hp/s, Wp/s), a view
     pasted = obj["pasted"][gi]                                                          # (K,)
     keep = ~pasted
     # "official": the official code's focal-style forms (docs/official_code.md §6.3-§6.4)
@@ -365,11 +385,11 @@ def sim_losses(out, pm, obj, cfg):
     terms = {"loss_pseudo": pseudo(logits[keep], pm["M_hat"][gi[keep]], pm["W"][gi[keep]])}
     if obj["paste_mask"] is not None:
         # only the pasted positives are passed: the others weigh 0 in both forms (the official one's dice
-        # mean still counts them, n_pos), and their (K, Hp/4, Wp/4) targets need not be gathered
+        # mean still counts them, n_pos), and their (K, Hp/s, Wp/s) targets need not be gathered
         sel = pasted.nonzero().squeeze(1)                                               # (P,)
         args = (logits[sel], obj["paste_mask"][gi[sel]], pasted[sel], obj["valid"][inst["im_inds"][sel]])
         terms["loss_paste"] = (losses.official_paste_loss(*args, n_pos=len(gi)) if cfg["paste_loss"] == "official"
-                               else losses.paste_loss(*args))
+                               else losses.paste_loss(*args, reduction=cfg["paste_reduction"]))
     return terms
 
 
@@ -386,7 +406,11 @@ def prototype_pixels(pm, obj, cfg, as_indices=False):
     confident in-box pixels are real background; the equal-partition Sinkhorn hands them 1-2 of the
     10 sub-centres, and Eq. (1)'s max over sub-centres then scores background pixels by those
     (BENCHMARKS.md D16). The filter keeps a pixel the map already calls background out of the class.
+    proto_pixels="pseudo" (the paper, Sec. 3.2.1: "given an image and its pseudo mask M_hat"): fg is
+    where M_hat is foreground (W > 0), bg where it is background inside the box; proto_filter applies too.
     """
+    if cfg["proto_pixels"] == "pseudo":
+        return pseudo_label_pixels(pm, obj, cfg, as_indices)
     box = (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]                          # (G, Hp/s, Wp/s)
     m_mean, m_s = pm["M_mean"], pm["M_S"]
     if as_indices:
@@ -400,6 +424,19 @@ def prototype_pixels(pm, obj, cfg, as_indices=False):
     if cfg["proto_filter"]:
         fg, bg = fg & (m_s > 0.5), bg & (m_s < 0.5)
     return (pick(fg), pick(bg)) if as_indices else (fg, bg)
+
+
+def pseudo_label_pixels(pm, obj, cfg, as_indices=False):
+    """prototype_pixels for proto_pixels="pseudo": the pseudo labels' confident pixels of objects with
+    positives: fg where M_hat = 1, bg (calibrated map only) where M_hat = 0 inside the box; W > 0 for both."""
+    known = (pm["W"] > 0) & pm["has_pos"][:, None, None]                                # (G, Hp/s, Wp/s)
+    fg = known & (pm["M_hat"] > 0.5)
+    bg = known & (pm["M_hat"] < 0.5) & (obj["box_mask"] > 0) if cfg["semantic_map"] == "calibrated" else None
+    if bg is not None and cfg["proto_filter"]:
+        fg, bg = fg & (pm["M_S"] > 0.5), bg & (pm["M_S"] < 0.5)
+    if not as_indices:
+        return fg, bg
+    return fg.nonzero(as_tuple=True), None if bg is None else bg.nonzero(as_tuple=True)
 
 
 def feature_similarity(feats, kernel_size=3, dilation=2):
@@ -428,18 +465,23 @@ def after_step(state, model, out, pm, obj, images, targets, ema=True):
     memory-bank push (Eq. 11) of this batch's ordinary objects, and (ema) the teacher's EMA: once per
     optimizer step, not per accumulated micro-batch."""
     cfg = state.cfg
-    feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/4, Wp/4)
+    feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/s, Wp/s)
     fg, bg = prototype_pixels(pm, obj, cfg, as_indices=True)
     state.protos.update(feats, obj["img"], obj["cls"], fg, bg)
-    # the bank's masks: the teacher's mean mask (the official code) or nanoSIM's rectified map (Eq. 7, with
-    # the colour term when on): the pasted objects then carry the labels' outline, not the teacher's
-    bank_map = "M_mean" if cfg["bank_masks"] == "teacher" else "M_prob"
+    # the bank's masks: the teacher's mean mask > bank_thresh (the official code), the pseudo label M_hat
+    # (the paper's Fig. 4: M-hat', scored by Eq. 11 over the instance map M_I), or nanoSIM's rectified
+    # map (Eq. 7, with the colour term when on) > bank_thresh
+    bank_map, score_map, thresh = {"teacher": ("M_mean", None, cfg["bank_thresh"]),
+                                   "pseudo": ("M_hat", "M_I", 0.5),
+                                   "rectified": ("M_prob", None, cfg["bank_thresh"])}[cfg["bank_masks"]]
     for b, t in enumerate(targets if cfg["paste_prob"] > 0 else []):  # no copy-paste: no bank
         sel = ((obj["img"] == b) & pm["has_pos"] & ~obj["pasted"]).nonzero().squeeze(1)  # this image's ordinary objects
         h, w = t["size"]
         entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
-                                                  pm[bank_map][sel], (h, w), cfg["bank_thresh"],
-                                                  cfg["mask_out_stride"], cfg["bank_min_box_iou"])
+                                                  pm[bank_map][sel], (h, w), thresh, cfg["mask_out_stride"],
+                                                  cfg["bank_min_box_iou"],
+                                                  None if score_map is None else pm[score_map][sel],
+                                                  cfg["bank_score_plus_one"])
         state.bank.push(**entry)
     if ema:
         update_teacher(state.teacher, model, cfg["teacher_momentum"])

@@ -25,8 +25,6 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data import _error
-
 SHAPES = ("disc", "triangle", "crescent", "star", "cross")  # category ids 1..5 in this order
 SYNTH_VERSION = 7  # bump when the generator changes, so cached copies are regenerated
 
@@ -285,8 +283,8 @@ def ensure_synthetic(root="data/synthetic", seed=0, n_train=800, n_val=100, size
     if stamp_matches():
         return paths
     if os.path.exists(root) and not os.path.isfile(stamp):
-        raise _error(root, "folder exists but is not a synthetic dataset", "no stamp.json",
-                     "remove the folder or pass another root")
+        raise FileExistsError(f"{root}: folder exists but is not a synthetic dataset (no stamp.json) — fix: "
+                              "remove the folder or pass another root")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     t0 = time.time()

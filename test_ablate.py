@@ -5,6 +5,7 @@ import torch
 torch.set_num_threads(1)
 
 import ablate
+import config
 import sim
 import synthetic
 from model import build_model
@@ -27,7 +28,7 @@ def test_ms_stats_scores_every_variant(tmp_path, capsys):
         shares = [float(c.rstrip("%")) for c in cells[5:11]]
         assert all(0 <= a <= 1 for a in aucs) and all(0 <= s <= 100 for s in shares), line
         # M_C's AUC exactly for the variants with the colour map
-        beta = label[2].get("color_weight", sim.PRESETS[label[1]]["color_weight"])
+        beta = dict(config.defaults(), **sim.PRESETS[label[1]], **label[2])["color_weight"]
         assert (cells[3] == "-") == (beta == 0), line
     # the paper's Eq. (1) map and nanosim's calibrated one score differently
     assert lines[0].split(" | ")[1] != lines[2].split(" | ")[1]

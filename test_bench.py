@@ -15,7 +15,7 @@ import synthetic
 def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
     p = synthetic.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=1, size=128)
     bench.main([f"--train_json={p['train_json']}", f"--train_images={p['train_images']}", "--backbone=resnet18",
-                "--fpn_channels=32", "--head_channels=32", "--head_convs=1", "--mask_branch_channels=16",
+                "--fpn_channels=32", "--head_convs=1", "--mask_branch_channels=16",
                 "--mask_branch_convs=1", "--min_size_train=(128,)", "--max_size_train=128", "--batch_size=2",
                 "--steps=1", "--rounds=2", "--warmup=1", f"--paste_prob={paste_prob}", "--device=cpu",
                 f"--profile={paste_prob == '0.5'}"])
@@ -76,3 +76,23 @@ def test_compare_host_prints_old_and_new(capsys, monkeypatch):
         assert re.search(rf"^\| 3 \| {paste} \| {ratio} \| {ratio} \|$", out, re.M), out
         stages = " \\| ".join([r"\d+ -> \d+"] * len(bench.HOST_STAGES))
         assert re.search(rf"^\| 3, {paste} \| {stages} \|$", out, re.M), out
+
+
+def test_sync_points_counts_the_calls_that_wait_for_a_gpu():
+    """On the CPU, the proxy counts each host read, data-dependent shape and host-to-device copy once, at
+    the line that made it; arithmetic is not counted."""
+    x = torch.arange(6.0)
+
+    def fn():
+        y = x * 2 + 1                             # not a sync
+        idx = (y > 4).nonzero()                   # 1: a data-dependent shape
+        n = int(y.sum().item())                   # 2: a host read (int() of a float is plain Python)
+        z = y[y > 6]                              # 3: boolean-mask indexing
+        w = torch.tensor([1.0, 2.0], device="cpu")  # 4: host data to the device
+        return idx, n, z, w, y.tolist()           # 5
+
+    total, top = bench.sync_points(fn)
+    assert total == 5
+    kinds = sorted(where.split()[0] for where, _ in top)
+    assert kinds == ["bool-index", "host-to-device", "item", "nonzero", "tolist"]
+    assert all(where.split()[1].startswith("test_bench.py:") for where, _ in top)

@@ -121,7 +121,8 @@ def test_bank_state_dict_round_trip():
 # -----------------------------------------------------------------------------
 # importance sampling
 
-def test_sample_objects_count():
+def test_sample_objects_count_official():
+    """The official count, floor(N / 2) in [1, 3] (the defaults; the paper's quarter: test_presets)."""
     g = torch.Generator().manual_seed(0)
     for n_obj, n in [(1, 1), (2, 1), (5, 2), (9, 3)]:
         for _ in range(20):
@@ -130,7 +131,8 @@ def test_sample_objects_count():
     assert len(sample_objects(torch.ones(9), g, max_n=2)) == 2
 
 
-def test_sample_objects_probability_cubed():
+def test_sample_objects_probability_cubed_official():
+    """The official draw, ~ score^3 (the defaults; the paper's ~ score: test_presets)."""
     g = torch.Generator().manual_seed(0)
     draws = torch.cat([sample_objects(torch.tensor([1.0, 0.5]), g) for _ in range(9000)])
     assert abs((draws == 0).float().mean().item() - 8 / 9) < 0.015  # 1^3 / (1^3 + 0.5^3); std 0.0033

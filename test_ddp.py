@@ -249,9 +249,9 @@ def test_ddp_resume_continues_exactly(uneven_run):
 
 def test_checkpoint_written_on_a_gpu_loads_on_the_cpu(tmp_path):
     """A checkpoint whose storages are tagged cuda:0 (as a GPU run writes them) loads on this CPU-only
-    machine through train.load_checkpoint, and its RNG state restores; torch.load without a CPU
+    machine through model.load_checkpoint, and its RNG state restores; torch.load without a CPU
     map_location would try to put them on the GPU."""
-    import train
+    from model import load_checkpoint
     state = {"rng": torch.get_rng_state(), "w": torch.arange(4.0)}
     tag = lambda obj: "cuda:0" if isinstance(obj, torch.storage.TypedStorage) or torch.is_storage(obj) else None
     torch.serialization.register_package(0, tag, lambda obj, location: None)  # consulted before the CPU's
@@ -262,6 +262,6 @@ def test_checkpoint_written_on_a_gpu_loads_on_the_cpu(tmp_path):
         registry[:] = [entry for entry in registry if entry[1] is not tag]
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(tmp_path / "gpu.pt", weights_only=False)
-    loaded = train.load_checkpoint(str(tmp_path / "gpu.pt"))
+    loaded = load_checkpoint(str(tmp_path / "gpu.pt"))
     assert loaded["rng"].device.type == "cpu" and torch.equal(loaded["w"], torch.arange(4.0))
     torch.set_rng_state(loaded["rng"])

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
 
+import config
 import losses
-import train  # its defaults: the one set of defaults
 from model import (aligned_bilinear, build_model, compute_locations, dynamic_mask_head, fold_batchnorm,
                    num_dynamic_params)
 from box_ops import mask_centers
@@ -21,9 +21,9 @@ from sim import make_teacher, update_teacher
 
 
 def tiny_cfg(**kw):
-    """train.py's defaults with a tiny BoxInst network at the reference's mask stride (4) and size ranges."""
-    cfg = dict(train.config, backbone="resnet18", pretrained="", backbone_norm="bn", freeze_at=0, fpn_channels=32,
-               head_channels=32, head_convs=1, num_classes=3, mask_branch_channels=16, mask_branch_convs=1,
+    """config.py's defaults with a tiny BoxInst network at the reference's mask stride (4) and size ranges."""
+    cfg = dict(config.defaults(), backbone="resnet18", pretrained="", backbone_norm="bn", freeze_at=0, fpn_channels=32,
+               head_convs=1, num_classes=3, mask_branch_channels=16, mask_branch_convs=1,
                mask_out_stride=4, sizes_of_interest=(64, 128, 256, 512), method="boxinst", channels_last=False,
                bottom_pixels_removed=0, color_thresh=0.3, pairwise_warmup_iters=1)
     cfg.update(kw)

@@ -17,7 +17,6 @@ torch.set_num_threads(1)
 
 import predict
 import synthetic
-import train
 from model import build_model
 from test_model import scene, tiny_cfg
 
@@ -28,7 +27,7 @@ def setup(tmp_path_factory):
     (so it detects something everywhere)."""
     root = tmp_path_factory.mktemp("predict")
     paths = synthetic.ensure_synthetic(str(root / "synthetic"), n_train=1, n_val=3)
-    cfg = dict(train.config, **tiny_cfg(num_classes=5))
+    cfg = tiny_cfg(num_classes=5)
     torch.manual_seed(0)
     model = build_model(cfg)
     torch.nn.init.zeros_(model.head.cls_logits.bias)

@@ -25,18 +25,28 @@ import eval as evaluation  # the module, not the builtin
 import losses
 import prototypes
 import sim
-import train  # only defines its defaults when imported
+import step
 from model import build_model, compute_locations
 from test_model import scene, tiny_cfg
 
 
 def sim_cfg(variant="paper", **kw):
-    """train.py's SIM defaults on the tiny network of test_model, with the knobs of one preset
-    (the paper's by default: most tests here check the paper's equations)."""
+    """config.py's SIM defaults on the tiny network of test_model, with the knobs of one preset."""
     cfg = tiny_cfg(method="sim", seed=0, num_classes=3, sim_variant=variant)
     sim.apply_preset(cfg)
     cfg.update(kw)
     return cfg
+
+
+# the paper's equations where the box bounds them (the official code's regions and bank): what the tests
+# of the box machinery (windows, in-box maps, the teacher-mask bank) run; the paper's own reading of
+# those places (the whole image, M_hat's pixels and bank) has tests of its own below
+IN_BOX = dict(pseudo_region="box", proto_pixels="teacher", bank_masks="teacher", bank_score_plus_one=True,
+              centroid_norm=True, paste_reduction="mean", paste_prob=0.5)
+
+
+def box_cfg(**kw):
+    return sim_cfg("paper", **dict(IN_BOX, **kw))
 
 
 def setup(cfg, n_images=2):
@@ -172,7 +182,7 @@ def test_paste_layout_gives_the_old_full_layouts_inputs_and_losses():
         + 1 - 2 * sums(q * m * wt) / (sums(q.pow(2)) + sums((m * wt).pow(2)) + 1e-5)
     want_pseudo = per[~is_p].mean()
     for form, want in (("official", want_official), ("bce_dice", want_eq9)):
-        got = sim.sim_losses(out, pm, obj, dict(pseudo_loss="bce_dice", paste_loss=form))
+        got = sim.sim_losses(out, pm, obj, dict(pseudo_loss="bce_dice", paste_loss=form, paste_reduction="mean"))
         torch.testing.assert_close(got["loss_paste"], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["loss_pseudo"], want_pseudo, rtol=1e-5, atol=1e-6)
         g_got, = torch.autograd.grad(got["loss_paste"], logits)
@@ -185,7 +195,7 @@ def test_paste_layout_gives_the_old_full_layouts_inputs_and_losses():
 
 
 def test_pseudo_masks_shapes_box_and_positives():
-    cfg = sim_cfg()
+    cfg = box_cfg()
     model, state, images, targets = setup(cfg)
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     G, H4, W4 = 4, 16, 16
@@ -202,7 +212,7 @@ def test_pseudo_masks_shapes_box_and_positives():
 
 def test_pseudo_masks_M_S_from_teacher_features():
     """Eq. (1) on the teacher's features (which differ from the student's here), inside the box."""
-    cfg = sim_cfg()
+    cfg = box_cfg()
     model, state, images, targets = setup(cfg)
     with torch.no_grad():
         for p in state.teacher.parameters():
@@ -218,28 +228,30 @@ def test_pseudo_masks_M_S_from_teacher_features():
     assert not torch.allclose(pm["M_S"], m_s(out["mask_feats"].detach()), atol=1e-3)
 
 
-def test_pseudo_masks_thresholds():
-    cfg = sim_cfg()
+def test_pseudo_masks_thresholds(monkeypatch):
+    """pseudo_masks hands Eq. (7)'s M_prob, the box masks and the configured tau_low / tau_high to
+    prototypes.pseudo_labels (whose hand-made values are in test_prototypes) and returns its M_hat, and
+    its W times the image-valid mask: recorded, not recomputed."""
+    cfg = box_cfg(tau_low=0.25, tau_high=0.75)
     model, state, images, targets = setup(cfg)
+    seen = []
+
+    def recording(m_prob, box_mask, tau_low, tau_high, supervise_outside):
+        seen.append((tau_low, tau_high, supervise_outside, m_prob.clone(), box_mask.clone()))
+        return torch.full_like(m_prob, 3.0), torch.full_like(m_prob, 5.0)   # marks no real label has
+    monkeypatch.setattr(prototypes, "pseudo_labels", recording)
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
+    assert seen and all(s[:3] == (0.25, 0.75, False) for s in seen)
     inside = obj["box_mask"] > 0
-    # thresholds set at values M_prob takes, so the >= / <= boundaries are exercised; M_prob does not
-    # depend on them
-    vals = pm["M_prob"][inside].sort().values
-    lo, hi = vals[len(vals) // 3].item(), vals[2 * len(vals) // 3].item()
-    assert lo < hi
-    pm = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, dict(cfg, tau_low=lo, tau_high=hi))
-    m = pm["M_prob"]
-    fg, bg, band = inside & (m >= hi), inside & (m <= lo), inside & (m > lo) & (m < hi)
-    assert fg.any() and bg.any() and band.any()
-    assert torch.equal(pm["M_hat"] == 1, fg)
-    assert torch.equal(pm["W"] == 1, fg | bg)
-    assert torch.equal(pm["W"] == 0, band | ~inside)
-    assert ((m == hi) & inside).any() and ((m == lo) & inside).any()  # the boundary pixels themselves
+    assert (pm["M_hat"][inside] == 3.0).all()                                      # its M_hat, in every box
+    valid = obj["valid"][obj["img"]]
+    assert torch.equal(pm["W"][inside], (5.0 * valid)[inside])                     # its W, times valid
+    expected = prototypes.rectified_map(pm["M_S"], pm["M_I"], cfg["alpha"], obj["box_mask"])
+    torch.testing.assert_close(pm["M_prob"], expected)
 
 
 def test_pseudo_masks_alpha_mu_and_convexity():
-    cfg = sim_cfg()
+    cfg = box_cfg()
     model, state, images, targets = setup(cfg)
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     box = obj["box_mask"]
@@ -309,7 +321,7 @@ def test_pseudo_masks_eq6_constructed():
     p[2, :, 2] = 1.0
     protos.protos.copy_(p)
     cfg = dict(mu=5.0, alpha=0.5, tau_low=0.55, tau_high=0.7, semantic_map="paper", pseudo_thresh="fixed",
-               supervise_outside=False, color_weight=0.0)
+               supervise_outside=False, color_weight=0.0, pseudo_region="box")
     pm = sim.pseudo_masks(dict(inst=inst), t_out, teacher, protos, obj, cfg)
 
     box0 = torch.zeros(8, 8)
@@ -337,14 +349,15 @@ def test_pseudo_masks_eq6_constructed():
     assert pm["has_pos"].tolist() == [True, True]
 
 
-@pytest.mark.parametrize("variant", ["nanosim", "paper"])
+@pytest.mark.parametrize("variant", ["nanosim", "box"])
 def test_pseudo_masks_in_box_windows_equal_the_whole_maps(variant):
     """pseudo_masks computes Eq. (7), the colour term and the thresholds in windows around the boxes: the
     same maps as those functions on the whole maps (with pasted pixels cut out of a box, a box on the
     image's edge, and image 1's padding): the same colour seeds, so M_C to the last bit but where
     torch.sigmoid rounds differently (its vectorised body and its scalar tail differ by an ulp, and
     the pixels fall elsewhere in a shorter vector: M_C of one object alone differs so too)."""
-    cfg = sim_cfg(variant, color_ring=2, proto_conf_thresh=0.45)  # the untrained teacher's M_I: 0.4-0.6
+    knobs = dict(color_ring=2, proto_conf_thresh=0.45)  # the untrained teacher's M_I: 0.4-0.6
+    cfg = sim_cfg("nanosim", **knobs) if variant == "nanosim" else box_cfg(**knobs)
     model, state, images, targets = setup(cfg)
     targets[1]["size"] = (52, 64)
     targets[1]["boxes"][1] = torch.tensor([40.0, 30, 64, 52])                       # on the right and bottom edges
@@ -378,8 +391,8 @@ def test_prototype_pixels_as_indices():
     obj = dict(box_mask=(torch.rand(3, 5, 6, generator=g) > 0.4).float())
     pm = dict(M_mean=torch.rand(3, 5, 6, generator=g), M_S=torch.rand(3, 5, 6, generator=g),
               has_pos=torch.tensor([True, False, True]))
-    for cfg in (dict(proto_conf_thresh=0.6, semantic_map="calibrated", proto_filter=True),
-                dict(proto_conf_thresh=0.6, semantic_map="paper", proto_filter=False)):
+    for cfg in (dict(proto_conf_thresh=0.6, semantic_map="calibrated", proto_filter=True, proto_pixels="teacher"),
+                dict(proto_conf_thresh=0.6, semantic_map="paper", proto_filter=False, proto_pixels="teacher")):
         dense, idx = sim.prototype_pixels(pm, obj, cfg), sim.prototype_pixels(pm, obj, cfg, as_indices=True)
         for d, i in zip(dense, idx):
             assert (d is None) == (i is None)
@@ -394,7 +407,7 @@ def test_prototype_pixels_as_indices():
 def loss_setup(pasted):
     """scene(2) with image 1 only 60 px wide (its last stride-4 column is padding); pasted objects
     carry their GT masks as paste masks. W = the box (tau_low = tau_high) so every positive learns."""
-    cfg = sim_cfg(tau_low=0.5, tau_high=0.5)
+    cfg = box_cfg(tau_low=0.5, tau_high=0.5)
     model, state, images, targets = setup(cfg)
     targets[1]["size"] = targets[1]["orig_size"] = (64, 60)
     for t, flags in zip(targets, pasted):
@@ -411,7 +424,7 @@ def test_sim_losses_split_between_pseudo_and_paste():
     logits = out["mask_logits"]
     is_pasted = obj["pasted"][gi]                                                     # (K,)
     assert is_pasted.any() and (~is_pasted).any()
-    terms = sim.sim_losses(out, pm, obj, sim_cfg())
+    terms = sim.sim_losses(out, pm, obj, box_cfg())
     assert set(terms) == {"loss_pseudo", "loss_paste"}
     ref_pseudo = losses.weighted_bce_dice(logits[~is_pasted, 0], pm["M_hat"][gi][~is_pasted],
                                           pm["W"][gi][~is_pasted]).mean()
@@ -444,15 +457,15 @@ def test_sim_losses_split_between_pseudo_and_paste():
 
 def test_sim_losses_all_or_none_pasted():
     _, _, out, obj, pm = loss_setup([[True, True], [True, True]])
-    terms = sim.sim_losses(out, pm, obj, sim_cfg())
+    terms = sim.sim_losses(out, pm, obj, box_cfg())
     assert terms["loss_pseudo"].item() == 0 and terms["loss_pseudo"].requires_grad  # the empty case
     assert terms["loss_paste"].item() > 0
     _, targets, out, obj, pm = loss_setup([[False, False], [False, False]])
-    terms = sim.sim_losses(out, pm, obj, sim_cfg())
+    terms = sim.sim_losses(out, pm, obj, box_cfg())
     assert terms["loss_paste"].item() == 0 and terms["loss_pseudo"].item() > 0
     # before copy-paste starts (targets without paste masks) there is no L_paste term
     obj = sim.objects([{k: v for k, v in t.items() if k != "paste_masks"} for t in targets], (64, 64))
-    assert set(sim.sim_losses(out, pm, obj, sim_cfg())) == {"loss_pseudo"}
+    assert set(sim.sim_losses(out, pm, obj, box_cfg())) == {"loss_pseudo"}
 
 
 # -----------------------------------------------------------------------------
@@ -460,7 +473,7 @@ def test_sim_losses_all_or_none_pasted():
 
 
 def test_after_step_prototypes_bank_teacher():
-    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0, teacher_momentum=0.9)
+    cfg = box_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0, teacher_momentum=0.9)
     model, state, images, targets = setup(cfg)
     targets[1]["pasted"] = torch.tensor([True, True])  # image 1's objects were pasted: not for the bank
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
@@ -502,7 +515,7 @@ def test_after_step_prototypes_bank_teacher():
 
 
 def test_after_step_bank_entries():
-    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
+    cfg = box_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
     model, state, images, targets = setup(cfg)
     targets[0]["size"] = (64, 60)   # the bank keeps the unpadded image
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
@@ -525,20 +538,20 @@ def test_after_step_bank_entries():
 
 def test_image_without_objects():
     """A batch image with no GT object: the other image's objects get everything, nothing breaks."""
-    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
+    cfg = box_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
     model, state, images, targets = setup(cfg)
     t = targets[0]
     t["boxes"], t["labels"], t["masks"] = t["boxes"][:0], t["labels"][:0], t["masks"][:0]
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     assert obj["img"].tolist() == [1, 1] and pm["M_prob"].shape == (2, 16, 16) and pm["has_pos"].all()
-    terms = sim.sim_losses(out, pm, obj, sim_cfg())
+    terms = sim.sim_losses(out, pm, obj, box_cfg())
     assert torch.isfinite(terms["loss_pseudo"]) and terms["loss_pseudo"] > 0
     sim.after_step(state, model, out, pm, obj, images, targets)
     assert len(state.bank) == 1 and torch.equal(state.bank.entries[0]["image"], images[1])
 
 
 def test_after_step_nothing_confident():
-    cfg = sim_cfg(proto_conf_thresh=2.0, bank_thresh=2.0)  # probabilities never exceed 1
+    cfg = box_cfg(proto_conf_thresh=2.0, bank_thresh=2.0)  # probabilities never exceed 1
     model, state, images, targets = setup(cfg)
     out, t_out, obj, pm = forward_pm(model, state, images, targets, cfg)
     before = state.protos.protos.clone()
@@ -552,7 +565,7 @@ def test_after_step_nothing_confident():
 
 
 def test_sim_state_same_prototypes_whatever_the_global_rng():
-    cfg = sim_cfg()
+    cfg = box_cfg()
     torch.manual_seed(1)
     a = sim.SIMState(cfg, torch.device("cpu"))
     x = torch.rand(3)
@@ -571,7 +584,7 @@ def test_sim_state_same_prototypes_whatever_the_global_rng():
 def test_folded_teacher_equals_the_teacher_through_ema_and_load():
     """The twin the SIM step runs gives the teacher's outputs, and still does after the EMA and a
     checkpoint load (the BNs carry statistics, not their initial 0/1, so folding changes the weights)."""
-    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0, teacher_momentum=0.5)
+    cfg = box_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0, teacher_momentum=0.5)
     torch.manual_seed(0)
     model = build_model(cfg)
     images, targets = scene(2)
@@ -636,7 +649,7 @@ def test_teacher_autocast_only_where_bf16_is_native(monkeypatch):
 def test_teacher_outputs_bf16_near_fp32_and_fp32_exact(monkeypatch):
     """teacher_outputs in float32 whatever the teacher ran in; with --teacher_bf16=False exactly the
     folded twin's forward; in bf16 within bf16's rounding of it (a relative 2^-8 per op)."""
-    cfg = sim_cfg()
+    cfg = box_cfg()
     model, state, images, targets = setup(cfg)
     monkeypatch.setattr(sim, "bf16_kernels", lambda device: True)  # run the bf16 path on any CPU
     state.cfg = dict(cfg, teacher_bf16=False)
@@ -659,7 +672,7 @@ def test_teacher_outputs_bf16_near_fp32_and_fp32_exact(monkeypatch):
 
 
 def test_sim_state_round_trip():
-    cfg = sim_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
+    cfg = box_cfg(proto_conf_thresh=-1.0, bank_thresh=-1.0)
     model, state, images, targets = setup(cfg)
     with torch.no_grad():
         for p in state.teacher.parameters():
@@ -728,7 +741,7 @@ def _ddp_worker(rank, port, cfg, q):
 
 
 def test_ddp_prototypes_identical_on_both_ranks():
-    cfg = sim_cfg(proto_conf_thresh=-1.0)
+    cfg = box_cfg(proto_conf_thresh=-1.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -783,8 +796,9 @@ def test_nanosim_background_outside_the_box_on_pasted_pixels_not_padding():
     bg = (~box | on_paste) & valid
     assert (pm["W"][bg] == 1).all() and (pm["M_hat"][bg] == 0).all()
     assert (pm["W"][~valid] == 0).all() and (~valid).sum() == 2 * 4 * 16
-    # the paper's preset on the same batch: nothing outside the box, the pasted pixels ignored (official rule)
-    pp = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, sim_cfg("paper"))
+    # in-box pseudo labels without supervise_outside (the official rule) on the same batch: nothing outside
+    # the box, the pasted pixels ignored
+    pp = sim.pseudo_masks(out, t_out, state.teacher, state.protos, obj, box_cfg())
     assert (pp["W"][~box | on_paste] == 0).all()
 
 
@@ -793,7 +807,7 @@ def test_prototype_pixels_filter_hand():
     obj = dict(box_mask=torch.tensor([[[1.0, 1, 1, 1, 0]]]))
     pm = dict(M_mean=torch.tensor([[[0.9, 0.9, 0.1, 0.1, 0.9]]]), M_S=torch.tensor([[[0.8, 0.2, 0.2, 0.8, 0.9]]]),
               has_pos=torch.tensor([True]))
-    cfg = dict(proto_conf_thresh=0.7, semantic_map="calibrated", proto_filter=True)
+    cfg = dict(proto_conf_thresh=0.7, semantic_map="calibrated", proto_filter=True, proto_pixels="teacher")
     fg, bg = sim.prototype_pixels(pm, obj, cfg)
     assert fg.tolist() == [[[True, False, False, False, False]]]      # confident and the map agrees
     assert bg.tolist() == [[[False, False, True, False, False]]]
@@ -813,8 +827,8 @@ def test_nanosim_training_step_runs_and_updates_background_subcentres():
     model, state, images, targets = setup(cfg)
     before, before_fg = state.protos.bg_protos.clone(), state.protos.protos.clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss, logs = train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), state, images,
-                                  targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    loss, logs = step.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), state, images,
+                                 targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert torch.isfinite(loss) and "loss_pseudo" in logs
     assert not torch.equal(state.protos.bg_protos, before) and not torch.equal(state.protos.protos, before_fg)
 
@@ -827,8 +841,8 @@ def test_training_step_runs_with_every_preset(variant):
     model, state, images, targets = setup(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.clone() for p in state.teacher.parameters()]
-    loss, logs = train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), state, images,
-                                  targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    loss, logs = step.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), state, images,
+                                 targets, 5, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert torch.isfinite(loss) and "loss_pseudo" in logs and logs["loss_pairwise"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, state.teacher.parameters()))  # the EMA moved
 

@@ -1,5 +1,7 @@
-"""Tests of train.py's pieces: the configurator, the lr schedule, weight-decay groups, atomic
-checkpoints, the COCO config files, and bad input reported as one clear line."""
+"""Tests of a training run: config.py's defaults through the configurator, the COCO config files, the
+lr schedule, weight-decay groups, the linear scaling rule, a step's non-finite and accumulated gradients
+(step.py), atomic checkpoints, and train.py itself: bad input reported as one clear line, data_root's
+layouts, SIGTERM, exact resume, DDP."""
 
 import glob
 import json
@@ -10,7 +12,10 @@ import sys
 import pytest
 import torch
 
-import train
+import config
+import configurator
+import data
+import step
 from model import build_model
 from test_model import tiny_cfg
 
@@ -18,31 +23,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_configure_types_and_errors(tmp_path):
-    cfg = dict(train.config)
-    train.configure(["--lr=0.5", "--max_iters=7", "--min_size_train=(100,120)", "--resume", "--device=cpu",
-                     "--pretrained=''", "--lr_steps=3"], cfg)
+    cfg = dict(config.defaults())
+    configurator.configure_run(["--lr=0.5", "--max_iters=7", "--min_size_train=(100,120)", "--resume",
+                                "--device=cpu", "--pretrained=''", "--lr_steps=3"], cfg)
     assert cfg["lr"] == 0.5 and cfg["max_iters"] == 7 and cfg["min_size_train"] == (100, 120)
     assert cfg["resume"] is True and cfg["device"] == "cpu" and cfg["pretrained"] == "" and cfg["lr_steps"] == (3,)
-    train.configure(["--lr=1"], cfg)  # an int where a float is expected is fine
+    configurator.configure_run(["--lr=1"], cfg)  # an int where a float is expected is fine
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
     with pytest.raises(SystemExit, match="unknown option --lrr"):
-        train.configure(["--lrr=1"], cfg)
+        configurator.configure_run(["--lrr=1"], cfg)
     with pytest.raises(SystemExit, match="should be a int"):
-        train.configure(["--max_iters=abc"], cfg)
+        configurator.configure_run(["--max_iters=abc"], cfg)
     with pytest.raises(SystemExit, match="not found"):
-        train.configure([str(tmp_path / "nope.py")], cfg)
+        configurator.configure_run([str(tmp_path / "nope.py")], cfg)
     f = tmp_path / "c.py"
     f.write_text("max_iters = 11\nmethod = 'boxinst'\n")
-    train.configure([str(f), "--max_iters=12"], cfg)  # later arguments win
+    configurator.configure_run([str(f), "--max_iters=12"], cfg)  # later arguments win
     assert cfg["max_iters"] == 12 and cfg["method"] == "boxinst"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(HERE, "configs", "*.py"))))
 def test_config_files_load(path, monkeypatch):
     monkeypatch.chdir(HERE)  # configs exec each other by relative path, as train.py is run from the repo
-    cfg = dict(train.config)
-    train.configure([path], cfg)
-    assert set(cfg) == set(train.config)
+    cfg = dict(config.defaults())
+    configurator.configure_run([path], cfg)
+    assert set(cfg) == set(config.defaults())
     assert (cfg["data_root"], cfg["dataset"]) in (("datasets/coco", "coco"), ("datasets/voc", "voc"))
     assert os.path.basename(path).startswith(cfg["dataset"]) and cfg["pretrained"] == "imagenet"
     assert cfg["method"] in ("boxinst", "full", "sim") and cfg["max_iters"] > max(cfg["lr_steps"])
@@ -61,22 +66,19 @@ def test_config_files_load(path, monkeypatch):
         assert (cfg["lambda1"], cfg["lambda2"], cfg["alpha"], cfg["mu"], cfg["tau"]) == (0.5, 1.0, 0.5, 5.0, 0.1)
 
 
-def test_lr_schedule(monkeypatch):
-    monkeypatch.setattr(train, "lr", 0.01)
-    monkeypatch.setattr(train, "warmup_iters", 1000)
-    monkeypatch.setattr(train, "warmup_factor", 0.001)
-    monkeypatch.setattr(train, "lr_steps", (60000, 80000))
-    assert train.get_lr(0) == pytest.approx(1e-5)
-    assert train.get_lr(500) == pytest.approx(0.01 * (0.001 * 0.5 + 0.5))
-    assert train.get_lr(1000) == pytest.approx(0.01)
-    assert train.get_lr(60000) == pytest.approx(0.001)
-    assert train.get_lr(89999) == pytest.approx(0.0001)
+def test_lr_schedule():
+    cfg = dict(config.defaults(), lr=0.01, warmup_iters=1000, warmup_factor=0.001, lr_steps=(60000, 80000))
+    assert step.get_lr(0, cfg) == pytest.approx(1e-5)
+    assert step.get_lr(500, cfg) == pytest.approx(0.01 * (0.001 * 0.5 + 0.5))
+    assert step.get_lr(1000, cfg) == pytest.approx(0.01)
+    assert step.get_lr(60000, cfg) == pytest.approx(0.001)
+    assert step.get_lr(89999, cfg) == pytest.approx(0.0001)
 
 
 def test_no_weight_decay_on_norm_layers():
     model = build_model(tiny_cfg())
-    decay, no_decay = train.param_groups(model)
-    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == train.weight_decay
+    decay, no_decay = step.param_groups(model, 0.05)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
     gn = model.head.cls_tower[1]
     assert any(p is gn.weight for p in no_decay["params"]) and not any(p is gn.weight for p in decay["params"])
     assert any(p is model.head.scales[0].scale for p in decay["params"])  # FCOS scales: decayed, as the reference
@@ -86,14 +88,14 @@ def test_no_weight_decay_on_norm_layers():
 
 def test_save_atomic_keeps_old_checkpoint_on_failure(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    train.save_atomic({"iter": 1}, path)
+    data.save_atomic({"iter": 1}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("crash while writing")
 
     with pytest.raises(RuntimeError):
-        train.save_atomic({"iter": 2, "bad": Unpicklable()}, path)
+        data.save_atomic({"iter": 2, "bad": Unpicklable()}, path)
     assert torch.load(path)["iter"] == 1  # the previous checkpoint survived
 
 
@@ -140,37 +142,6 @@ def test_bad_input_is_one_clear_line(tmp_path):
     r = run_train(*args, "--batch_size=1", "--solver=adam", cwd=tmp_path)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "--solver='adam'" in last and "fix" in last and "Traceback" not in r.stderr
-
-
-def test_sim_presets_set_exactly_their_knobs(tmp_path):
-    import sim
-    for name, preset in sim.PRESETS.items():
-        cfg = dict(train.config)
-        chosen = train.configure([f"--sim_variant={name}", "--max_iters=100"], cfg)
-        assert set(chosen) == set(preset)
-        for k, v in preset.items():
-            assert cfg[k] == (v(cfg) if callable(v) else v), (name, k)
-        # every other key keeps train.py's default
-        assert all(cfg[k] == train.config[k] for k in cfg if k not in preset and k not in ("sim_variant", "max_iters"))
-    cfg = dict(train.config)
-    train.configure(["--sim_variant=official", "--max_iters=100"], cfg)
-    assert cfg["tau"] == 1.0 and cfg["proto_assign"] == "gumbel" and cfg["lambda1_ramp_iters"] == 300
-    assert cfg["pseudo_loss"] == "official" and cfg["supervise_outside"] is False
-    # explicit keys win over the preset, from the command line and from a config file
-    f = tmp_path / "c.py"
-    f.write_text("sim_variant = 'paper'\nalpha = 1.0\n")
-    cfg = dict(train.config)
-    chosen = train.configure([str(f), "--tau=0.5"], cfg)
-    assert cfg["alpha"] == 1.0 and cfg["tau"] == 0.5 and "alpha" not in chosen and "tau" not in chosen
-    assert cfg["semantic_map"] == "paper" and cfg["supervise_outside"] is False
-    # nanosim is the default and what train.py's own values are
-    cfg = dict(train.config)
-    train.configure([], cfg)
-    assert cfg == train.config
-    with pytest.raises(SystemExit, match="not a preset"):
-        train.configure(["--sim_variant=nope"], dict(train.config))
-    with pytest.raises(SystemExit, match="--semantic_map='calibrate' is not an option"):
-        train.configure(["--semantic_map=calibrate"], dict(train.config))
 
 
 def fake_tree(tmp_path, layout):
@@ -296,7 +267,7 @@ def test_unreadable_val_image_stops_the_run_before_training(tmp_path):
 
 def test_nonfinite_loss_is_skipped_and_named(monkeypatch, capsys):
     import losses
-    cfg = dict(train.config, **tiny_cfg(method="boxinst"))
+    cfg = tiny_cfg(method="boxinst")
     torch.manual_seed(0)
     model = build_model(cfg)
     from test_model import scene
@@ -310,14 +281,14 @@ def test_nonfinite_loss_is_skipped_and_named(monkeypatch, capsys):
     monkeypatch.setattr(losses, "compute_losses", poisoned)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    step = lambda c: train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), None, images,
-                                      targets, 6, c, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
-    loss, _ = step(cfg)
+    run = lambda c: step.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), None, images,
+                                    targets, 6, c, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    loss, _ = run(cfg)
     assert not torch.isfinite(loss)
     assert "iteration 7: non-finite loss_prj; step skipped" in capsys.readouterr().out
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(FloatingPointError, match="iteration 7: non-finite loss_prj"):
-        step(dict(cfg, skip_nonfinite=False))
+        run(dict(cfg, skip_nonfinite=False))
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
@@ -437,16 +408,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.environ["NANOSIM_DIR"])
-import data, sim, train
+import config, configurator, data, sim, step
 from model import build_model
 dist.init_process_group("gloo")
 rank, dev, results = dist.get_rank(), torch.device("cpu"), {}
 for path, root in json.loads(os.environ["CONFIGS"]):
     try:
-        cfg = dict(train.config)
-        train.configure([path, f"--data_root={root}", "--min_size_train=(64,)", "--max_size_train=96",
-                         "--teacher_start_iter=0", "--sim_start_iter=1", "--bank_size=1", "--device=cpu"], cfg)
-        paths = train.dataset_paths(cfg)
+        cfg = dict(config.defaults())
+        configurator.configure_run([path, f"--data_root={root}", "--min_size_train=(64,)", "--max_size_train=96",
+                                    "--teacher_start_iter=0", "--sim_start_iter=1", "--bank_size=1", "--device=cpu"],
+                                   cfg)
+        paths = data.dataset_paths(cfg)
         ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True, min_sizes=cfg["min_size_train"],
                                  max_size=cfg["max_size_train"], with_masks=cfg["method"] == "full")
         cfg["num_classes"] = ds.num_classes
@@ -454,14 +426,14 @@ for path, root in json.loads(os.environ["CONFIGS"]):
                                   scale_per_batch=cfg["scale_per_batch"], group_by_aspect=cfg["group_by_aspect"])
         model = build_model(cfg).to(dev)
         net = DDP(model, find_unused_parameters=False)  # as train.py wraps it
-        opt = torch.optim.SGD(train.param_groups(model), lr=1e-4, momentum=0.9)
+        opt = torch.optim.SGD(step.param_groups(model, cfg["weight_decay"]), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         state = sim.SIMState(cfg, dev, rank) if cfg["method"] == "sim" else None
         batches, logs = data.infinite(loader), []
         for it in range(3):  # iteration 1: the BoxInst phase (the teacher on), 2-3: the SIM phase
             images, targets = next(batches)
-            loss, terms = train.train_step(net, model, opt, scaler, state, images, targets, it, cfg, dev,
-                                           lambda: torch.autocast("cpu", enabled=False))
+            loss, terms = step.train_step(net, model, opt, scaler, state, images, targets, it, cfg, dev,
+                                          lambda: torch.autocast("cpu", enabled=False))
             logs.append(sorted(terms))
         results[path] = {"backbone": cfg["backbone"], "method": cfg["method"], "terms": logs}
     except Exception:
@@ -498,8 +470,8 @@ def test_every_config_runs_ddp_steps_on_2_processes(tmp_path, imagenet_cache, mo
         res = json.load(open(tmp_path / f"rank{rank}.json"))
         for path in configs:
             assert path in res and "error" not in res[path], (rank, path, res.get(path, {}).get("error"))
-            cfg = dict(train.config)
-            train.configure([path], cfg)
+            cfg = dict(config.defaults())
+            configurator.configure_run([path], cfg)
             assert res[path]["backbone"] == cfg["backbone"]
             terms = res[path]["terms"]
             assert "loss_prj" in terms[0] or "loss_mask" in terms[0]
@@ -508,17 +480,17 @@ def test_every_config_runs_ddp_steps_on_2_processes(tmp_path, imagenet_cache, mo
 
 def test_linear_scaling_rule_hand_values():
     """Recipe batch 16 on 2 processes x 2 images: G/R = 1/4: lr / 4, iterations x 4, EMA m -> m^(1/4)."""
-    cfg = dict(train.config, batch_size=2, accum_steps=1, reference_batch=16, lr=0.01, max_iters=90000,
+    cfg = dict(config.defaults(), batch_size=2, accum_steps=1, reference_batch=16, lr=0.01, max_iters=90000,
                lr_steps=(60000, 80000), warmup_iters=1000, teacher_momentum=0.9999, proto_momentum=0.999)
-    s = train.scale_schedule(cfg, world_size=2)
+    s = step.scale_schedule(cfg, world_size=2)
     assert s["lr"] == pytest.approx(0.0025) and s["max_iters"] == 360000 and s["lr_steps"] == (240000, 320000)
     assert s["warmup_iters"] == 4000 and s["teacher_momentum"] == pytest.approx(0.9999 ** 0.25)
     assert s["proto_momentum"] == pytest.approx(0.999 ** 0.25)
     # 8 processes x 2 images: the recipe itself, nothing moves
-    s = train.scale_schedule(cfg, world_size=8)
+    s = step.scale_schedule(cfg, world_size=8)
     assert s["lr"] == 0.01 and s["max_iters"] == 90000 and s["teacher_momentum"] == 0.9999
     # accumulation counts in the global batch: 2 x 2 x 4 = 16
-    assert train.scale_schedule(dict(cfg, accum_steps=4), world_size=2)["max_iters"] == 90000
+    assert step.scale_schedule(dict(cfg, accum_steps=4), world_size=2)["max_iters"] == 90000
 
 
 def test_gradient_accumulation_steps_once_with_the_mean_gradient():
@@ -526,12 +498,12 @@ def test_gradient_accumulation_steps_once_with_the_mean_gradient():
     micro-batches' gradients (each measured alone by a one-micro-batch step from the same start)."""
     import copy
     from test_model import scene
-    cfg = dict(train.config, **tiny_cfg(method="boxinst"))
+    cfg = tiny_cfg(method="boxinst")
     torch.manual_seed(0)
     base = build_model(cfg)
     images, targets = scene(4)
     halves = [(images[:2], targets[:2]), (images[2:], targets[2:])]
-    step = lambda model, batch, micro: train.train_step(
+    run = lambda model, batch, micro: step.train_step(
         model, model, opt_of(model), torch.amp.GradScaler("cpu", enabled=False), None, *batch, 5, cfg,
         torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False), micro)
     opts = {}
@@ -540,11 +512,11 @@ def test_gradient_accumulation_steps_once_with_the_mean_gradient():
     single = []
     for batch in halves:
         m = copy.deepcopy(base)
-        step(m, batch, (0, 1))
+        run(m, batch, (0, 1))
         single.append([(a - p.detach()) / 0.1 for a, p in zip(p0, m.parameters())])   # its gradient
     acc = copy.deepcopy(base)
-    step(acc, halves[0], (0, 2))
+    run(acc, halves[0], (0, 2))
     assert all(torch.equal(a, p) for a, p in zip(p0, acc.parameters()))           # no step yet
-    step(acc, halves[1], (1, 2))
+    run(acc, halves[1], (1, 2))
     for a, p, g1, g2 in zip(p0, acc.parameters(), *single):
         assert torch.allclose(p.detach(), a - 0.1 * (g1 + g2) / 2, atol=1e-5)

@@ -32,6 +32,7 @@ import data
 import losses
 import prototypes
 import sim
+from model import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 # overlays and heat-map rows
@@ -319,28 +320,24 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
 
 
 def main(argv):
-    import train
-    from model import build_model
     defaults = dict(ckpt="", index=0, n=3, split="val", out="", device="cpu")
     opt = dict(defaults)
     configurator.configure(argv, opt, "viz.py")
     if not os.path.isfile(opt["ckpt"]):
         raise SystemExit(f"viz.py: {opt['ckpt']!r} not found — fix: --ckpt=PATH of a checkpoint written by train.py")
-    ck = torch.load(opt["ckpt"], map_location="cpu", weights_only=True)
-    cfg = dict(train.config)
-    cfg.update(ck["config"])
+    ck = load_checkpoint(opt["ckpt"])
+    cfg = ck["config"]
     dev = torch.device(opt["device"])
-    model = build_model(cfg).to(dev)
-    model.load_state_dict(ck["model"])
+    model = model_from_checkpoint(ck).to(dev)
     state = None
-    if ck.get("sim") is not None:
+    if ck["sim"] is not None:  # a SIM run's teacher, prototypes and bank (a BoxInst run has none)
         state = sim.SIMState(cfg, dev)
         state.load_state_dict(ck["sim"], model)
     ds = data.CocoBoxDataset(cfg[f"{opt['split']}_json"], cfg[f"{opt['split']}_images"], train=False,
                              min_sizes=(cfg["min_size_test"],), max_size=cfg["max_size_test"])
     if not 0 <= opt["index"] < len(ds):
         raise SystemExit(f"viz.py: --index={opt['index']} but {ds.json_path} has {len(ds)} images — fix: 0..{len(ds) - 1}")
-    images, targets = train.to_device(*data.collate([ds[opt["index"]], ds[(opt["index"] + 1) % len(ds)]]), dev)
+    images, targets = data.to_device(*data.collate([ds[opt["index"]], ds[(opt["index"] + 1) % len(ds)]]), dev)
     out = opt["out"] or os.path.join(os.path.dirname(os.path.abspath(opt["ckpt"])), "viz")
     paths = object_grids(model, state, cfg, images, targets, out, opt["n"])
     print(f"viz.py: {len(paths)} grids in {out}/")

@@ -1,0 +1,493 @@
+"""
+Mask2Former (Cheng et al., CVPR 2022, "Masked-attention Mask Transformer for Universal Image Segmentation"),
+the query-based segmenter on which the SIM paper also reports (its Tab. 1: Mask2Former-R101, BoxInst-style
+box supervision 35.7 mask AP, SIM 37.4), in plain PyTorch: the network and the box-supervised Hungarian
+matcher. The training integration (the box losses on matched queries, SIM on the per-pixel embeddings,
+train.py's --arch) is not here yet.
+
+The network, at the reference's COCO instance-segmentation settings (DEFAULTS):
+  backbone (backbone.py: C2-C5, strides 4-32)
+  -> pixel decoder: a multi-scale deformable-attention encoder (Deformable DETR) over C3-C5, then an
+     FPN-style lateral + output conv on C2 -> per-pixel embeddings ("mask features", stride 4) and the
+     three encoder maps (strides 32, 16, 8) the decoder attends to
+  -> transformer decoder: learnable queries; each layer = masked cross-attention (a query sees only the
+     pixels its previous mask prediction covers) -> self-attention -> FFN, round-robin over the 3 scales
+  -> after the learnable queries and after every layer: class logits (K + 1, the last = no object) and
+     mask logits = <query mask embedding, per-pixel embedding>.
+
+Reading order: ms_deform_attn_core -> MSDeformAttn -> sine_position_encoding -> PixelDecoder ->
+attention_mask -> MaskedCrossAttention -> DecoderLayer -> MaskedTransformerDecoder -> Mask2Former
+(forward, predict) -> matching (class_cost, projection_cost, hungarian_match, match).
+Everything is pure PyTorch (no compiled deformable-attention op); facts from the paper and the reference
+code (facebookresearch/Mask2Former, Deformable DETR), the code written here.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backbone import Backbone
+from box_ops import box_masks_inclusive, masks_to_boxes
+
+# the reference's COCO instance settings (Base-COCO-InstanceSegmentation + maskformer2_R50_bs16_50ep)
+DEFAULTS = dict(
+    backbone="resnet50", pretrained="imagenet", backbone_norm="frozen",
+    freeze_at=0,                 # FREEZE_AT 0: every backbone stage trains (BN frozen)
+    num_classes=80,
+    conv_dim=256,                # pixel decoder width (CONVS_DIM)
+    mask_dim=256,                # per-pixel embedding width (MASK_DIM)
+    enc_layers=6,                # deformable encoder layers
+    enc_dim_feedforward=1024,    # the encoder's FFN (the reference hard-codes 1024)
+    enc_n_points=4,              # sampling points per head per level
+    hidden_dim=256,              # decoder width
+    num_queries=100,
+    nheads=8,                    # heads of the encoder and the decoder
+    dim_feedforward=2048,        # decoder FFN
+    dec_layers=9,                # decoder layers: 3 rounds over 3 scales (the reference's DEC_LAYERS 10 counts
+                                 # the prediction on the learnable queries too)
+    max_dets=100,                # inference: top-k (query, class) pairs per image
+    mask_thresh=0.5,             # inference: mask = sigmoid(logit) > mask_thresh
+)
+NUM_LEVELS = 3                   # the reference always uses 3 scales (C3-C5 / strides 8-32)
+
+# -----------------------------------------------------------------------------
+# Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021), the pure-PyTorch path
+
+
+def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights):
+    """MSDeformAttn(q) = sum_l sum_p A[q, m, l, p] * V_l^m(loc[q, m, l, p]) per head m, heads concatenated.
+
+    Each head reads its value maps V_l^m at P points per level by bilinear interpolation and sums them
+    with softmax weights. Locations are normalised to [0, 1] over the map ((0, 0) the top-left corner of
+    the first pixel, pixel j's centre at (j + 0.5) / W: F.grid_sample's align_corners=False after mapping to
+    [-1, 1], as the reference's ms_deform_attn_core_pytorch); a sample outside the map reads zeros.
+    value (B, S, M, Dh) with S = sum_l H_l W_l (levels concatenated, row-major); spatial_shapes: L (H_l, W_l);
+    sampling_locations (B, Lq, M, L, P, 2) (x, y); attention_weights (B, Lq, M, L, P) -> (B, Lq, M * Dh).
+    """
+    B, S, M, Dh = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    values = value.split([h * w for h, w in shapes], dim=1)                         # L x (B, H_l W_l, M, Dh)
+    grids = 2 * sampling_locations - 1                                              # [0, 1] -> [-1, 1]
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(B * M, Dh, h, w)         # (B M, Dh, H_l, W_l)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)                      # (B M, Lq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # (B M, Dh, Lq, P)
+    a = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)               # (B M, 1, Lq, L P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * a).sum(-1)                    # (B M, Dh, Lq)
+    return out.view(B, M * Dh, Lq).transpose(1, 2)                                  # (B, Lq, M Dh)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention: each query predicts, from its own feature, M x L x P sampling
+    offsets around its reference point (in cells of each level) and their softmax weights, so it reads
+    a few learned points per level instead of every pixel (linear in the number of pixels, which is what
+    lets the encoder run on strides 8-32 at once).
+
+    Initialisation as the reference: offsets' weights 0 and biases a ring of directions, head m pointing
+    at angle 2 pi m / M, scaled so its larger coordinate is 1, point p at (p + 1) times that (so at the
+    start head m samples 1, 2, ..., P cells away along its own direction); attention weights 0 (uniform);
+    value/output projections Xavier, zero bias."""
+
+    def __init__(self, d_model=256, n_levels=NUM_LEVELS, n_heads=8, n_points=4):
+        super().__init__()
+        assert d_model % n_heads == 0, f"d_model {d_model} not divisible by n_heads {n_heads}"
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(self.n_heads, dtype=torch.float32) * (2 * math.pi / self.n_heads)   # (M,)
+        ring = torch.stack([theta.cos(), theta.sin()], -1)                                       # (M, 2) (x, y)
+        ring = ring / ring.abs().amax(-1, keepdim=True)                                          # on the unit square
+        steps = torch.arange(1, self.n_points + 1, dtype=torch.float32)                           # (P,)
+        grid = ring[:, None, None, :] * steps[None, None, :, None]                                # (M, 1, P, 2)
+        self.sampling_offsets.bias.copy_(grid.expand(-1, self.n_levels, -1, -1).reshape(-1))      # (M L P 2,)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, query, reference_points, value_in, spatial_shapes):
+        """query (B, Lq, C); reference_points (B or 1, Lq, L, 2) normalised (x, y) per level;
+        value_in (B, S, C) the levels flattened; spatial_shapes L (H_l, W_l) -> (B, Lq, C)."""
+        B, Lq, C = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_in).view(B, value_in.shape[1], M, C // M)          # (B, S, M, Dh)
+        offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)                  # in cells of each level
+        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1).view(B, Lq, M, L, P)
+        wh = query.new_tensor([[w, h] for h, w in spatial_shapes])                      # (L, 2) cells -> [0, 1]
+        loc = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]  # (B, Lq, M, L, P, 2)
+        return self.output_proj(ms_deform_attn_core(value, spatial_shapes, loc, weights))  # (B, Lq, C)
+
+
+# -----------------------------------------------------------------------------
+# Pixel decoder: deformable encoder over C3-C5, then C2 added FPN-style
+
+
+def sine_position_encoding(h, w, num_pos_feats, device=None, temperature=10000.0, scale=2 * math.pi):
+    """DETR's normalised 2-D sine encoding (the reference's PositionEmbeddingSine(normalize=True)): row i
+    -> y = (i + 1) / h * 2 pi, column j -> x = (j + 1) / w * 2 pi; channel 2k / 2k + 1 of each half is
+    sin / cos(. / temperature^(2k / num_pos_feats)); y's half first. The same for every image (no padding
+    mask: the reference does not mask padding either). -> (2 num_pos_feats, h, w)."""
+    eps = 1e-6
+    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + eps) * scale   # (h,)
+    x = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + eps) * scale   # (w,)
+    k = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
+    dim_t = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / num_pos_feats)   # (F,)
+    py, px = y[:, None] / dim_t, x[:, None] / dim_t                                       # (h, F), (w, F)
+    py = torch.stack([py[:, 0::2].sin(), py[:, 1::2].cos()], -1).flatten(1)               # (h, F) sin, cos interleaved
+    px = torch.stack([px[:, 0::2].sin(), px[:, 1::2].cos()], -1).flatten(1)               # (w, F)
+    return torch.cat([py[:, None, :].expand(h, w, -1), px[None, :, :].expand(h, w, -1)], -1).permute(2, 0, 1)  # (2F, h, w)
+
+
+def encoder_reference_points(spatial_shapes, device=None):
+    """Every encoder token's reference point: its cell centre normalised to [0, 1] ((j + 0.5) / W_l,
+    (i + 0.5) / H_l), levels concatenated row-major. A token uses the same normalised point on every level
+    (no padding, so the reference's valid ratios are 1). -> (S, 2) (x, y)."""
+    refs = []
+    for h, w in spatial_shapes:
+        ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+        xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        refs.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], -1))                # (H_l W_l, 2)
+    return torch.cat(refs)                                                              # (S, 2)
+
+
+class DeformEncoderLayer(nn.Module):
+    """Post-norm encoder layer: x = LN(x + MSDeformAttn(x + pos, x)); x = LN(x + FFN(x)) (dropout 0)."""
+
+    def __init__(self, d_model, n_heads, d_ffn, n_points, n_levels=NUM_LEVELS):
+        super().__init__()
+        self.attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x, pos, reference_points, spatial_shapes):
+        x = self.norm1(x + self.attn(x + pos, reference_points, x, spatial_shapes))    # (B, S, C)
+        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))                  # (B, S, C)
+
+
+def c2_xavier_fill(conv):
+    """detectron2's init of the FPN convs: kaiming_uniform(a=1) weights, zero bias."""
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class PixelDecoder(nn.Module):
+    """The reference's MSDeformAttnPixelDecoder: C3-C5 -> 1x1 conv + GroupNorm to conv_dim each, plus a
+    sine positional encoding and a learned embedding per level; enc_layers deformable encoder layers
+    over the three levels at once; then FPN-style on C2: lateral 1x1 (+GN) + bilinear upsampling of the
+    stride-8 encoder output, a 3x3 output conv (+GN, ReLU), and a 1x1 conv to mask_dim: the per-pixel
+    embeddings at stride 4. Levels are kept coarse-first (stride 32, 16, 8), the order the decoder's
+    round-robin starts from. Runs in float32 under autocast, as the reference (the deformable sampling
+    is not reliable in half precision)."""
+
+    def __init__(self, in_channels, conv_dim=256, mask_dim=256, n_heads=8, enc_layers=6, d_ffn=1024, n_points=4):
+        super().__init__()
+        c2, c3, c4, c5 = in_channels
+        gn = lambda: nn.GroupNorm(32 if conv_dim % 32 == 0 else 1, conv_dim)
+        self.input_proj = nn.ModuleList(nn.Sequential(nn.Conv2d(c, conv_dim, 1), gn()) for c in (c5, c4, c3))
+        self.layers = nn.ModuleList(DeformEncoderLayer(conv_dim, n_heads, d_ffn, n_points) for _ in range(enc_layers))
+        self.level_embed = nn.Parameter(torch.empty(NUM_LEVELS, conv_dim))
+        self.lateral = nn.Sequential(nn.Conv2d(c2, conv_dim, 1, bias=False), gn())
+        self.output = nn.Sequential(nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False), gn(), nn.ReLU(inplace=True))
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
+        self.conv_dim = conv_dim
+        # the reference: Xavier on every matrix of the encoder, then MSDeformAttn's own init on top
+        for p in self.layers.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for layer in self.layers:
+            layer.attn.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight)
+            nn.init.zeros_(proj[0].bias)
+        for conv in (self.lateral[0], self.output[0], self.mask_features):
+            c2_xavier_fill(conv)
+
+    def forward(self, feats):
+        """feats [C2, C3, C4, C5] -> mask_features (B, mask_dim, H/4, W/4), [(B, conv_dim, H/s, W/s) for s = 32, 16, 8]."""
+        with torch.autocast(feats[0].device.type, enabled=False):
+            c2, c3, c4, c5 = [f.float() for f in feats]
+            srcs = [proj(x) for proj, x in zip(self.input_proj, (c5, c4, c3))]         # 3 x (B, C, h_l, w_l)
+            shapes = [tuple(s.shape[-2:]) for s in srcs]
+            B, C = c2.shape[0], self.conv_dim
+            x = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)              # (B, S, C)
+            pos = torch.cat([(sine_position_encoding(h, w, C // 2, x.device).flatten(1).t() + self.level_embed[lvl])
+                             for lvl, (h, w) in enumerate(shapes)])[None]              # (1, S, C)
+            ref = encoder_reference_points(shapes, x.device)[None, :, None, :].expand(1, -1, NUM_LEVELS, 2)  # (1, S, L, 2)
+            for layer in self.layers:
+                x = layer(x, pos, ref, shapes)                                          # (B, S, C)
+            levels = [z.transpose(1, 2).reshape(B, C, h, w)
+                      for z, (h, w) in zip(x.split([h * w for h, w in shapes], 1), shapes)]  # strides 32, 16, 8
+            y = self.lateral(c2) + F.interpolate(levels[-1], size=c2.shape[-2:], mode="bilinear", align_corners=False)
+            return self.mask_features(self.output(y)), levels                          # (B, D, H/4, W/4), 3 maps
+
+
+# -----------------------------------------------------------------------------
+# Transformer decoder with masked attention
+
+
+def attention_mask(mask_logits, size, num_heads):
+    """Masked attention's mask (the paper's Eq. 2-3): query q may attend to pixel x of a scale only where
+    its previous mask prediction, bilinearly resized to that scale, has sigmoid >= 0.5 (logit >= 0). A
+    query whose mask is empty at that scale would have no key at all (softmax of all -inf = NaN): its row
+    is unmasked instead, so it attends everywhere, as the reference does. Detached: the mask is a
+    routing decision, not a path for gradients.
+    mask_logits (B, Q, H, W), size (h, w) -> bool (B num_heads, Q, h w), True = may NOT attend, batch-major
+    as nn.MultiheadAttention expects."""
+    m = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)   # (B, Q, h, w)
+    blocked = m.flatten(2) < 0                                                          # (B, Q, h w)
+    blocked = blocked & ~blocked.all(-1, keepdim=True)                                  # empty mask -> attend everywhere
+    return blocked.repeat_interleave(num_heads, dim=0)                                  # (B M, Q, h w)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Post-norm masked cross-attention: x = LN(x + MHA(x + query_pos, memory + memory_pos, memory, mask))."""
+
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x, query_pos, memory, memory_pos, mask):
+        """x, query_pos (B, Q, C); memory, memory_pos (B, S, C); mask bool (B M, Q, S) from attention_mask."""
+        out = self.attn(x + query_pos, memory + memory_pos, memory, attn_mask=mask, need_weights=False)[0]
+        return self.norm(x + out)                                                       # (B, Q, C)
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer in the paper's order: masked cross-attention -> self-attention -> FFN, each
+    post-norm with a residual (dropout 0, the reference's settings). Xavier init of every matrix."""
+
+    def __init__(self, d_model, n_heads, d_ffn):
+        super().__init__()
+        self.cross = MaskedCrossAttention(d_model, n_heads)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.norm_self = nn.LayerNorm(d_model)
+        self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
+        self.norm_ffn = nn.LayerNorm(d_model)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x, query_pos, memory, memory_pos, mask):
+        x = self.cross(x, query_pos, memory, memory_pos, mask)                          # (B, Q, C)
+        q = x + query_pos
+        x = self.norm_self(x + self.self_attn(q, q, x, need_weights=False)[0])          # (B, Q, C)
+        return self.norm_ffn(x + self.linear2(F.relu(self.linear1(x))))                # (B, Q, C)
+
+
+class MaskedTransformerDecoder(nn.Module):
+    """The reference's MultiScaleMaskedTransformerDecoder: num_queries learnable query features (the
+    decoder's input) and query positional embeddings; layer i attends to scale i mod 3 (strides 32,
+    16, 8, coarse to fine, then again), masked by the prediction made before it. Predictions (class logits
+    and mask logits, through a shared LayerNorm) on the learnable queries themselves and after every
+    layer: dec_layers + 1 sets, the last one the output, the others the auxiliary outputs that deep
+    supervision trains."""
+
+    def __init__(self, in_channels, num_classes, hidden_dim=256, num_queries=100, n_heads=8, d_ffn=2048,
+                 dec_layers=9, mask_dim=256):
+        super().__init__()
+        self.n_heads = n_heads
+        self.input_proj = nn.ModuleList(
+            nn.Identity() if in_channels == hidden_dim else nn.Conv2d(in_channels, hidden_dim, 1) for _ in range(NUM_LEVELS))
+        for proj in self.input_proj:
+            if isinstance(proj, nn.Conv2d):
+                c2_xavier_fill(proj)
+        self.level_embed = nn.Embedding(NUM_LEVELS, hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)     # the queries' content (decoder input)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)    # the queries' positional embedding
+        self.layers = nn.ModuleList(DecoderLayer(hidden_dim, n_heads, d_ffn) for _ in range(dec_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)   # last logit: no object
+        self.mask_embed = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden_dim, mask_dim))
+
+    def heads(self, x, mask_features, size):
+        """Class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4) = einsum(mask embedding, per-pixel
+        embeddings), and the next layer's attention mask at `size`."""
+        h = self.decoder_norm(x)                                                       # (B, Q, C)
+        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(h), mask_features)  # (B, Q, H/4, W/4)
+        return self.class_embed(h), mask_logits, attention_mask(mask_logits, size, self.n_heads)
+
+    def forward(self, multi_scale, mask_features):
+        """multi_scale: 3 maps (B, C_in, h_l, w_l) coarse first; mask_features (B, D, H/4, W/4)
+        -> dict(pred_logits (B, Q, K+1), pred_masks (B, Q, H/4, W/4), aux_outputs: dec_layers dicts)."""
+        B = mask_features.shape[0]
+        sizes = [tuple(f.shape[-2:]) for f in multi_scale]
+        memory = [proj(f).flatten(2).transpose(1, 2) + self.level_embed.weight[lvl]
+                  for lvl, (proj, f) in enumerate(zip(self.input_proj, multi_scale))]  # 3 x (B, h_l w_l, C)
+        pos = [sine_position_encoding(h, w, memory[0].shape[-1] // 2, f.device).flatten(1).t()[None].to(f.dtype)
+               for (h, w), f in zip(sizes, multi_scale)]                               # 3 x (1, h_l w_l, C)
+        query_pos = self.query_embed.weight[None].expand(B, -1, -1)                    # (B, Q, C)
+        x = self.query_feat.weight[None].expand(B, -1, -1)                             # (B, Q, C)
+        logits, masks, mask = self.heads(x, mask_features, sizes[0])
+        preds = [(logits, masks)]
+        for i, layer in enumerate(self.layers):
+            lvl = i % NUM_LEVELS
+            x = layer(x, query_pos, memory[lvl], pos[lvl], mask)
+            logits, masks, mask = self.heads(x, mask_features, sizes[(i + 1) % NUM_LEVELS])
+            preds.append((logits, masks))
+        return dict(pred_logits=logits, pred_masks=masks,
+                    aux_outputs=[dict(pred_logits=l, pred_masks=m) for l, m in preds[:-1]])
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+
+class Mask2Former(nn.Module):
+    """Backbone -> PixelDecoder -> MaskedTransformerDecoder. cfg: a dict over DEFAULTS (the keys read
+    are DEFAULTS' own; any other key is ignored, so a flat config.py dict can be passed whole).
+
+    forward(images) -> dict(pred_logits (B, Q, K+1), pred_masks (B, Q, Hp/4, Wp/4) logits, aux_outputs
+    (dec_layers dicts of the same two keys, earliest first), mask_features (B, mask_dim, Hp/4, Wp/4): the
+    per-pixel embeddings, where SIM's prototypes will read). predict(images, targets) -> detections as
+    model.CondInst.predict returns them."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        cfg = dict(cfg or {})
+        self.cfg = {k: cfg.get(k, v) for k, v in DEFAULTS.items()}
+        c = self.cfg
+        self.num_classes = c["num_classes"]
+        self.backbone = Backbone(c["backbone"], c["pretrained"], c["backbone_norm"], c["freeze_at"], with_c2=True)
+        self.pixel_decoder = PixelDecoder(self.backbone.out_channels, c["conv_dim"], c["mask_dim"], c["nheads"],
+                                          c["enc_layers"], c["enc_dim_feedforward"], c["enc_n_points"])
+        self.decoder = MaskedTransformerDecoder(c["conv_dim"], self.num_classes, c["hidden_dim"], c["num_queries"],
+                                                c["nheads"], c["dim_feedforward"], c["dec_layers"], c["mask_dim"])
+        # ImageNet statistics in the 0-255 range: images arrive as raw uint8 RGB (as model.CondInst)
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images):
+        """images uint8 (B, 3, Hp, Wp), Hp and Wp multiples of 32 (data.collate pads so)."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std                        # (B, 3, Hp, Wp)
+        mask_features, multi_scale = self.pixel_decoder(self.backbone(x))
+        out = self.decoder(multi_scale, mask_features)
+        out["mask_features"] = mask_features                                           # (B, D, Hp/4, Wp/4)
+        return out
+
+    @torch.no_grad()
+    def predict(self, images, targets):
+        """The reference's instance inference. images uint8 (B, 3, Hp, Wp); targets give 'size' (h, w) and
+        'orig_size' (H0, W0). Per image: scores = softmax(class logits)[:, :K] over queries x classes, the
+        top max_dets (query, class) pairs (a query may be kept with two classes); each pair's mask logits
+        resized to the padded input (bilinear), cropped to (h, w), resized to (H0, W0), thresholded at
+        mask_thresh; score x the mean mask probability inside the binary mask (the "mask score": a
+        confident class on a vague mask ranks lower); box = the binary mask's tight box (masks_to_boxes;
+        the reference leaves boxes at zero). Pairs whose mask is empty are dropped (their score is 0
+        anyway, and a box needs a pixel). Returns per image: boxes (K, 4), scores (K,) descending,
+        labels (K,), masks (K, H0, W0) bool, as model.CondInst.predict."""
+        out = self(images)
+        Hp, Wp = images.shape[-2:]
+        K = self.num_classes
+        results = []
+        for b, t in enumerate(targets):
+            (h, w), (H0, W0) = t["size"], t["orig_size"]
+            probs = out["pred_logits"][b].float().softmax(-1)[:, :K]                    # (Q, K)
+            scores, idx = probs.flatten().topk(min(self.cfg["max_dets"], probs.numel()))  # (k,)
+            queries, labels = torch.div(idx, K, rounding_mode="floor"), idx % K
+            m = F.interpolate(out["pred_masks"][b, queries][None].float(), size=(Hp, Wp), mode="bilinear",
+                              align_corners=False)[:, :, :h, :w]                        # (1, k, h, w)
+            m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)[0].sigmoid()  # (k, H0, W0)
+            masks = m > self.cfg["mask_thresh"]                                        # (k, H0, W0)
+            area = masks.flatten(1).sum(1)                                             # (k,)
+            mask_score = (m * masks).flatten(1).sum(1) / (area + 1e-6)                  # (k,)
+            scores = scores * mask_score
+            keep = (area > 0).nonzero().squeeze(1)
+            keep = keep[scores[keep].argsort(descending=True)]
+            results.append(dict(boxes=masks_to_boxes(masks[keep]), scores=scores[keep], labels=labels[keep],
+                                masks=masks[keep]))
+        return results
+
+
+# -----------------------------------------------------------------------------
+# Box-supervised Hungarian matching
+
+MATCH_WEIGHTS = dict(
+    cost_class=2.0,       # the reference's class cost weight
+    cost_projection=5.0,  # in place of the reference's 5 BCE + 5 dice on GT-mask points: the box has no mask
+)
+
+
+def class_cost(logits, labels):
+    """-p(class of GT g | query q): logits (Q, K+1), labels (G,) -> (Q, G) (the reference's class cost)."""
+    return -logits.float().softmax(-1)[:, labels]                                      # (Q, G)
+
+
+def projection_cost(mask_logits, box_masks, eps=1e-5):
+    """BoxInst's projection term for every (query, box) pair: dice(max_y p_q, max_y B_g) +
+    dice(max_x p_q, max_x B_g), p = sigmoid(mask logits), dice(a, b) = 1 - 2 sum(a b) / (sum a^2 + sum b^2
+    + eps) (losses.dice_loss's form, so the cost of a pair is its projection loss exactly). The
+    max-projection of a box mask is the box's extent along that axis, so a mask pays for every row and
+    column it misses or covers outside the box. mask_logits (Q, H, W), box_masks (G, H, W) on the same grid
+    -> (Q, G), each in [0, 2]."""
+    p = mask_logits.float().sigmoid()                                                  # (Q, H, W)
+    b = box_masks.float()                                                              # (G, H, W)
+    cost = 0
+    for dim in (1, 2):                                                                 # max over rows: profile along x; then along y
+        pp, bb = p.amax(dim), b.amax(dim)                                              # (Q, n), (G, n)
+        inter = pp @ bb.t()                                                            # (Q, G)
+        cost = cost + 1 - 2 * inter / ((pp * pp).sum(1)[:, None] + (bb * bb).sum(1)[None] + eps)
+    return cost                                                                        # (Q, G)
+
+
+def hungarian_match(cost):
+    """The one-to-one assignment of minimal total cost (scipy's linear_sum_assignment, the reference's
+    solver). cost (Q, G) -> (rows, cols) int64 tensors of length min(Q, G), rows ascending."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise SystemExit("mask2former.py: the Hungarian matcher needs scipy — fix: pip install 'scipy>=1.10' "
+                         "(requirements.txt lists it)")
+    if not torch.isfinite(cost).all():
+        raise ValueError("mask2former.py: non-finite matching cost (NaN/inf logits: the run diverged)")
+    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+
+
+@torch.no_grad()
+def match(outputs, targets, weights=None, stride=4):
+    """Per image, the query matched to each GT object from boxes alone:
+    cost = w_class * (-p(class)) + w_projection * projection_cost(query mask, GT box mask), the box masks
+    built as BoxInst builds them (box_ops.box_masks_inclusive, end-inclusive) on the pred_masks grid
+    (stride 4 of the padded image, whose boxes targets' 'boxes' are in).
+    No box L1 / GIoU term: the max-projections of a box mask are exactly the box's x- and y-extents, so the
+    projection dice already is a box-agreement cost per axis; a box regressed from the mask would
+    measure the same thing twice and needs a box read off a mask that is empty or fragmented early in
+    training. The fully supervised reference has no box term either.
+    outputs: dict with pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) (one prediction set: the final
+    one or an aux_outputs entry); targets: per image 'boxes' (G, 4) xyxy, 'labels' (G,); weights: dict
+    over MATCH_WEIGHTS. -> per image (query indices (G',), GT indices (G',)), G' = min(Q, G), on the
+    outputs' device."""
+    w = dict(MATCH_WEIGHTS, **(weights or {}))
+    logits, masks = outputs["pred_logits"], outputs["pred_masks"]
+    h, wd = masks.shape[-2:]
+    indices = []
+    for b, t in enumerate(targets):
+        if len(t["boxes"]) == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=masks.device)
+            indices.append((empty, empty.clone()))
+            continue
+        box_masks = box_masks_inclusive(t["boxes"].float(), (h * stride, wd * stride), stride)   # (G, h, w)
+        cost = (w["cost_class"] * class_cost(logits[b], t["labels"])
+                + w["cost_projection"] * projection_cost(masks[b], box_masks))               # (Q, G)
+        rows, cols = hungarian_match(cost)
+        indices.append((rows.to(masks.device), cols.to(masks.device)))
+    return indices
