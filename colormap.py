@@ -15,18 +15,15 @@ def _spread_pick(seed, k, ids=None):
     (Knuth's multiplicative hash of each pixel's index, or of ids (G, N) long, its index in a larger map
     the rows are windows of: no RNG, the same on every rank) -> indices (G, k'), valid (G, k'):
     each row's seeds with the k largest hashes, largest first (invalid slots: index 0).
-    One sort of the seed pixels alone (keyed by row, then hash), not a top-k over G whole rows."""
+    A top-k of the hashes over each row (non-seeds below every hash): shapes fixed by (G, N, k), so on a
+    GPU nothing waits for the host (a list of the seed pixels would: its length is data)."""
     G, N = seed.shape
     k = min(k, N)
-    g, n = seed.nonzero(as_tuple=True)                                                      # (S,) each, by row
-    order = ((n if ids is None else ids[g, n]) * 2654435761) % 4294967296                  # (S,) distinct per row
-    srt = (g * 4294967296 + (4294967295 - order)).argsort()                                 # (S,) by row, hash down
-    g, n = g[srt], n[srt]
-    count = torch.bincount(g, minlength=G)                                                  # (G,)
-    rank = torch.arange(len(g), device=seed.device) - (torch.cumsum(count, 0) - count)[g]  # (S,) place in its row
-    take = rank < k
-    idx = torch.zeros(G, k, dtype=torch.long, device=seed.device).index_put_((g[take], rank[take]), n[take])
-    return idx, torch.arange(k, device=seed.device)[None] < count[:, None]
+    n = torch.arange(N, device=seed.device).expand(G, N) if ids is None else ids               # (G, N)
+    h = torch.where(seed, (n * 2654435761) % 4294967296, -1)                                # (G, N) distinct per row
+    top, idx = h.topk(k, dim=1)                                                             # (G, k) largest first
+    valid = top >= 0
+    return torch.where(valid, idx, 0), valid
 
 
 def _seed_colours(c, seed, k, img, ids=None):
