@@ -21,7 +21,6 @@ torch.set_num_threads(1)  # 2 cores, shared with other work
 import box_ops
 import colormap
 import copypaste
-import eval as evaluation  # the module, not the builtin
 import losses
 import prototypes
 import sim
