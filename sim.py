@@ -296,21 +296,19 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     if whole:  # one call on the whole maps: the image plays the box's part
         m_prob, m_hat, weight, m_c = box_pseudo_labels(m_s, m_i, inside.float(), obj["valid"][obj["img"]], None, None,
                                                        cfg)
-        return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
-                    has_pos=torch.bincount(gi, minlength=G) > 0, pos_weights=w)
-    # Eq. (7) and the thresholds, in a window around each box (box_pseudo_labels: they are confined to it)
-    color = cfg["color_weight"] > 0
-    m_c = torch.full_like(m_i, 0.5) if color else None  # outside the boxes: no colour evidence
-    m_prob, m_hat = torch.zeros_like(m_i), torch.zeros_like(m_i)
-    # outside the boxes: background on the image (supervise_outside) or nothing
-    weight = obj["valid"][obj["img"]] if cfg["supervise_outside"] else torch.zeros_like(m_i)  # (G, Hp/s, Wp/s)
-    for g, ids, win in box_windows_of(inside, cfg["color_ring"] if color else 0):
-        img = obj["img"][g]
-        res = box_pseudo_labels(win(m_s, g), win(m_i, g), win(obj["box_mask"], g), win(obj["valid"], img),
-                                win(obj["lab"], img) if color else None, ids, cfg)
-        for full, part in zip((m_prob, m_hat, weight, m_c), res):
-            if full is not None:
-                full.view(G, -1)[g[:, None], ids.flatten(1)] = part.flatten(1)
+    else:  # Eq. (7) and the thresholds, in a window around each box (box_pseudo_labels: they are confined to it)
+        color = cfg["color_weight"] > 0
+        m_c = torch.full_like(m_i, 0.5) if color else None  # outside the boxes: no colour evidence
+        m_prob, m_hat = torch.zeros_like(m_i), torch.zeros_like(m_i)
+        # outside the boxes: background on the image (supervise_outside) or nothing
+        weight = obj["valid"][obj["img"]] if cfg["supervise_outside"] else torch.zeros_like(m_i)  # (G, Hp/s, Wp/s)
+        for g, ids, win in box_windows_of(inside, cfg["color_ring"] if color else 0):
+            img = obj["img"][g]
+            res = box_pseudo_labels(win(m_s, g), win(m_i, g), win(obj["box_mask"], g), win(obj["valid"], img),
+                                    win(obj["lab"], img) if color else None, ids, cfg)
+            for full, part in zip((m_prob, m_hat, weight, m_c), res):
+                if full is not None:
+                    full.view(G, -1)[g[:, None], ids.flatten(1)] = part.flatten(1)
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
     return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
                 has_pos=has_pos, pos_weights=w)

@@ -127,6 +127,9 @@ def main(cfg, preset):
             step.set_rank_state(own, scaler, dev)
         if master:
             print(f"resumed from {ckpt_path} at iteration {start_iter}")
+        if own is None:  # this run has more processes than the one that wrote the checkpoint
+            print(f"warning: rank {rank}: no {rank_ckpt_path(ckpt_path, rank)}: rank 0's bank and a fresh random state; "
+                  f"not an exact continuation", file=sys.stderr, flush=True)
     # the data from iteration start_iter on, as an uninterrupted run would have drawn it
     batches = data.infinite(train_loader, start_iter * cfg["accum_steps"])
     raw_model = model
@@ -221,13 +224,13 @@ def main(cfg, preset):
                 dist.destroy_process_group()
             sys.exit(143)
         if cfg["eval_interval"] and (it + 1) % cfg["eval_interval"] == 0 and it + 1 < max_iters:
-            run_eval(raw_model, val_ds, dev, master, ddp, cfg, final=False)
+            run_eval(raw_model, val_ds, dev, master, ddp, cfg, ptdtype, final=False)
             model.train()
     checkpoint(max_iters)
     if master:
         print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
         print(skip_summary(n_unreadable, last_unreadable, n_nonfinite, train_ds.skipped), flush=True)
-    run_eval(raw_model, val_ds, dev, master, ddp, cfg, final=True)
+    run_eval(raw_model, val_ds, dev, master, ddp, cfg, ptdtype, final=True)
     if master and sim_state is not None and sim_state.teacher is not None:
         images, targets = data.to_device(*data.collate([train_ds[i] for i in range(4)]), dev)
         paths = viz.object_grids(raw_model, sim_state, cfg, images, targets, out_dir, n=4, prefix="pseudo")
@@ -246,16 +249,15 @@ def skip_summary(n_unreadable, last_unreadable, n_nonfinite, at_load=None):
     return "skipped: " + "; ".join(parts)
 
 
-def run_eval(raw_model, val_ds, dev, master, ddp, cfg, final):
+def run_eval(raw_model, val_ds, dev, master, ddp, cfg, amp_dtype, final):
     """COCO box and mask AP on the val split: every process predicts its shard, the master
-    gathers and scores them; at the end also metrics.json and PNG overlays."""
+    gathers and scores them; at the end also metrics.json and PNG overlays. amp_dtype: the training's
+    autocast dtype (predictions as the network was trained)."""
     out_dir = cfg["out_dir"]
     loader = data.make_loader(val_ds, cfg["batch_size"], train=False, num_workers=cfg["num_workers"], distributed=ddp,
                               pin_memory=dev.type == "cuda")
-    # the training's autocast dtype: predictions as the network was trained
     metrics = evaluation.evaluate(raw_model, loader, val_ds, dev, out_dir=out_dir if final and master else None,
-                                  amp=cfg["amp"] and dev.type == "cuda", distributed=ddp,
-                                  amp_dtype=torch.bfloat16 if cfg["amp_dtype"] == "bfloat16" else torch.float16)
+                                  amp=cfg["amp"] and dev.type == "cuda", distributed=ddp, amp_dtype=amp_dtype)
     if master and final:
         data.write_json_atomic(metrics, os.path.join(out_dir, "metrics.json"), indent=1)
         paths = viz.save_overlays(raw_model, val_ds, dev, out_dir, n=cfg["n_overlays"])
