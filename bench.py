@@ -367,18 +367,30 @@ SYNC_CALLS = {torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Te
               torch.masked_select: "masked_select", torch.repeat_interleave: "repeat_interleave"}
 
 
-def sync_points(fn, cuda=False, top=12):
+# functions that only ever read host tensors (the memory bank and the copy-paste generator live on the
+# CPU, copypaste.BANK_DEVICE): on a GPU their reads wait for nothing, so the CPU proxy leaves them out
+HOST_ONLY = {"MemoryBank.sample", "MemoryBank.push", "sample_objects", "copy_paste_batch", "drawn_crops",
+             "host_windows"}
+
+
+def sync_points(fn, cuda=False, top=100):
     """Counts the host-device sync points of fn() -> (total, [(count, 'kind file:line')] most frequent first).
     On CUDA torch's own sync detector counts them (torch.cuda.set_sync_debug_mode); on the CPU a
     TorchFunctionMode counts the calls in SYNC_CALLS, boolean-mask indexing and torch.tensor(...,
-    device=...), attributed to the innermost nanoSIM source line: a proxy for a GPU run's syncs."""
-    import collections, os, traceback, warnings
+    device=...) / new_tensor, attributed to the innermost nanoSIM source line: a proxy for a GPU run's
+    syncs. The proxy takes the forms a GPU takes (colormap's nearest colour without the per-object
+    counts) and leaves out the HOST_ONLY functions; it does not see copies to the host (.cpu(), .to):
+    the bank's push makes one per image."""
+    import collections, functools, os, traceback, warnings
     from torch.overrides import TorchFunctionMode
+    import colormap
     here = os.path.dirname(os.path.abspath(__file__))
     where = collections.Counter()
 
     def site(kind):
         frames = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(here)]
+        if frames and frames[-1].name in {n.split(".")[-1] for n in HOST_ONLY}:
+            return
         where[f"{kind} {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else kind] += 1
 
     if cuda:  # torch warns at each synchronising CUDA call: counted where it was made
@@ -400,13 +412,19 @@ def sync_points(fn, cuda=False, top=12):
             if func is torch.Tensor.__getitem__:
                 index = args[1] if isinstance(args[1], tuple) else (args[1],)
                 kind = "bool-index" if any(torch.is_tensor(i) and i.dtype == torch.bool for i in index) else None
-            if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+            if (func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+                    or func is torch.Tensor.new_tensor):
                 kind = "host-to-device"
             if kind:
                 site(kind)
             return func(*args, **kwargs)
-    with Counting():
-        fn()
+    nearest = colormap._nearest_colour
+    colormap._nearest_colour = functools.partial(nearest, per_object=False)  # the GPU's form
+    try:
+        with Counting():
+            fn()
+    finally:
+        colormap._nearest_colour = nearest
     return sum(where.values()), where.most_common(top)
 
 

@@ -12,6 +12,18 @@ Two pixel conventions for the mask of a float box (x0, y0, x1, y1), and both are
 import torch
 
 
+def host_to_device(values, device, dtype=None):
+    """Host values (a list, nested lists, numbers) as a tensor on `device`, without making the host wait
+    for the GPU. Why: torch.tensor(values, device="cuda") copies from pageable memory, and a copy from
+    pageable memory starts with a stream synchronisation (the CUDA runtime's rule): the host waits for
+    every kernel already queued. Staged in pinned memory, the copy is queued like a kernel (torch's
+    pinned allocator keeps the staging buffer until the copy is done). On the CPU: torch.tensor."""
+    t = torch.tensor(values, dtype=dtype)
+    if device is None or torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def decode_boxes(locations, ltrb):
     """FCOS boxes from locations (N, 2) (x, y) and distances ltrb (N, 4) in pixels -> (N, 4) xyxy."""
     return torch.cat([locations - ltrb[:, :2], locations + ltrb[:, 2:]], 1)
@@ -106,7 +118,7 @@ def box_mask_centers(boxes, padded_hw=None):
     hi = boxes[:, 2:].floor()  # (N, 2) last col, last row
     if padded_hw is not None:
         hp, wp = padded_hw
-        hi = torch.minimum(hi, hi.new_tensor([wp - 1, hp - 1]))  # (N, 2)
+        hi = torch.stack([hi[:, 0].clamp(max=wp - 1), hi[:, 1].clamp(max=hp - 1)], 1)  # (N, 2)
     return (lo + hi) / 2  # (N, 2)
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from box_ops import box_iou_pairs, masks_to_boxes, size_groups
+from box_ops import box_iou_pairs, host_to_device, masks_to_boxes, size_groups
 from losses import box_windows
 
 # Deliberate storage placement: bank entries are kept in host memory, not on the accelerator.
@@ -51,7 +51,7 @@ def box_pixel_windows(boxes, h, w):
     x0, y0 = boxes[:, 0].floor(), boxes[:, 1].floor()  # (N,), (N,)
     x1 = torch.maximum(boxes[:, 2].ceil(), x0 + 1)  # (N,)
     y1 = torch.maximum(boxes[:, 3].ceil(), y0 + 1)  # (N,)
-    lim = boxes.new_tensor([w, h, w, h])  # (4,)
+    lim = host_to_device([w, h, w, h], boxes.device, boxes.dtype)  # (4,)
     return torch.minimum(torch.stack([x0, y0, x1, y1], 1).clamp(min=0), lim).long()  # (N, 4)
 
 
@@ -62,8 +62,30 @@ def source_cells(a, b, n, stride):
     return lo, min(max(math.floor((b - 0.5) / stride - 0.5), 0) + 2, n)
 
 
+def to_host_at_once(parts):
+    """[(tensor, dtype)] -> the tensors as those dtypes in new memory on the bank's device (the CPU), in
+    one transfer: their bytes packed into one buffer on their device (widest types first, so each view
+    back is aligned), then copied apart on the host. Why: a copy to the host waits for the GPU, once per copy."""
+    flat = [t.detach().reshape(-1).to(dtype) for t, dtype in parts]
+    order = sorted(range(len(flat)), key=lambda i: -flat[i].element_size())
+    raw = torch.cat([flat[i].view(torch.uint8) for i in order]).to(BANK_DEVICE)  # (bytes,) new memory
+    out, at = [None] * len(parts), 0
+    for i in order:
+        n = flat[i].numel() * flat[i].element_size()
+        out[i] = raw[at:at + n].view(flat[i].dtype).view(parts[i][0].shape).clone()  # torch.save refuses one
+        at += n                                                                            # storage seen as 2 dtypes
+    return out
+
+
+def host_windows(boxes, dtype, h, w):
+    """box_pixel_windows of boxes given as host lists (N x 4 numbers of `dtype`) -> N host tuples
+    (x0, y0, x1, y1), empty (x1 = x0 or y1 = y0) for a box off the image. All on the host."""
+    win = box_pixel_windows(torch.tensor(boxes, dtype=dtype).view(-1, 4), h, w)  # (N, 4)
+    return [(x0, y0, max(x1, x0), max(y1, y0)) for x0, y0, x1, y1 in win.tolist()]
+
+
 def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, stride=4, min_box_iou=0.0,
-                            score_probs=None, plus_one=True):
+                            score_probs=None, plus_one=True, boxes_host=None):
     """Bank entry of one image from the teacher: dict(image, boxes, labels, masks, mask_xy, scores).
 
     image uint8 (3, h, w) unpadded; boxes (N, 4); labels (N,); mask_probs (N, Hp/s, Wp/s) the
@@ -72,7 +94,8 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
     masks a list of bool crops, each its mask's tight box, mask_xy (N, 2) their top-left (x, y).
     min_box_iou > 0: nanoSIM's quality gate (box_quality_gate). score_probs (N, Hp/s, Wp/s): the
     probabilities Eq. (11) averages over each mask (default mask_probs; the paper's bank masks are M_hat,
-    scored by the instance map); plus_one: object_scores' official denominator.
+    scored by the instance map); plus_one: object_scores' official denominator. boxes_host: the
+    boxes as host lists when the caller has read them already (the windows need them on the host).
     Each object is upsampled inside its box only, objects of similar size together in one window size
     (box_ops.size_groups): the cost of the boxes' pixels, not of N full-resolution maps; one host read
     of the boxes. The same numbers as upsampling whole maps for a power-of-2 stride (2, 4:
@@ -84,8 +107,7 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
     H, W = mask_probs.shape[-2:]
     # bilinear (align_corners=False) then threshold, as the official code: a smooth outline rather
     # than the s x s blocks of nearest up-sampling; the stride-s cell i covers pixels s*i..s*i+s-1
-    win = box_pixel_windows(boxes, h, w)  # (N, 4)
-    wins = [(x0, y0, max(x1, x0), max(y1, y0)) for x0, y0, x1, y1 in win.tolist()]  # a box off the image: empty
+    wins = host_windows(boxes.tolist() if boxes_host is None else boxes_host, boxes.dtype, h, w)  # (N,) (x0, y0, x1, y1)
     cells = [(source_cells(y0, y1, H, stride), source_cells(x0, x1, W, stride)) for x0, y0, x1, y1 in wins]
     where = [None] * len(wins)  # object -> (its group's window masks, its row there, the window's (x, y))
     scores, tight = boxes.new_zeros(len(wins)), boxes.new_zeros(len(wins), 4)
@@ -98,14 +120,13 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
         wc = max(cells[k][1][1] - cells[k][1][0] for k in group)
         top = [min(cells[k][0][0], H - hc) for k in group]  # inside the map, from each box's first cell or before
         left = [min(cells[k][1][0], W - wc) for k in group]
-        g, top_t, left_t = (torch.tensor(v, device=probs.device) for v in (group, top, left))  # (n,) each
+        g, top_t, left_t = (host_to_device(v, probs.device) for v in (group, top, left))  # (n,) each
         both = F.interpolate(box_windows(probs, top_t, left_t, hc, wc, g), scale_factor=stride, mode='bilinear',
                              align_corners=False)  # (n, 1 or 2, hc s, wc s)
         up = both[:, 0]  # (n, hc s, wc s)
         # each object's box in its window
-        o = torch.tensor([[wins[k][0] - lk * stride, wins[k][1] - tk * stride, wins[k][2] - lk * stride,
-                           wins[k][3] - tk * stride] for k, tk, lk in zip(group, top, left)],
-                         device=probs.device)  # (n, 4)
+        o = host_to_device([[wins[k][0] - lk * stride, wins[k][1] - tk * stride, wins[k][2] - lk * stride,
+                             wins[k][3] - tk * stride] for k, tk, lk in zip(group, top, left)], probs.device)  # (n, 4)
         rows = torch.arange(up.shape[1], device=up.device)[None]  # (1, hc s)
         cols = torch.arange(up.shape[2], device=up.device)[None]  # (1, wc s)
         inbox = (((rows >= o[:, 1:2]) & (rows < o[:, 3:4]))[:, :, None]
@@ -122,13 +143,16 @@ def bank_entry_from_teacher(image, boxes, labels, mask_probs, size, thresh=0.7, 
     if min_box_iou > 0:
         scores, ok = box_quality_gate_boxes(tight, boxes, scores, min_box_iou)
         keep = keep & ok
-    sel = keep.nonzero().squeeze(1)  # (n,)
-    crops = []  # each kept mask cut to its tight box (one host read of those boxes)
-    for k, (x0, y0, x1, y1) in zip(sel.tolist(), tight[sel].long().tolist()):
-        m, j, dx, dy = where[k]
+    # each kept mask cut to its tight box: one host read of which are kept and of their boxes
+    rows = torch.cat([keep[:, None].to(tight.dtype), tight], 1).long().tolist()  # (N, 5)
+    sel = [k for k, r in enumerate(rows) if r[0]]
+    crops = []
+    for k in sel:
+        (x0, y0, x1, y1), (m, j, dx, dy) = rows[k][1:], where[k]
         crops.append(m[j, y0 - dy:y1 - dy, x0 - dx:x1 - dx])
-    return dict(image=image, boxes=boxes[sel], labels=labels[sel], masks=crops, mask_xy=tight[sel, :2].long(),
-                scores=scores[sel])
+    sel_t = host_to_device(sel, boxes.device, torch.long)  # (n,)
+    return dict(image=image, boxes=boxes[sel_t], labels=labels[sel_t], masks=crops, scores=scores[sel_t],
+                mask_xy=torch.tensor([rows[k][1:3] for k in sel], dtype=torch.long).view(-1, 2))  # on the host
 
 
 def box_quality_gate(masks, boxes, scores, min_iou=0.8):
@@ -197,21 +221,23 @@ class MemoryBank:
         keep = [a * b > 0 for a, b in sizes]
         if not any(keep):
             return
+        mask_xy = mask_xy.to(BANK_DEVICE)  # the callers' is on the host already: no transfer
         for (a, b), (x, y) in zip(sizes, mask_xy.tolist()):
             assert a * b == 0 or (x >= 0 and y >= 0 and x + b <= w and y + a <= h), 'crop off the image'
-        # one host transfer for all crops (they may be on the GPU), into new memory: the bank must not
-        # alias tensors the caller may modify in place later
-        flat = torch.cat([c.reshape(-1) for c in masks]).to(BANK_DEVICE, torch.bool, copy=True)
+        # everything in ONE transfer from the device (each .cpu() would wait for the GPU), into new
+        # memory: the bank must not alias tensors the caller may modify in place later
+        keep_t = torch.tensor(keep)  # (N,)
+        image, boxes, labels, scores, flat = to_host_at_once(
+            [(image, torch.uint8), (boxes, torch.float32), (labels, torch.int64), (scores, torch.float32),
+             (torch.cat([c.reshape(-1) for c in masks]), torch.bool)])
         crops = [c.view(sz) for c, sz, k in zip(flat.split([a * b for a, b in sizes]), sizes, keep) if k]
-        keep = torch.tensor(keep)  # (N,)
-        store = lambda t, dtype: t.detach().to(BANK_DEVICE, dtype, copy=True)
         self.entries.append(dict(
-            image=store(image, torch.uint8),  # (3, h, w)
-            boxes=store(boxes, torch.float32)[keep],  # (N, 4)
-            labels=store(labels, torch.int64)[keep],  # (N,)
+            image=image,  # (3, h, w)
+            boxes=boxes[keep_t],  # (N, 4)
+            labels=labels[keep_t],  # (N,)
             masks=crops,  # N bool crops (h_k, w_k), each its mask's tight box
-            mask_xy=store(mask_xy, torch.int64)[keep],  # (N, 2) top-left (x, y) of each crop
-            scores=store(scores, torch.float32)[keep],  # (N,)
+            mask_xy=mask_xy.to(torch.int64, copy=True)[keep_t],  # (N, 2) top-left (x, y) of each crop
+            scores=scores[keep_t],  # (N,)
         ))
 
     def sample(self, generator=None):
@@ -306,6 +332,13 @@ def uncovered_boxes(boxes, alpha, x0, y0, h, w):
     return torch.stack([tx0, ty0, tx1, ty1], 1).float() * left[:, None], left
 
 
+def drawn_crops(entry, idx):
+    """Objects idx (n,) of a bank entry -> idx as a list, their mask crops, their crops' top-left (x, y)
+    as host lists. All on the host (the bank lives there)."""
+    idx = idx.tolist()
+    return idx, [entry['masks'][i] for i in idx], entry['mask_xy'][idx].tolist()
+
+
 def paste(image, target, entry, idx, size):
     """Paste objects `idx` of bank `entry` onto one padded batch slot; returns (image, target).
 
@@ -318,9 +351,7 @@ def paste(image, target, entry, idx, size):
     h, w = size
     dev, ann_dev = image.device, target['boxes'].device
     target = with_paste_fields(target, size)
-    idx = idx.tolist()
-    crops = [entry['masks'][i] for i in idx]
-    xy = entry['mask_xy'][idx].tolist()  # (n, 2)
+    idx, crops, xy = drawn_crops(entry, idx)
     # the window [x0, x1) x [y0, y1) of the valid region that the drawn crops reach (empty: nothing shows)
     x0, y0 = min([x for x, _ in xy], default=0), min([y for _, y in xy], default=0)
     x1 = min(max([x + c.shape[1] for c, (x, _) in zip(crops, xy)], default=0), w)
@@ -352,7 +383,7 @@ def paste(image, target, entry, idx, size):
                            torch.minimum(boxes[:, 2:], tight[:, 2:])], 1)  # (N, 4)
     keep_new = visible_new.flatten(1).any(1)  # (n,) # empty after the crop or hidden by a later paste
     new_boxes = (masks_to_boxes(visible_new) if x1 > x0 and y1 > y0 else boxes.new_zeros(len(idx), 4)) \
-        + keep_new[:, None] * boxes.new_tensor([x0, y0, x0, y0])  # (n, 4)
+        + keep_new[:, None] * host_to_device([x0, y0, x0, y0], dev, boxes.dtype)  # (n, 4)
 
     def full(m, dtype):  # window masks (n, wh, ww) -> (n, h, w) of dtype, zeros outside the window
         o = torch.zeros(len(m), h, w, dtype=dtype, device=dev)
@@ -377,11 +408,15 @@ def paste(image, target, entry, idx, size):
         old_m = target['masks'].to(dev, copy=True)  # (N, h, w)
         old_m[:, y0:y1, x0:x1].masked_fill_(alpha, 0)
         out_t['masks'] = cat(old_m, full(visible_new, old_m.dtype))  # (N + n, h, w)
-    keep = cat(keep_old, keep_new)  # (N + n,)
+    # which objects stay (data-dependent: one host read), and the rows of paste_masks that are theirs
+    keep, pasted = torch.stack([cat(keep_old, keep_new), out_t['pasted']]).tolist()  # (N + n,) each
+    kept = [i for i, k in enumerate(keep) if k]
+    rows = [r for r, i in enumerate(i for i, p in enumerate(pasted) if p) if keep[i]]  # row r: the r-th pasted
+    kept_t, rows_t = host_to_device(kept, ann_dev, torch.long), host_to_device(rows, dev, torch.long)
     for k in PER_OBJECT_KEYS:
         if k in out_t:
-            out_t[k] = out_t[k][keep]
-    out_t['paste_masks'] = pm[keep[cat(target['pasted'], torch.ones_like(keep_new))]]  # the kept pasted objects' rows
+            out_t[k] = out_t[k].index_select(0, kept_t)
+    out_t['paste_masks'] = pm.index_select(0, rows_t.to(pm.device))  # the kept pasted objects' rows
     return out, out_t
 
 

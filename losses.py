@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from box_ops import box_masks_inclusive, masks_to_boxes, size_groups, stride_grid
+from box_ops import box_masks_inclusive, host_to_device, masks_to_boxes, size_groups, stride_grid
 
 # -----------------------------------------------------------------------------
 # FCOS target assignment
@@ -52,7 +52,7 @@ def fcos_targets(locations, loc_level, strides, gt_boxes, gt_labels, num_classes
     boxes = torch.nn.utils.rnn.pad_sequence(
         [b.to(locations.dtype) for b in gt_boxes], batch_first=True)  # (B, G, 4)
     labels = torch.nn.utils.rnn.pad_sequence(list(gt_labels), batch_first=True)  # (B, G)
-    n_t = torch.tensor(n_per_im, device=device)  # (B,)
+    n_t = host_to_device(n_per_im, device)  # (B,)
     real = torch.arange(n_max, device=device)[None] < n_t[:, None]  # (B, G)
     offsets = torch.cumsum(n_t, 0) - n_t  # (B,) first global GT index of each image
     if gt_centers is None:
@@ -62,10 +62,9 @@ def fcos_targets(locations, loc_level, strides, gt_boxes, gt_labels, num_classes
             [c.to(locations.dtype) for c in gt_centers], batch_first=True)  # (B, G, 2)
 
     # per-location stride and size range
-    strides_t = locations.new_tensor(strides)  # (nL,)
+    strides_t = host_to_device(strides, device, locations.dtype)  # (nL,)
     bounds = [-1.0] + [float(s) for s in sizes_of_interest] + [INF]
-    lo_t = locations.new_tensor(bounds[:-1])[loc_level]  # (L,)
-    hi_t = locations.new_tensor(bounds[1:])[loc_level]  # (L,)
+    lo_t, hi_t = host_to_device([bounds[:-1], bounds[1:]], device, locations.dtype)[:, loc_level]  # (L,) each
     s = strides_t[loc_level]  # (L,)
 
     xs = locations[None, :, None, 0]  # (1, L, 1)
@@ -206,8 +205,7 @@ def image_valid_masks(sizes, orig_sizes, padded_hw, stride=4, bottom_pixels_remo
     hp, wp = padded_hw
     # int() of the same float expression as the reference: truncation, done on the host
     removed = [int(bottom_pixels_removed * float(h) / float(h0)) for (h, _), (h0, _) in zip(sizes, orig_sizes)]
-    rows = torch.tensor([h - r for (h, _), r in zip(sizes, removed)], device=device)  # (B,) valid rows
-    cols = torch.tensor([w for _, w in sizes], device=device)  # (B,) valid cols
+    rows, cols = host_to_device([[h - r for (h, _), r in zip(sizes, removed)], [w for _, w in sizes]], device)  # (B,) each: valid rows, cols
     ys = stride_grid(hp, stride, device)  # (h,)
     xs = stride_grid(wp, stride, device)  # (w,)
     valid = (ys[None, :, None] < rows[:, None, None]) & (xs[None, None, :] < cols[:, None, None])  # (B, h, w)
@@ -243,10 +241,10 @@ def rgb_to_lab(images):
     a = 500 (f(X) - f(Y)), b = 200 (f(Y) - f(Z)). images (B, 3, H, W) float -> (B, 3, H, W)."""
     rgb = images / 255.0  # (B, 3, H, W)
     lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).clamp(min=0) ** 2.4, rgb / 12.92)  # (B, 3, H, W)
-    m = lin.new_tensor(_XYZ_FROM_RGB)  # (3, 3)
+    m = host_to_device(_XYZ_FROM_RGB, lin.device, lin.dtype)  # (3, 3)
     # an elementwise product-sum rather than a matmul: autocast would run a matmul in fp16
     xyz = (m[None, :, :, None, None] * lin[:, None]).sum(2)  # (B, 3, H, W)
-    t = xyz / lin.new_tensor(_WHITE_D65)[None, :, None, None]  # (B, 3, H, W)
+    t = xyz / host_to_device(_WHITE_D65, lin.device, lin.dtype)[None, :, None, None]  # (B, 3, H, W)
     f = torch.where(t > 0.008856, t.clamp(min=0.008856) ** (1 / 3), 7.787 * t + 16 / 116)  # (B, 3, H, W)
     fx, fy, fz = f.unbind(1)  # each (B, H, W)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
@@ -327,7 +325,7 @@ def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_s
     total, w_sum = mask_logits.new_zeros(()), mask_logits.new_zeros(())
     plans = []  # per group: its instances (n,), the windows' first rows and columns (n,), their size
     for group in size_groups(hw, 2 * pad):
-        g = torch.tensor(group, device=mask_logits.device)  # (n,) instances of this group
+        g = host_to_device(group, mask_logits.device)  # (n,) instances of this group
         hc, wc = (max(hw[k][d] for k in group) + 2 * pad for d in (0, 1))
         plans.append((g, y0[g] - pad, x0[g] - pad, hc, wc))  # windows reach `pad` cells beyond the box on every side
     # every group's logit windows in ONE gather: its backward is one scatter into one buffer of the

@@ -23,7 +23,7 @@ from torchvision.ops import batched_nms
 
 import losses
 from backbone import Backbone
-from box_ops import box_mask_centers, decode_boxes, mask_centers
+from box_ops import box_mask_centers, decode_boxes, host_to_device, mask_centers
 
 # -----------------------------------------------------------------------------
 
@@ -353,7 +353,7 @@ class CondInst(nn.Module):
             out["targets"] = losses.fcos_targets(out["locations"], out["loc_level"], self.strides, gt_boxes,
                                                  [t["labels"] for t in targets], self.num_classes,
                                                  self.cfg["sizes_of_interest"], self.cfg["center_radius"], centers)
-            out["targets"]["num_gts"] = torch.tensor([len(b) for b in gt_boxes], device=images.device)
+            out["targets"]["num_gts"] = host_to_device([len(b) for b in gt_boxes], images.device)
             out["inst"] = self.select_instances(out)
         out["mask_logits"] = self.mask_logits(out, out["inst"])          # (K, 1, Hp/s, Wp/s)
         return out

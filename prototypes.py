@@ -184,8 +184,9 @@ class PrototypeMemory(nn.Module):
             return calibrated_semantic_map(feats_norm[obj_img], self.protos[obj_cls], self.bg_protos[obj_cls], self.tau)
         k, y, x = region.nonzero(as_tuple=True)                                        # (M,) each, by object
         z = feats_norm[obj_img[k], :, y, x]                                            # (M, D)
-        per_obj = z.split(torch.bincount(k, minlength=len(obj_cls)).tolist())          # (M_k, D) each
-        best = lambda protos: torch.cat([zk @ protos[c].T for zk, c in zip(per_obj, obj_cls.tolist())]
+        counts, cls = torch.stack([torch.bincount(k, minlength=len(obj_cls)), obj_cls]).tolist()  # one host read
+        per_obj = z.split(counts)                                                      # (M_k, D) each
+        best = lambda protos: torch.cat([zk @ protos[c].T for zk, c in zip(per_obj, cls)]
                                         ).amax(1) if len(z) else z.new_zeros(0)        # (M,) best sub-centre
         if calibrated:
             m = torch.sigmoid((best(self.protos) - best(self.bg_protos)) / self.tau)   # (M,)

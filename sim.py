@@ -41,7 +41,7 @@ import colormap
 import copypaste
 import losses
 import prototypes
-from box_ops import box_iou_pairs, decode_boxes, masks_to_boxes, size_groups
+from box_ops import box_iou_pairs, decode_boxes, host_to_device, masks_to_boxes, size_groups
 from model import fold_batchnorm, refold
 
 
@@ -260,7 +260,7 @@ def positive_box_ious(out, im_inds, loc_inds, strides, gt_boxes):
     """Eq. (6)'s IoU: the box a network's dense output `out` predicts at each positive (image im_inds,
     location loc_inds (K,)) against its object's box gt_boxes (K, 4) -> (K,). Shared by the pseudo
     masks, predict.py's box-conditioned masks and viz.py."""
-    stride = out["locations"].new_tensor(strides)[out["loc_level"][loc_inds]]          # (K,)
+    stride = host_to_device(strides, out["locations"].device, out["locations"].dtype)[out["loc_level"][loc_inds]]  # (K,)
     ltrb = out["reg"][im_inds, loc_inds].float() * stride[:, None]                      # (K, 4)
     return box_iou_pairs(decode_boxes(out["locations"][loc_inds], ltrb), gt_boxes)
 
@@ -331,9 +331,8 @@ def box_windows_of(box_mask, margin=0):
     for group in size_groups([(r1 - r0, c1 - c0) for c0, r0, c1, r1 in rects]):
         hc = max(rects[k][3] - rects[k][1] for k in group)
         wc = max(rects[k][2] - rects[k][0] for k in group)
-        g = torch.tensor(group, device=dev)  # (n,)
-        top = torch.tensor([min(rects[k][1], H - hc) for k in group], device=dev)  # (n,) inside the grid
-        left = torch.tensor([min(rects[k][0], W - wc) for k in group], device=dev)
+        g, top, left = host_to_device([group, [min(rects[k][1], H - hc) for k in group],  # (n,) each: inside the grid
+                                       [min(rects[k][0], W - wc) for k in group]], dev)
         ids = ((top[:, None] + torch.arange(hc, device=dev))[:, :, None] * W
                + (left[:, None] + torch.arange(wc, device=dev))[:, None, :])  # (n, hc, wc)
 
@@ -377,14 +376,17 @@ def sim_losses(out, pm, obj, cfg):
     gi = inst["gt_inds"]                                                                # (K,)
     logits = out["mask_logits"].squeeze(1)                                              # (K, Hp/s, Wp/s), a view
     pasted = obj["pasted"][gi]                                                          # (K,)
-    keep = ~pasted
+    keep = sel = torch.arange(len(gi), device=gi.device)                                # no paste: every positive
+    if obj["paste_mask"] is not None:  # ordinary positives first, then pasted ones, each in order: one host read
+        order = torch.argsort(pasted.to(torch.uint8), stable=True)                      # (K,)
+        n_ordinary = len(gi) - int(pasted.sum())
+        keep, sel = order[:n_ordinary], order[n_ordinary:]                              # (K - P,), (P,)
     # "official": the official code's focal-style forms (docs/official_code.md §6.3-§6.4)
     pseudo = losses.official_focal_loss if cfg["pseudo_loss"] == "official" else losses.pseudo_mask_loss
     terms = {"loss_pseudo": pseudo(logits[keep], pm["M_hat"][gi[keep]], pm["W"][gi[keep]])}
     if obj["paste_mask"] is not None:
         # only the pasted positives are passed: the others weigh 0 in both forms (the official one's dice
         # mean still counts them, n_pos), and their (K, Hp/s, Wp/s) targets need not be gathered
-        sel = pasted.nonzero().squeeze(1)                                               # (P,)
         args = (logits[sel], obj["paste_mask"][gi[sel]], pasted[sel], obj["valid"][inst["im_inds"][sel]])
         terms["loss_paste"] = (losses.official_paste_loss(*args, n_pos=len(gi)) if cfg["paste_loss"] == "official"
                                else losses.paste_loss(*args, reduction=cfg["paste_reduction"]))
@@ -414,7 +416,7 @@ def prototype_pixels(pm, obj, cfg, as_indices=False):
     if as_indices:
         idx = box.nonzero(as_tuple=True)                                                # (M,) each: in-box cells
         box, m_mean, m_s = torch.ones_like(idx[0], dtype=torch.bool), m_mean[idx], m_s[idx]  # (M,) each
-        pick = lambda sel: tuple(i[sel] for i in idx)
+        pick = lambda sel: tuple(i.index_select(0, j) for j in [sel.nonzero().squeeze(1)] for i in idx)  # one host read
     fg = (m_mean > cfg["proto_conf_thresh"]) & box
     if cfg["semantic_map"] != "calibrated":
         return (pick(fg), None) if as_indices else (fg, None)
@@ -472,14 +474,20 @@ def after_step(state, model, out, pm, obj, images, targets, ema=True):
     bank_map, score_map, thresh = {"teacher": ("M_mean", None, cfg["bank_thresh"]),
                                    "pseudo": ("M_hat", "M_I", 0.5),
                                    "rectified": ("M_prob", None, cfg["bank_thresh"])}[cfg["bank_masks"]]
-    for b, t in enumerate(targets if cfg["paste_prob"] > 0 else []):  # no copy-paste: no bank
-        sel = ((obj["img"] == b) & pm["has_pos"] & ~obj["pasted"]).nonzero().squeeze(1)  # this image's ordinary objects
+    if cfg["paste_prob"] > 0:  # no copy-paste: no bank
+        # the ordinary objects with positives and their boxes (the windows need them): one host read
+        ok = pm["has_pos"] & ~obj["pasted"]                                             # (G,)
+        rows = torch.cat([ok[:, None].to(obj["boxes"].dtype), obj["boxes"]], 1).tolist()  # (G, 5)
+        img = [b for b, t in enumerate(targets) for _ in range(len(t["boxes"]))]        # (G,) as obj["img"]
+    for b, t in enumerate(targets if cfg["paste_prob"] > 0 else []):
+        sel = [k for k, r in enumerate(rows) if r[0] and img[k] == b]                   # this image's
+        sel_t = host_to_device(sel, obj["boxes"].device, torch.long)                    # (n,)
         h, w = t["size"]
-        entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel], obj["cls"][sel],
-                                                  pm[bank_map][sel], (h, w), thresh, cfg["mask_out_stride"],
+        entry = copypaste.bank_entry_from_teacher(images[b, :, :h, :w], obj["boxes"][sel_t], obj["cls"][sel_t],
+                                                  pm[bank_map][sel_t], (h, w), thresh, cfg["mask_out_stride"],
                                                   cfg["bank_min_box_iou"],
-                                                  None if score_map is None else pm[score_map][sel],
-                                                  cfg["bank_score_plus_one"])
+                                                  None if score_map is None else pm[score_map][sel_t],
+                                                  cfg["bank_score_plus_one"], [rows[k][1:] for k in sel])
         state.bank.push(**entry)
     if ema:
         update_teacher(state.teacher, model, cfg["teacher_momentum"])

@@ -96,3 +96,33 @@ def test_sync_points_counts_the_calls_that_wait_for_a_gpu():
     kinds = sorted(where.split()[0] for where, _ in top)
     assert kinds == ["bool-index", "host-to-device", "item", "nonzero", "tolist"]
     assert all(where.split()[1].startswith("test_bench.py:") for where, _ in top)
+
+
+def test_sync_points_leave_out_host_only_functions_and_count_new_tensor():
+    """Reads inside the HOST_ONLY functions (the bank and the paste generator live on the CPU) are not
+    syncs on a GPU; new_tensor copies host data to the tensor's device; box_ops.host_to_device does
+    not wait (pinned, non-blocking on CUDA; torch.tensor on the CPU)."""
+    import box_ops
+    import copypaste
+    x = torch.arange(4.0)
+    entry = dict(masks=[torch.ones(1, 1, dtype=torch.bool)] * 2, mask_xy=torch.tensor([[0, 0], [1, 1]]))
+
+    def fn():
+        copypaste.drawn_crops(entry, torch.tensor([1]))   # host only: tolist x 2, not counted
+        copypaste.sample_objects(torch.tensor([0.5, 1.0]))  # host only
+        box_ops.host_to_device([1, 2], x.device)          # not a sync
+        return x.new_tensor([1.0])                        # 1: host data to the device
+    total, top = bench.sync_points(fn)
+    assert total == 1 and top[0][0].startswith("host-to-device test_bench.py:"), top
+
+
+def test_a_sim_step_has_few_sync_points(tmp_path, capsys):
+    """One SIM step (teacher, pseudo masks, copy-paste from a full bank, bank push) on 2 demo-sized
+    images: at most 30 sync points on the CPU proxy. 3983ddd made 52 on the same step (60 counted, of
+    which 8 in a paste that then ran on the CPU): a bound that fails if per-object reads come back."""
+    p = synthetic.ensure_synthetic(tmp_path / "syn", n_train=4, n_val=1, size=160)
+    n = bench.main(["--compare=syncs", f"--train_json={p['train_json']}", f"--train_images={p['train_images']}",
+                    "--device=cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"host-device sync points in one SIM step \(cpu, \d+ objects\): \d+", out), out
+    assert 0 < n <= 30, out

@@ -102,6 +102,8 @@ def test_nearest_colour_and_seed_pick_equal_their_definitions():
     assert torch.equal(colormap._nearest_colour(pix, obj, ref, ok, chunk=16), want)
     o = obj.argsort()
     assert torch.equal(colormap._nearest_colour(pix[o], obj[o], ref, ok, chunk=16), want[o])
+    # the GPU's form (gathered per pixel, no host read of the counts): the same numbers, in any order
+    assert torch.equal(colormap._nearest_colour(pix, obj, ref, ok, chunk=2, per_object=False), want)
     seed = torch.rand(G, 50, generator=g) < torch.tensor([0.0, 0.05, 0.5, 1.0, 0.2])[:, None]
     for n_pick in (4, 64):
         order = (torch.arange(50) * 2654435761) % 4294967296
