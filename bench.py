@@ -667,7 +667,125 @@ def host_cost(objects=None, size=None, batch=None, reps=None, old_tree=None):
     return {k: (old[k], new[k]) for k in new}
 
 
+# -----------------------------------------------------------------------------
+# --compare=grabcut: box-conditioned masks (predict.py --boxes) against OpenCV's GrabCut on the GT boxes
+
+GRABCUT_ITERS = 5    # cv2.grabCut iterations
+GRABCUT_GROW = 0.5   # GrabCut runs in a crop: the box grown by this share of its width/height on each side
+
+
+def box_inside(box, H, W):
+    """(H, W) bool numpy: pixel centres strictly inside the xyxy box (predict.py's cut to the box)."""
+    import numpy as np
+    xs, ys = np.arange(W) + 0.5, np.arange(H) + 0.5
+    return (xs[None] > box[0]) & (xs[None] < box[2]) & (ys[:, None] > box[1]) & (ys[:, None] < box[3])
+
+
+def grabcut_mask(image, box, iters=GRABCUT_ITERS, grow=GRABCUT_GROW):
+    """OpenCV's GrabCut (Rother, Kolmogorov, Blake 2004: colour GMMs of object and surroundings and a graph
+    cut, iterated) for one box: image (H, W, 3) uint8 RGB, box xyxy in pixels -> (H, W) bool, cut to the
+    box. It runs in a crop around the box (grown by `grow` x its size on each side, within the image),
+    initialised from the box's rectangle; where GrabCut cannot run (no pixel of the crop outside the
+    rectangle, or too few for its GMMs) the box itself is the mask."""
+    import math
+    import cv2  # compare_grabcut checked that it is there
+    import numpy as np
+    H, W = image.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    gw, gh = grow * (x1 - x0), grow * (y1 - y0)
+    cx0, cy0 = max(0, int(math.floor(x0 - gw))), max(0, int(math.floor(y0 - gh)))
+    cx1, cy1 = min(W, int(math.ceil(x1 + gw))), min(H, int(math.ceil(y1 + gh)))
+    crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])                       # BGR, as OpenCV reads
+    rx0, ry0 = int(math.floor(x0)) - cx0, int(math.floor(y0)) - cy0
+    rect = (rx0, ry0, max(1, int(math.ceil(x1)) - cx0 - rx0), max(1, int(math.ceil(y1)) - cy0 - ry0))
+    label = np.zeros(crop.shape[:2], np.uint8)
+    inside = box_inside(box, H, W)
+    try:
+        cv2.grabCut(crop, label, rect, np.zeros((1, 65)), np.zeros((1, 65)), iters, cv2.GC_INIT_WITH_RECT)
+    except cv2.error:
+        return inside
+    out = np.zeros((H, W), bool)
+    out[cy0:cy1, cx0:cx1] = (label == cv2.GC_FGD) | (label == cv2.GC_PR_FGD)
+    return out & inside
+
+
+def compare_grabcut(argv):
+    """python bench.py --compare=grabcut [--ckpt=out/demo/ckpt.pt]: one table on the val split (the embedded
+    one, or --val_json/--val_images/--data_root as train.py reads them) with every GT box given: mIoU
+    (each box's mask against its own GT mask) and box-conditioned mask AP of the box itself as the mask,
+    OpenCV's GrabCut in a crop around each box, the network's masks as they are (predict.py with every
+    refinement switch off), each switch alone, every switch (predict.py's defaults), every switch but
+    one, and the EMA teacher's weights (SIM checkpoints). The box and GrabCut have no confidence: score 1
+    for every mask (their AP is in the json's order). Also the seconds per image of each row (this
+    process's threads, the network's forward included)."""
+    try:
+        import cv2
+    except ImportError:
+        raise SystemExit("bench.py --compare=grabcut needs OpenCV — fix: .venv/bin/pip install opencv-python-headless")
+    import contextlib
+    import io
+    import predict
+    switches = ("box_flip", "box_colour", "box_crf", "box_mask_score")
+    cfg = dict(config.defaults(), compare="grabcut", ckpt="out/demo/ckpt.pt", grabcut_iters=GRABCUT_ITERS,
+               grabcut_grow=GRABCUT_GROW)
+    cfg.update({k: getattr(predict, k) for k in ("device", "batch_size", "combine", "mu") + tuple(predict.RAW)},
+               n_overlays=0)
+    configurator.configure(argv, cfg, "bench.py")
+    paths = ({k: cfg[k] for k in ("val_json", "val_images")} if cfg["val_json"]
+             else data.dataset_paths(cfg, need=("val_json", "val_images")))
+    dev = torch.device(cfg["device"])
+    cv2.setRNGSeed(0)
+    model, mcfg, cats = predict.load_model(cfg["ckpt"], dev)
+    ds = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(mcfg["min_size_test"],),
+                             max_size=mcfg["max_size_test"], with_masks=False)
+    rows = []  # (name, seg {annotation id: (rle, area, score)}, seconds)
+
+    def classical(name, mask_fn):
+        seg, t0 = {}, time.perf_counter()
+        for i in range(len(ds)):
+            rec = ds.record(i)
+            image = predict.read_rgb(rec["path"]).permute(1, 2, 0).numpy()               # (H, W, 3)
+            for a, box in zip(ds.annotations(i), rec["boxes"]):
+                m = mask_fn(image, box)
+                seg[a["id"]] = (predict.to_rle(torch.from_numpy(m)), int(m.sum()), 1.0)
+        rows.append((name, seg, time.perf_counter() - t0))
+
+    def network(name, net, **sw):
+        t0 = time.perf_counter()
+        seg = predict.dataset_box_masks(net, ds, dev, dict(cfg, **sw))[0]
+        rows.append((name, seg, time.perf_counter() - t0))
+
+    classical("the box as the mask", lambda image, box: box_inside(box, *image.shape[:2]))
+    classical(f"GrabCut ({cfg['grabcut_iters']} iterations, crop grown by {cfg['grabcut_grow']})",
+              lambda image, box: grabcut_mask(image, box, cfg["grabcut_iters"], cfg["grabcut_grow"]))
+    off = {k: False for k in switches}
+    network("network (every switch off)", model, **off)
+    for k in switches:
+        network(f"network + {k}", model, **dict(off, **{k: True}))
+    on = {k: True for k in switches}
+    network("network + every switch", model, **on)
+    for k in switches:
+        network(f"every switch but {k}", model, **dict(on, **{k: False}))
+    network("every switch, colour_seeds=network", model, **dict(on, colour_seeds="network"))
+    if (predict.load_checkpoint(cfg["ckpt"]).get("sim") or {}).get("teacher") is not None:
+        teacher = predict.load_model(cfg["ckpt"], dev, teacher=True)[0]
+        network("EMA teacher (every switch off)", teacher, **off)
+        network("EMA teacher + every switch", teacher, **on)
+    print(f"box-conditioned masks on {paths['val_json']} ({len(ds)} images, GT boxes in) | {cfg['ckpt']} | "
+          f"combine={cfg['combine']} | {torch.get_num_threads()} thread(s), {dev}")
+    print("| masks from the GT boxes | mIoU | mask AP | AP50 | AP75 | s / image |")
+    print("|---|---|---|---|---|---|")
+    for name, seg, sec in rows:
+        with contextlib.redirect_stdout(io.StringIO()):  # COCOeval's 12 lines per row
+            stats, miou, _ = predict.score_box_masks(ds.coco, seg, ds.ids)
+        print(f"| {name} | {miou:.1f} | {stats['AP']:.1f} | {stats['AP50']:.1f} | {stats['AP75']:.1f} | "
+              f"{sec / len(ds):.3f} |")
+    return 0
+
+
 def main(argv):
+    if "--compare=grabcut" in argv:
+        return compare_grabcut(argv)
     cfg = dict(config.defaults(), steps=steps, rounds=rounds, warmup=warmup, compare=compare, profile=profile)
     configurator.configure_run(argv, cfg, "bench.py")
     if cfg["compare"] == "eval":

@@ -72,6 +72,8 @@ max_dets = 100
 mask_thresh = 0.5
 # method and losses
 method = "sim"               # sim (the main job) | boxinst (SIM's baseline: boxes alone) | full (GT masks)
+mask_fraction = 0.0          # sim/boxinst: train these objects from their GT mask (a seeded draw per annotation;
+                             # 1.0: every mask the json has, the other annotations from their box); 0: boxes only
 color_thresh = 0.3           # BoxInst: pairwise pixels need colour similarity >= this
 pairwise_warmup_iters = 400  # the pairwise weight ramps 0 -> 1 (reference: 10000)
 # SIM (--method=sim). sim_variant picks a preset (sim.PRESETS: nanosim | paper | official) that sets

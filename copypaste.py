@@ -29,7 +29,7 @@ from losses import box_windows
 BANK_DEVICE = torch.device('cpu')
 # Per-object fields of a target dict; all are filtered together when objects are removed. 'paste_masks'
 # has a row per PASTED object only (with_paste_fields) and is filtered with those rows (paste).
-PER_OBJECT_KEYS = ('boxes', 'labels', 'masks', 'pasted')
+PER_OBJECT_KEYS = ('boxes', 'labels', 'masks', 'pasted', 'has_mask')
 
 # -----------------------------------------------------------------------------
 # the Eq. (11) score and what enters the bank
@@ -408,6 +408,8 @@ def paste(image, target, entry, idx, size):
         old_m = target['masks'].to(dev, copy=True)  # (N, h, w)
         old_m[:, y0:y1, x0:x1].masked_fill_(alpha, 0)
         out_t['masks'] = cat(old_m, full(visible_new, old_m.dtype))  # (N + n, h, w)
+    if 'has_mask' in target:  # some masks, many boxes: a pasted object trains from its pseudo mask (L_paste)
+        out_t['has_mask'] = cat(target['has_mask'], torch.zeros_like(keep_new))  # (N + n,)
     # which objects stay (data-dependent: one host read), and the rows of paste_masks that are theirs
     keep, pasted = torch.stack([cat(keep_old, keep_new), out_t['pasted']]).tolist()  # (N + n,) each
     kept = [i for i, k in enumerate(keep) if k]

@@ -97,9 +97,21 @@ def _size_problem(h, w, H0, W0):
     return None if (h, w) == (H0, W0) else f"image is {h}x{w} but the json says {H0}x{W0}"
 
 
+def keep_masks(anns, sel, fraction, seed=0):
+    """Which of the boxes sel (indices into the json's annotations) train from their mask -> bool (len(sel),):
+    those with a segmentation whose draw (one uniform number per json annotation, from `seed`) is below
+    `fraction`. Fraction 1 keeps every mask the json has (box-only annotations train from their box);
+    the masks kept at a smaller fraction are a subset of those kept at a larger one, for one seed."""
+    draw = np.random.default_rng(seed).random(len(anns))  # (A,) one per annotation, whatever is filtered
+    return np.array([anns[k].get("segmentation") not in (None, [], {}) and draw[k] < fraction
+                     for k in np.asarray(sel).tolist()], bool).reshape(-1)
+
+
 def _segmentation_mask(text, h, w):
     """A segmentation as json text (polygons, uncompressed or compressed RLE) -> uint8 (h, w), as
     pycocotools' COCO.annToMask decodes it; an empty polygon list is an empty mask."""
+    if not text:  # no mask kept (keep_masks)
+        return np.zeros((h, w), np.uint8)
     seg = json.loads(text)
     if isinstance(seg, list):
         if not seg:
@@ -137,10 +149,12 @@ class CocoBoxDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, json_path, image_dir, train=True, min_sizes=(800,), max_size=1333,
-                 with_masks=False, hflip_prob=0.5):
+                 with_masks=False, hflip_prob=0.5, mask_fraction=0.0, mask_seed=0):
         self.json_path, self.image_dir, self.train = str(json_path), str(image_dir), train
         self.min_sizes = (min_sizes,) if isinstance(min_sizes, int) else tuple(min_sizes)
-        self.max_size, self.with_masks, self.hflip_prob = max_size, with_masks, hflip_prob
+        # mask_fraction > 0: some masks plus many boxes (keep_masks); else every mask (with_masks) or none
+        self.mask_fraction, self.mask_seed = float(mask_fraction), mask_seed
+        self.max_size, self.with_masks, self.hflip_prob = max_size, with_masks or mask_fraction > 0, hflip_prob
         self._coco = None           # pycocotools' COCO, built by the `coco` property when first read
         self._unreadable = set()    # indices whose image failed to load in this process (training skips them)
         if not os.path.isfile(self.json_path):
@@ -184,7 +198,8 @@ class CocoBoxDataset(torch.utils.data.Dataset):
           _ids int64 (n,), _sizes int64 (n, 2) (H0, W0), _names/_name_off the file names (_pack_strings),
           _box_off int64 (n + 1,) (image k's boxes are rows _box_off[k]:_box_off[k + 1]), _boxes float32
           (M, 4) xyxy in the image's frame, _labels int64 (M,), _ann_index int64 (M,) each box's position
-          in the json's 'annotations', with_masks: _segs/_seg_off each box's segmentation as json text.
+          in the json's 'annotations', with_masks: _segs/_seg_off each box's segmentation as json text
+          ("" where mask_fraction left it out), with mask_fraction > 0: _has_mask bool (M,).
         -> (missing files, first missing path, images without a valid box, bad boxes, crowd annotations)."""
         jp = self.json_path
         if not isinstance(js, dict):
@@ -290,7 +305,12 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         self._boxes = np.stack([x0, y0, x1, y1], 1)[sel].astype(np.float32).reshape(-1, 4)
         self._labels = np.array(a_label, np.int64)[sel] if len(sel) else np.zeros(0, np.int64)
         self._ann_index = sel.astype(np.int64)
-        if self.with_masks:
+        if self.with_masks and self.mask_fraction > 0:  # some masks, many boxes
+            self._has_mask = keep_masks(anns, sel, self.mask_fraction, self.mask_seed)
+            self._segs, self._seg_off = _pack_strings(
+                [json.dumps(anns[k]["segmentation"], separators=(",", ":")) if m else ""
+                 for k, m in zip(sel.tolist(), self._has_mask.tolist())])
+        elif self.with_masks:
             texts = []
             for k in sel.tolist():
                 if anns[k].get("segmentation") is None:
@@ -434,6 +454,8 @@ class CocoBoxDataset(torch.utils.data.Dataset):
                 # nearest-exact samples at pixel centres (as PIL NEAREST); 'nearest' shifts by half a pixel
                 target["masks"] = torch.nn.functional.interpolate(
                     masks[None], size=(h, w), mode="nearest-exact")[0]  # (N, h, w) uint8
+            if self.mask_fraction > 0:  # which objects train from their mask (the others from their box)
+                target["has_mask"] = torch.from_numpy(self._has_mask[self._box_off[i]:self._box_off[i + 1]].copy())
         if skipped:
             target["skipped"] = skipped  # train.py counts them (pops the key before the step)
         if flip is None:

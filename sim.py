@@ -251,7 +251,11 @@ def objects(targets, padded_hw, stride=4, occlusion_aware=True, images=None):
     valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw,
                                      stride, bottom_pixels_removed=0, device=dev)       # (B, Hp/s, Wp/s)
     lab = None if images is None else losses.rgb_to_lab(torch.nn.functional.avg_pool2d(images.float(), stride))
+    with_gt = all("has_mask" in t for t in targets)  # some masks, many boxes (--mask_fraction): exact_labels
     return dict(valid=valid, lab=lab, boxes=boxes, cls=torch.cat([t["labels"] for t in targets]), img=img, pasted=pasted,
+                has_mask=torch.cat([t["has_mask"] for t in targets]) if with_gt else None,  # (G,)
+                gt_mask=torch.cat([losses.gt_mask_targets(t["masks"], padded_hw, stride) for t in targets])
+                if with_gt else None,  # (G, Hp/s, Wp/s)
                 box_mask=losses.object_box_masks(targets, padded_hw, stride, occlusion_aware),  # (G, Hp/s, Wp/s)
                 paste_mask=torch.cat(paste).float() if len(paste) == len(targets) else None)
 
@@ -310,8 +314,20 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
                 if full is not None:
                     full.view(G, -1)[g[:, None], ids.flatten(1)] = part.flatten(1)
     has_pos = torch.bincount(gi, minlength=G) > 0                                       # (G,)
-    return dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
-                has_pos=has_pos, pos_weights=w)
+    return exact_labels(dict(M_S=m_s, M_I=m_i, M_C=m_c, M_prob=m_prob, M_hat=m_hat, W=weight, M_mean=m_mean,
+                             has_pos=has_pos, pos_weights=w), obj)
+
+
+def exact_labels(pm, obj):
+    """Some masks, many boxes (--mask_fraction): an object with a GT mask has an exact pseudo label. Its
+    M_hat is the GT mask with weight W = 1 on its whole image (L_pseudo, Eq. 8), and its teacher's mean
+    mask and rectified map are the GT mask too (the prototype pixels, Eq. 2-5, and the bank's masks).
+    The other objects keep what SIM made from their box. pm as pseudo_masks' -> pm."""
+    if obj.get("has_mask") is None:
+        return pm
+    h, gt = obj["has_mask"][:, None, None], obj["gt_mask"].to(pm["M_hat"].dtype)        # (G, 1, 1), (G, Hp/s, Wp/s)
+    exact = {k: torch.where(h, gt, pm[k]) for k in ("M_hat", "M_mean", "M_prob")}
+    return dict(pm, W=torch.where(h, obj["valid"][obj["img"]].to(pm["W"].dtype), pm["W"]), **exact)
 
 
 def box_windows_of(box_mask, margin=0):

@@ -104,6 +104,16 @@ def copy_paste_batch(*args, **kwargs):
 
 
 copypaste.copy_paste_batch = copy_paste_batch
+_split = losses.split_by_mask
+
+
+def split_by_mask(targets, gt_inds):  # --mask_fraction: positives whose object trains from its GT mask
+    box_pos, mask_pos = _split(targets, gt_inds)
+    record["batches"].append({"with_mask": len(mask_pos)})
+    return box_pos, mask_pos
+
+
+losses.split_by_mask = split_by_mask
 
 
 def dump():
@@ -148,6 +158,8 @@ def uneven_dataset(root):
                 js["annotations"].append({"id": len(js["annotations"]) + 1, "image_id": i + 1, "category_id": 1 + j % 2,
                                           "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                                           "iscrowd": 0})
+                if split == "train":  # its mask, for --mask_fraction (the box-supervised runs never read it)
+                    js["annotations"][-1]["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
         with open(os.path.join(root, f"{split}.json"), "w") as f:
             json.dump(js, f)
         paths[f"{split}_json"], paths[f"{split}_images"] = os.path.join(root, f"{split}.json"), folder
@@ -215,6 +227,19 @@ def test_uneven_ranks_make_the_same_collectives_and_finish(uneven_run):
     # the odd val set: each of the 3 images scored once, the scores gathered to rank 0
     assert "eval: 3 images" in r.stdout
     assert ["gather_object", []] in a["collectives"] and ["all_gather_object", []] not in a["collectives"]
+
+
+def test_some_masks_many_boxes_on_uneven_ranks(tmp_path):
+    """--mask_fraction: a step where one rank has positives of objects with a GT mask and the other has
+    none still makes the same collectives on both ranks (the dice term's all-reduce runs on every rank)."""
+    paths = uneven_dataset(str(tmp_path / "data"))
+    r, recs = torchrun(tmp_path, tmp_path / "rec", *common_args(paths, tmp_path / "out", 6), "--mask_fraction=0.5",
+                       "--ckpt_interval=100")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = recs
+    n = [[x["with_mask"] for x in rec["batches"] if "with_mask" in x] for rec in recs]
+    assert len(n[0]) == len(n[1]) == 6 and any((p == 0) != (q == 0) for p, q in zip(*n)), n
+    assert a["collectives"] == b["collectives"] and a["no_device"] == b["no_device"] == []
 
 
 def test_ddp_resume_continues_exactly(uneven_run):

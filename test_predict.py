@@ -109,6 +109,24 @@ def test_predict_boxes_scores_against_masks_when_the_json_has_them(setup, tmp_pa
     assert m["combine"] == "best" and 0.0 <= m["segm"]["AP"] <= 100.0
 
 
+def test_predict_boxes_prints_and_saves_miou(setup, tmp_path, capsys):
+    """With GT masks in the json, --boxes prints the mIoU next to the AP and saves it in metrics.json:
+    the mean over the boxes of the IoU of masks.json's mask with that annotation's GT mask (recomputed
+    here from the two files), with the refinement switches it ran with (predict.py's defaults)."""
+    out = tmp_path / "out"
+    assert predict.main([f"--ckpt={setup['ckpt']}", f"--boxes={setup['val_json']}", f"--images={setup['val_images']}",
+                         f"--out={out}", "--n_overlays=0"]) == 0
+    m = json.load(open(out / "metrics.json"))
+    gt, res = load_quiet(setup["val_json"]), load_quiet(str(out / "masks.json"))
+    ious = []
+    for a in gt.anns.values():
+        g, p = gt.annToMask(a).astype(bool), mask_util.decode(res.anns[a["id"]]["segmentation"]).astype(bool)
+        ious.append((g & p).sum() / (g | p).sum())
+    assert m["n_iou"] == len(ious) > 0 and abs(m["mIoU"] - 100 * np.mean(ious)) < 1e-6
+    assert m["switches"]["box_crf"] is predict.box_crf and m["switches"]["box_flip"] is predict.box_flip
+    assert f"mIoU {m['mIoU']:.1f} over {len(ious)} boxes" in capsys.readouterr().out
+
+
 def test_predict_errors_are_one_line(setup, tmp_path):
     with pytest.raises(SystemExit, match="nope.pt not found — fix"):
         predict.main([f"--ckpt={tmp_path / 'nope.pt'}", "--images=x"])

@@ -92,7 +92,9 @@ def main(cfg, preset):
     paths = data.dataset_paths(cfg)
     train_ds = data.CocoBoxDataset(paths["train_json"], paths["train_images"], train=True,
                                    min_sizes=cfg["min_size_train"], max_size=cfg["max_size_train"],
-                                   with_masks=(cfg["method"] == "full"))
+                                   with_masks=(cfg["method"] == "full"),
+                                   mask_fraction=cfg["mask_fraction"] if cfg["method"] != "full" else 0.0,
+                                   mask_seed=cfg["seed"])
     val_ds = data.CocoBoxDataset(paths["val_json"], paths["val_images"], train=False, min_sizes=(cfg["min_size_test"],),
                                  max_size=cfg["max_size_test"], with_masks=False)
     # a val image that cannot be opened stops the run now, not after training (every rank checks, so all stop)
