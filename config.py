@@ -18,6 +18,8 @@ log_interval = 20            # iterations between progress lines
 eval_interval = 0            # iterations between evaluations (0: only at the end)
 ckpt_interval = 500          # iterations between checkpoints (written atomically)
 resume = False               # continue from out_dir/ckpt.pt
+init_from = ""               # fine-tune: a checkpoint's weights where name and shape match (a new class count
+                             # gets a fresh classifier), from iteration 0 with a fresh optimizer (not --resume)
 skip_nonfinite = True        # a NaN/inf loss skips its step with a warning naming the term (False: stop)
 n_overlays = 8               # PNG overlays of predictions written after the final evaluation
 viz_interval = 400           # iterations between viz.py grids of val images 0-1 in out_dir/viz (0: never)
@@ -44,7 +46,9 @@ reference_batch = 4          # the global batch the schedule below is written fo
 linear_scaling = False       # True: lr x global/reference batch, iterations (and EMA momenta) x reference/global
 num_workers = 1
 bottom_pixels_removed = 0    # BoxInst's COCO trick (10): bottom rows not used as pairwise neighbours
-# model (model.py reads these)
+# model (model.py reads these; mask2former.py the backbone's four, channels_last and its own group below)
+arch = "condinst"            # "condinst" (model.py: FCOS + dynamic mask head, the paper's main rows) or
+                             # "mask2former" (mask2former.py: queries + Hungarian matching, Tab. 1's dagger rows)
 backbone = "resnet10"         # torchvision ResNet, 1 block per stage (no ImageNet weights; COCO: resnet50)
 channels_last = True         # NHWC memory format for the convolutions (faster on CPU and tensor cores)
 pretrained = ""              # "" random init, "imagenet" torchvision weights, or a .pth path
@@ -70,12 +74,41 @@ pre_nms_topk = 1000
 nms_thresh = 0.6
 max_dets = 100
 mask_thresh = 0.5
+# Mask2Former (--arch=mask2former; mask2former.py reads these, and max_dets, mask_thresh, mask_out_stride:
+# its box losses and SIM's maps on the stride-2 grid of the demo, its native stride 4 on COCO). The values
+# here are the demo's widths; configs/coco_*_m2f_*.py set the reference's (in brackets)
+conv_dim = 64                # pixel decoder width [256]
+mask_dim = 64                # per-pixel embedding width D [256]: SIM's prototypes live in this space
+enc_layers = 2               # deformable-attention encoder layers [6]
+enc_dim_feedforward = 256    # the encoder's FFN [1024]
+enc_n_points = 4             # sampling points per head per level [4]
+hidden_dim = 64              # decoder width [256]
+num_queries = 20             # [100]; the demo's images hold at most 9 objects, plus 3 pasted
+nheads = 4                   # heads of the encoder and the decoder [8]
+dim_feedforward = 256        # decoder FFN [2048]
+dec_layers = 6               # masked-attention decoder layers, round-robin over 3 scales [9]
+cost_class = 2.0             # matching cost: weight of -p(class) [2]
+cost_projection = 5.0        # matching cost: weight of the projection dice, in place of the reference's
+                             # BCE + dice on GT-mask points [5 + 5]: a box has no mask
+class_weight = 2.0           # loss: class cross-entropy weight [2]
+no_object_weight = 0.1       # loss: the no-object class's cross-entropy weight [0.1]
+mask_weight = 5.0            # loss: weight of the mask terms (projection, pairwise, L_pseudo, L_paste), the
+                             # reference's weight of its mask BCE and dice [5]; Eq. (10)'s ratios kept inside
+m2f_instance_map = "matched" # SIM's M_I (Eq. 6) from the teacher's queries: "matched" (the query the matcher
+                             # gives the object: one positive, weight 1) or "iou_mix" (also every query whose
+                             # mask's box has IoU >= mix_iou with the object's box, weighted by Eq. 6)
+mix_iou = 0.5                # iou_mix: the IoU a query's mask box needs to join an object's mix
 # method and losses
 method = "sim"               # sim (the main job) | boxinst (SIM's baseline: boxes alone) | full (GT masks)
 mask_fraction = 0.0          # sim/boxinst: train these objects from their GT mask (a seeded draw per annotation;
                              # 1.0: every mask the json has, the other annotations from their box); 0: boxes only
+gt_mask_weight = 4.0         # with mask_fraction: a positive with a GT mask weighs this many box-only positives in
+                             # the shares of the mask loss (the total stays one mask loss; losses.mask_shares).
+                             # 1: every positive the same; 4: +1.15 mask AP at 10% masks, 2 seeds (BENCHMARKS.md 12)
 color_thresh = 0.3           # BoxInst: pairwise pixels need colour similarity >= this
 pairwise_warmup_iters = 400  # the pairwise weight ramps 0 -> 1 (reference: 10000)
+collapse_fill = 0.9          # warn once when the positives' masks fill more than this share of their boxes (mean
+                             # over a log interval after the pairwise ramp: the masks became boxes); 0: never
 # SIM (--method=sim). sim_variant picks a preset (sim.PRESETS: nanosim | paper | official) that sets
 # the knobs marked [preset] below; a knob named on the command line wins, a config file's value does not
 # (a config sets its schedule, the preset its method). The values written here are nanosim's.
@@ -150,6 +183,12 @@ warmup_iters = 200
 warmup_factor = 0.001
 lr_steps = (1320, 1520)
 max_iters = 1600
+lr_schedule = "step"         # "step": x0.1 at each of lr_steps (detectron2's WarmupMultiStep, the CondInst
+                             # reference) or "poly": lr (1 - it / max_iters)^poly_power after the warm-up
+                             # (detectron2's WarmupPolyLR: the SIM supplement's schedule for Mask2Former)
+poly_power = 0.9
+backbone_lr_mult = 1.0       # the backbone's lr factor (Mask2Former reference, ImageNet weights: 0.1)
+clip_grad = 0.0              # clip the whole model's gradient L2 norm to this (0: off; Mask2Former reference: 0.01)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 amp = True                   # autocast on CUDA (ignored on CPU)

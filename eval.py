@@ -93,6 +93,20 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
     return {name: (100.0 * float(v) if v >= 0 else -1.0) for name, v in zip(STAT_NAMES, E.stats)}
 
 
+def masks_missing(coco_gt):
+    """(annotations of the GT json without a segmentation, their count, the first one's id) or None when
+    every annotation has one: mask AP needs a mask for each GT object."""
+    missing = [a["id"] for a in coco_gt.dataset.get("annotations", []) if a.get("segmentation") in (None, [], {})]
+    return (len(missing), len(coco_gt.dataset["annotations"]), missing[0]) if missing else None
+
+
+def no_mask_line(missing, json_path):
+    """The one line that says why mask AP is not measured (masks_missing's tuple) and what to do."""
+    n, total, first = missing
+    return (f"{n} of {total} annotations in {json_path} have no segmentation (e.g. id {first}): box AP only — "
+            f"for mask AP, a val json whose annotations carry masks (predict.py --boxes writes masks for boxes)")
+
+
 def per_class_ap(E):
     """{class name: AP in percent} from an accumulated COCOeval, as detectron2's per-category table:
     E.eval['precision'] is (T IoU thresholds, R recall points, K classes, A area ranges, M max dets);
@@ -155,7 +169,12 @@ def evaluate(model, loader, dataset, device, out_dir=None, amp=False, distribute
     if out_dir:
         data.write_json_atomic(results_for(results, "bbox"), os.path.join(out_dir, "results_bbox.json"))
         data.write_json_atomic(results_for(results, "segm"), os.path.join(out_dir, "results_segm.json"))
-    stats = {iou_type: coco_evaluate(dataset.coco, results, iou_type, image_ids) for iou_type in ("bbox", "segm")}
+    no_mask = masks_missing(dataset.coco)
+    stats = {iou_type: coco_evaluate(dataset.coco, results, iou_type, image_ids)
+             for iou_type in (("bbox",) if no_mask else ("bbox", "segm"))}
+    if no_mask:  # boxes-only val json: box AP alone (COCOeval's segm would stop on a KeyError)
+        print(f"eval: mask AP not measured: {no_mask_line(no_mask, dataset.json_path)}")
+        stats["segm"] = {name: float("nan") for name in STAT_NAMES}
     print(f"eval: {len(image_ids)} images, {len(results)} detections, {time.time() - t0:.1f}s"
           + (f", {len(unreadable)} unreadable left out" if unreadable else ""))
     print(f"box AP {stats['bbox']['AP']:.1f} | mask AP {stats['segm']['AP']:.1f}")

@@ -348,6 +348,17 @@ def pairwise_loss(mask_logits, similarity, box_masks, color_thresh=0.3, kernel_s
     return total / reduce_mean(w_sum).clamp(min=1.0)
 
 
+def mask_fill_ratio(mask_logits, boxes, padded_hw, stride=4):
+    """The share of its box that each predicted mask covers: cells of the box's mask (box_masks_inclusive)
+    where sigmoid(logit) > 0.5 (logit > 0), over the box's cells. mask_logits (N, 1, Hp/s, Wp/s), boxes
+    (N, 4) xyxy -> (N,), 0 for an empty box. Not a loss: the "masks became boxes" guard of train.py reads
+    its mean; box-supervised masks that fill ~1 of their boxes have collapsed to the projection loss's
+    trivial solution (the box itself satisfies both projections)."""
+    box = box_masks_inclusive(boxes, padded_hw, stride)  # (N, Hp/s, Wp/s)
+    inside = ((mask_logits.detach()[:, 0] > 0).to(box.dtype) * box).flatten(1).sum(1)  # (N,)
+    return inside / box.flatten(1).sum(1).clamp(min=1)
+
+
 def pairwise_warmup(it, warmup_iters=10000):
     """Pairwise-loss weight min(it / warmup_iters, 1). `it` is 1-based (the reference bumps
     its counter before use), so the first iteration already weighs 1 / warmup_iters."""
@@ -529,6 +540,17 @@ def split_by_mask(targets, gt_inds):
     return order[:n_box], order[n_box:]
 
 
+def mask_shares(n, gt_mask_weight=1.0):
+    """The weights of the box-only and the GT-mask positives' mask terms (each a mean over its own
+    positives) from their counts n (2,) = (box, mask): shares of one, a mask positive weighing gt_mask_weight
+    box positives -> (2,). gt_mask_weight = 1: every positive weighs the same. Summing to one keeps the mask
+    loss as large as without masks against the detector's terms (10% of the objects' dice, each averaged on
+    its own, pulling as hard as the other 90% together cost 9 box AP). A mask teaches the exact shape, a box
+    only a bound on it: config's default 4 lets the few masks count more than their number."""
+    w = n * n.new_tensor([1.0, gt_mask_weight])
+    return w / w.sum().clamp(min=1e-12)
+
+
 def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None):
     """All loss terms of a training step from the model's training output (model.CondInst.forward),
     combined by Eq. (10). it is 1-based. extra: further terms (SIM's loss_pseudo, loss_paste);
@@ -558,7 +580,7 @@ def compute_losses(out, images, targets, cfg, it, extra=None, pair_affinity=None
             # ranks), every positive weighs the same: 10% of objects with a mask would otherwise pull as hard
             # as the other 90% together (BENCHMARKS.md: box AP 50.2 -> 40.9 at --mask_fraction=0.1 without)
             n = reduce_mean(host_to_device([len(box_pos), len(mask_pos)], logits.device, torch.float32))  # (2,)
-            share = n / n.sum().clamp(min=1.0)  # (2,) box, mask
+            share = mask_shares(n, cfg['gt_mask_weight'])  # (2,) box, mask
             terms['loss_mask'] = share[1] * gt_mask_loss(logits[mask_pos], targets, inst['gt_inds'][mask_pos],
                                                          padded_hw, s)
             logits, bmask, im_inds = logits[box_pos], bmask[box_pos], im_inds[box_pos]  # the rest: from the box

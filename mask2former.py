@@ -1,11 +1,13 @@
 """
 Mask2Former (Cheng et al., CVPR 2022, "Masked-attention Mask Transformer for Universal Image Segmentation"),
 the query-based segmenter on which the SIM paper also reports (its Tab. 1: Mask2Former-R101, BoxInst-style
-box supervision 35.7 mask AP, SIM 37.4), in plain PyTorch: the network and the box-supervised Hungarian
-matcher. The training integration (the box losses on matched queries, SIM on the per-pixel embeddings,
-train.py's --arch) is not here yet.
+box supervision 35.7 mask AP, SIM 37.4), in plain PyTorch: the network, the box-supervised Hungarian
+matcher, and its training from boxes (train.py --arch=mask2former): BoxInst's projection and colour-pairwise
+terms on the matched queries (BoxInst-dagger), and SIM on top (SIM-dagger) with the prototypes, teacher, pseudo
+masks and copy-paste that CondInst uses (sim.py, prototypes.py, copypaste.py, losses.py: called, not copied).
 
-The network, at the reference's COCO instance-segmentation settings (DEFAULTS):
+The network, at the reference's COCO instance-segmentation settings (configs/coco_*_m2f_*.py; config.py's
+Mask2Former group holds the demo's widths):
   backbone (backbone.py: C2-C5, strides 4-32)
   -> pixel decoder: a multi-scale deformable-attention encoder (Deformable DETR) over C3-C5, then an
      FPN-style lateral + output conv on C2 -> per-pixel embeddings ("mask features", stride 4) and the
@@ -15,9 +17,15 @@ The network, at the reference's COCO instance-segmentation settings (DEFAULTS):
   -> after the learnable queries and after every layer: class logits (K + 1, the last = no object) and
      mask logits = <query mask embedding, per-pixel embedding>.
 
+Training from boxes, in the paper's Fig. 2 names: the segmentation network F_seg is this network, its
+momentum copy F'_seg the teacher (sim.py); the mask features Z are the pixel decoder's per-pixel embeddings
+(mask_features), where the prototypes live; each object's "positive" is the query the matcher assigns it,
+in every prediction set (deep supervision); its M_I comes from the teacher's query masks (teacher_queries).
+
 Reading order: ms_deform_attn_core -> MSDeformAttn -> sine_position_encoding -> PixelDecoder ->
 attention_mask -> MaskedCrossAttention -> DecoderLayer -> MaskedTransformerDecoder -> Mask2Former
-(forward, predict) -> matching (class_cost, projection_cost, hungarian_match, match).
+(forward, predict) -> matching (class_cost, projection_cost, hungarian_match, match) -> training
+(to_loss_grid, matched_queries, class_loss, box_terms, teacher_queries, pseudo_masks, training_losses).
 Everything is pure PyTorch (no compiled deformable-attention op); facts from the paper and the reference
 code (facebookresearch/Mask2Former, Deformable DETR), the code written here.
 """
@@ -28,29 +36,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import losses
+import prototypes
+import sim
 from backbone import Backbone
-from box_ops import box_masks_inclusive, masks_to_boxes
+from box_ops import box_iou_pairs, box_masks_inclusive, masks_to_boxes
 
-# the reference's COCO instance settings (Base-COCO-InstanceSegmentation + maskformer2_R50_bs16_50ep)
-DEFAULTS = dict(
-    backbone="resnet50", pretrained="imagenet", backbone_norm="frozen",
-    freeze_at=0,                 # FREEZE_AT 0: every backbone stage trains (BN frozen)
-    num_classes=80,
-    conv_dim=256,                # pixel decoder width (CONVS_DIM)
-    mask_dim=256,                # per-pixel embedding width (MASK_DIM)
-    enc_layers=6,                # deformable encoder layers
-    enc_dim_feedforward=1024,    # the encoder's FFN (the reference hard-codes 1024)
-    enc_n_points=4,              # sampling points per head per level
-    hidden_dim=256,              # decoder width
-    num_queries=100,
-    nheads=8,                    # heads of the encoder and the decoder
-    dim_feedforward=2048,        # decoder FFN
-    dec_layers=9,                # decoder layers: 3 rounds over 3 scales (the reference's DEC_LAYERS 10 counts
-                                 # the prediction on the learnable queries too)
-    max_dets=100,                # inference: top-k (query, class) pairs per image
-    mask_thresh=0.5,             # inference: mask = sigmoid(logit) > mask_thresh
-)
+# what Mask2Former reads from the config (config.py's names; its Mask2Former group, the reference's values
+# in configs/coco_*_m2f_*.py). dec_layers counts the layers after the learnable queries' own prediction
+# (the reference's DEC_LAYERS 10 counts that prediction too)
+MODEL_KEYS = ("backbone", "pretrained", "backbone_norm", "freeze_at", "num_classes", "conv_dim", "mask_dim",
+              "enc_layers", "enc_dim_feedforward", "enc_n_points", "hidden_dim", "num_queries", "nheads",
+              "dim_feedforward", "dec_layers", "max_dets", "mask_thresh", "channels_last")
 NUM_LEVELS = 3                   # the reference always uses 3 scales (C3-C5 / strides 8-32)
+STRIDE = 4                       # pred_masks and mask_features: stride 4 of the padded image
 
 # -----------------------------------------------------------------------------
 # Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021), the pure-PyTorch path
@@ -352,19 +351,20 @@ class MaskedTransformerDecoder(nn.Module):
 
 
 class Mask2Former(nn.Module):
-    """Backbone -> PixelDecoder -> MaskedTransformerDecoder. cfg: a dict over DEFAULTS (the keys read
-    are DEFAULTS' own; any other key is ignored, so a flat config.py dict can be passed whole).
+    """Backbone -> PixelDecoder -> MaskedTransformerDecoder. cfg: a flat config dict (config.py's) holding
+    MODEL_KEYS; the other keys are not read.
 
-    forward(images) -> dict(pred_logits (B, Q, K+1), pred_masks (B, Q, Hp/4, Wp/4) logits, aux_outputs
+    forward(images[, targets]) -> dict(pred_logits (B, Q, K+1), pred_masks (B, Q, Hp/4, Wp/4) logits, aux_outputs
     (dec_layers dicts of the same two keys, earliest first), mask_features (B, mask_dim, Hp/4, Wp/4): the
     per-pixel embeddings, where SIM's prototypes will read). predict(images, targets) -> detections as
     model.CondInst.predict returns them."""
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg):
         super().__init__()
-        cfg = dict(cfg or {})
-        self.cfg = {k: cfg.get(k, v) for k, v in DEFAULTS.items()}
-        c = self.cfg
+        missing = [k for k in MODEL_KEYS if k not in cfg]
+        if missing:
+            raise SystemExit(f"mask2former.py: config lacks {missing} — fix: start from config.defaults()")
+        self.cfg = c = {k: cfg[k] for k in MODEL_KEYS}
         self.num_classes = c["num_classes"]
         self.backbone = Backbone(c["backbone"], c["pretrained"], c["backbone_norm"], c["freeze_at"], with_c2=True)
         self.pixel_decoder = PixelDecoder(self.backbone.out_channels, c["conv_dim"], c["mask_dim"], c["nheads"],
@@ -375,13 +375,22 @@ class Mask2Former(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def forward(self, images):
-        """images uint8 (B, 3, Hp, Wp), Hp and Wp multiples of 32 (data.collate pads so)."""
+    def forward(self, images, targets=None):
+        """images uint8 (B, 3, Hp, Wp), Hp and Wp multiples of 32 (data.collate pads so). targets: not read (the
+        matching is the loss's business, training_losses); the argument keeps model.CondInst's call."""
         x = (images.float() - self.pixel_mean) / self.pixel_std                        # (B, 3, Hp, Wp)
+        if self.cfg["channels_last"]:  # NHWC convolutions (model.CondInst's): faster on CPU and tensor cores
+            x = x.contiguous(memory_format=torch.channels_last)
         mask_features, multi_scale = self.pixel_decoder(self.backbone(x))
         out = self.decoder(multi_scale, mask_features)
         out["mask_features"] = mask_features                                           # (B, D, Hp/4, Wp/4)
         return out
+
+    def features(self, images, classify=True):
+        """The forward's dict; classify=False (SIM's teacher, sim.teacher_outputs): the final prediction set and
+        mask_features only, no auxiliary sets (the pseudo masks read the final set alone)."""
+        out = self(images)
+        return out if classify else {k: v for k, v in out.items() if k != "aux_outputs"}
 
     @torch.no_grad()
     def predict(self, images, targets):
@@ -419,11 +428,6 @@ class Mask2Former(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Box-supervised Hungarian matching
-
-MATCH_WEIGHTS = dict(
-    cost_class=2.0,       # the reference's class cost weight
-    cost_projection=5.0,  # in place of the reference's 5 BCE + 5 dice on GT-mask points: the box has no mask
-)
 
 
 def class_cost(logits, labels):
@@ -463,20 +467,19 @@ def hungarian_match(cost):
 
 
 @torch.no_grad()
-def match(outputs, targets, weights=None, stride=4):
+def match(outputs, targets, cost_class=2.0, cost_projection=5.0):
     """Per image, the query matched to each GT object from boxes alone:
     cost = w_class * (-p(class)) + w_projection * projection_cost(query mask, GT box mask), the box masks
     built as BoxInst builds them (box_ops.box_masks_inclusive, end-inclusive) on the pred_masks grid
-    (stride 4 of the padded image, whose boxes targets' 'boxes' are in).
+    (stride 4 of the padded image, whose boxes targets' 'boxes' are in). The weights: config.py's
+    cost_class and cost_projection (the reference's class weight 2, and its mask weight 5 on the projection).
     No box L1 / GIoU term: the max-projections of a box mask are exactly the box's x- and y-extents, so the
     projection dice already is a box-agreement cost per axis; a box regressed from the mask would
     measure the same thing twice and needs a box read off a mask that is empty or fragmented early in
     training. The fully supervised reference has no box term either.
     outputs: dict with pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) (one prediction set: the final
-    one or an aux_outputs entry); targets: per image 'boxes' (G, 4) xyxy, 'labels' (G,); weights: dict
-    over MATCH_WEIGHTS. -> per image (query indices (G',), GT indices (G',)), G' = min(Q, G), on the
+    one or an aux_outputs entry); targets: per image 'boxes' (G, 4) xyxy, 'labels' (G,). -> per image (query indices (G',), GT indices (G',)), G' = min(Q, G), on the
     outputs' device."""
-    w = dict(MATCH_WEIGHTS, **(weights or {}))
     logits, masks = outputs["pred_logits"], outputs["pred_masks"]
     h, wd = masks.shape[-2:]
     indices = []
@@ -485,9 +488,181 @@ def match(outputs, targets, weights=None, stride=4):
             empty = torch.zeros(0, dtype=torch.int64, device=masks.device)
             indices.append((empty, empty.clone()))
             continue
-        box_masks = box_masks_inclusive(t["boxes"].float(), (h * stride, wd * stride), stride)   # (G, h, w)
-        cost = (w["cost_class"] * class_cost(logits[b], t["labels"])
-                + w["cost_projection"] * projection_cost(masks[b], box_masks))               # (Q, G)
+        box_masks = box_masks_inclusive(t["boxes"].float(), (h * STRIDE, wd * STRIDE), STRIDE)   # (G, h, w)
+        cost = (cost_class * class_cost(logits[b], t["labels"])
+                + cost_projection * projection_cost(masks[b], box_masks))                    # (Q, G)
         rows, cols = hungarian_match(cost)
         indices.append((rows.to(masks.device), cols.to(masks.device)))
     return indices
+
+
+# -----------------------------------------------------------------------------
+# Training from boxes: BoxInst-dagger (projection + pairwise on matched queries) and SIM-dagger on top
+
+
+def to_loss_grid(maps, stride):
+    """Maps at stride 4 (N, C, Hp/4, Wp/4) -> the loss grid of `stride` (mask_out_stride: 4 on COCO, where this
+    is the identity; 2 on the demo, whose 16-px objects are 4 stride-4 cells wide): bilinear x 4/stride,
+    align_corners=False, which puts output i at pixel stride * i + stride / 2 since stride-4 cell j sits at
+    pixel 4j + 2: the [stride//2::stride] grid of BoxInst's box masks (box_ops.box_masks_inclusive)."""
+    if STRIDE % stride:
+        raise SystemExit(f"mask2former.py: mask_out_stride={stride} — fix: 4 (the masks' own stride) or 2")
+    f = STRIDE // stride
+    return maps if f == 1 else F.interpolate(maps, scale_factor=f, mode="bilinear", align_corners=False)
+
+
+def prediction_sets(out):
+    """The prediction sets deep supervision trains: the auxiliary ones (the learnable queries' and each
+    decoder layer's but the last), then the final one."""
+    return out["aux_outputs"] + [out]
+
+
+def object_offsets(targets):
+    """Each image's first index in the batch order of the objects (losses.object_box_masks, sim.objects):
+    a list of B ints."""
+    sizes = [len(t["boxes"]) for t in targets]
+    return [sum(sizes[:b]) for b in range(len(sizes))]
+
+
+def matched_queries(sets, indices, targets, stride):
+    """The matched (query, object) pairs of every prediction set, in the layout sim.sim_losses and
+    step.py read for CondInst's positives: dict(mask_logits (K, 1, Hp/s, Wp/s) on the loss grid (to_loss_grid),
+    inst=dict(gt_inds (K,) each pair's object in batch order, im_inds (K,) its image)), K = the pairs of all
+    sets, earliest set first. sets: prediction_sets; indices: match's per set."""
+    offsets = object_offsets(targets)
+    logits, gt, im = [], [], []
+    for s, idx in zip(sets, indices):
+        bi = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(idx)])        # (K_s,)
+        qi = torch.cat([q for q, _ in idx])                                            # (K_s,)
+        logits.append(s["pred_masks"][bi, qi])                                         # (K_s, Hp/4, Wp/4)
+        gt.append(torch.cat([g + offsets[b] for b, (_, g) in enumerate(idx)]))
+        im.append(bi)
+    return dict(mask_logits=to_loss_grid(torch.cat(logits)[:, None], stride),       # (K, 1, Hp/s, Wp/s)
+                inst=dict(gt_inds=torch.cat(gt), im_inds=torch.cat(im)))
+
+
+def class_loss(logits, targets, indices, no_object_weight=0.1):
+    """The reference's classification term for one prediction set: the cross-entropy of every query's K + 1
+    logits against its matched object's class, or "no object" (the last logit) for an unmatched query, the
+    no-object class weighted no_object_weight: sum_q w_q CE_q / sum_q w_q over the batch (w_q the weight
+    of q's target class; F.cross_entropy's weighted mean). logits (B, Q, K+1); indices: match's -> scalar."""
+    B, Q, K1 = logits.shape
+    target = torch.full((B, Q), K1 - 1, dtype=torch.long, device=logits.device)       # (B, Q) no object
+    for b, ((q, g), t) in enumerate(zip(indices, targets)):
+        target[b, q] = t["labels"][g]
+    weight = torch.ones(K1, device=logits.device)
+    weight[-1] = no_object_weight
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), weight)
+
+
+def box_terms(matched, images, targets, cfg, affinity=None):
+    """BoxInst-dagger: the projection and colour-pairwise terms of the matched queries' masks against their
+    objects' boxes on the loss grid, by BoxInst's own functions (losses.object_box_masks, image_valid_masks,
+    color_similarity, projection_loss, pairwise_loss), as CondInst's positives get them (losses.compute_losses).
+    The whole grid, not points: the projection term is a max over each row and column of the map, the pairwise
+    term a sum over each pixel's 8 grid neighbours; neither is defined on the reference's sampled points.
+    matched: matched_queries'; affinity (B, 8, Hp/s, Wp/s): the official preset's factor on the colour
+    similarity -> dict(loss_prj, loss_pairwise), each the mean over all matched pairs."""
+    logits, inst = matched["mask_logits"], matched["inst"]                             # (K, 1, Hp/s, Wp/s)
+    padded_hw, s = images.shape[-2:], cfg["mask_out_stride"]
+    bmask = losses.object_box_masks(targets, padded_hw, s, cfg["occlusion_aware"])[inst["gt_inds"]][:, None]
+    valid = losses.image_valid_masks([t["size"] for t in targets], [t["orig_size"] for t in targets], padded_hw, s,
+                                     bottom_pixels_removed=cfg["bottom_pixels_removed"], device=images.device)
+    similarity, thresh = losses.color_similarity(images, valid, s), cfg["color_thresh"]  # (B, 8, Hp/s, Wp/s)
+    if affinity is not None:
+        similarity, thresh = similarity * affinity, cfg["color_feat_thresh"]
+    return {"loss_prj": losses.projection_loss(logits, bmask),
+            "loss_pairwise": losses.pairwise_loss(logits, similarity, bmask, thresh, im_inds=inst["im_inds"])}
+
+
+@torch.no_grad()
+def query_box_ious(mask_logits, boxes):
+    """Eq. (6)'s IoU for a query: the tight box of its binary mask (logit > 0, i.e. sigmoid > 0.5) on the
+    stride-4 grid, in pixels, against the object's box. mask_logits (K, Hp/4, Wp/4), boxes (K, 4) -> (K,)."""
+    return box_iou_pairs(masks_to_boxes(mask_logits > 0) * STRIDE, boxes.float())
+
+
+@torch.no_grad()
+def teacher_queries(t_out, targets, cfg):
+    """Each object's positives for Eq. (6), from the teacher's final prediction set t_out.
+    m2f_instance_map "matched": the query the matcher (match, on the teacher's own predictions) assigns to
+    the object. Mask2Former gives an object one positive, so Eq. 6 (weights normalised over the object's
+    positives) makes M_I that query's mask with weight 1: the paper's text, which defines the positives as
+    the samples a detector assigns to an object (Sec. 3.2.2) and says no more for Mask2Former.
+    "iou_mix": also every other query of the image whose mask's box has IoU >= mix_iou with the object's
+    box (duplicates that Hungarian matching trains towards "no object" but whose masks still cover it),
+    all weighted by Eq. 6's exp(mu IoU) (prototypes.positive_weights, in sim.pseudo_masks_from).
+    -> probs (K, Hp/s, Wp/s) their mask probabilities on the loss grid, ious (K,), gt_inds (K,) their
+    objects in batch order."""
+    pred = t_out["pred_masks"]                                                         # (B, Q, Hp/4, Wp/4)
+    B, Q = pred.shape[:2]
+    offsets = object_offsets(targets)
+    idx = match(t_out, targets, cfg["cost_class"], cfg["cost_projection"])
+    bi = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(idx)])            # (G',) matched pairs
+    qi = torch.cat([q for q, _ in idx])
+    gi = torch.cat([g + offsets[b] for b, (_, g) in enumerate(idx)])
+    boxes = torch.cat([t["boxes"] for t in targets]).float()                           # (G, 4)
+    if cfg["m2f_instance_map"] == "iou_mix":
+        G = len(boxes)
+        img = torch.cat([torch.full((len(t["boxes"]),), b, dtype=torch.long, device=pred.device)
+                         for b, t in enumerate(targets)])                              # (G,)
+        tight = masks_to_boxes(pred.flatten(0, 1) > 0).view(B, Q, 4) * STRIDE         # (B, Q, 4) pixels
+        ious = box_iou_pairs(tight[img].reshape(-1, 4), boxes.repeat_interleave(Q, 0)).view(G, Q)  # (G, Q)
+        keep = ious >= cfg["mix_iou"]                                                  # (G, Q)
+        keep[gi, qi] = True                                                            # the matched query always
+        gi, qi = keep.nonzero(as_tuple=True)                                           # (K,) by object
+        bi = img[gi]
+    elif cfg["m2f_instance_map"] != "matched":
+        raise SystemExit(f"mask2former.py: --m2f_instance_map={cfg['m2f_instance_map']!r} — fix: matched or iou_mix")
+    logits = pred[bi, qi]                                                              # (K, Hp/4, Wp/4)
+    probs = to_loss_grid(logits[:, None].float(), cfg["mask_out_stride"])[:, 0].sigmoid()  # (K, Hp/s, Wp/s)
+    return probs, query_box_ious(logits, boxes[gi]), gi
+
+
+@torch.no_grad()
+def pseudo_masks(t_out, targets, protos, obj, cfg):
+    """SIM's maps for every object (sim.pseudo_masks_from: Eq. 1, 6, 7 and the thresholds), from the teacher's
+    per-pixel embeddings (Eq. 1's features Z', mask_features brought to the loss grid by
+    prototypes.normalize_features) and its query masks (teacher_queries) -> sim.pseudo_masks' dict."""
+    feats = prototypes.normalize_features(t_out["mask_features"], STRIDE // cfg["mask_out_stride"])  # (B, D, Hp/s, Wp/s)
+    probs, ious, gi = teacher_queries(t_out, targets, cfg)
+    return sim.pseudo_masks_from(feats, probs, ious, gi, protos, obj, cfg)
+
+
+def training_losses(out, t_out, state, images, targets, it, cfg):
+    """One step's losses for Mask2Former (step.train_step's mask2former branch; it 0-based): per prediction
+    set, match each object to a query from boxes alone (match); the matched queries' masks get the box terms
+    (box_terms) and, with the teacher on (t_out: its final prediction set), SIM's L_pseudo and L_paste
+    (sim.sim_losses on pseudo_masks) after sim_start_iter; every query gets the class term (class_loss).
+    Combined as Eq. (10) (losses.total_loss: the pairwise warm-up, lambda1's ramp, lambda2) with the class
+    term in place of FCOS's, summed over the prediction sets as the reference sums its terms, the mask terms
+    weighted mask_weight, the class term class_weight. -> (loss, logged terms, pm, obj, the student's unit
+    per-pixel features for the prototype update (sim.after_step's feats)); pm, obj, feats None without t_out."""
+    if cfg["method"] not in ("boxinst", "sim"):
+        raise SystemExit(f"mask2former.py: --method={cfg['method']} — fix: --method=boxinst or sim with "
+                         f"--arch=mask2former (it trains from boxes)")
+    if not cfg["paste_detector"]:
+        raise SystemExit("mask2former.py: --paste_detector=False has no meaning without FCOS — fix: --paste_detector=True")
+    sets = prediction_sets(out)
+    indices = [match(p, targets, cfg["cost_class"], cfg["cost_projection"]) for p in sets]
+    matched = matched_queries(sets, indices, targets, cfg["mask_out_stride"])
+    extra, affinity, pm, obj, feats = {}, None, None, None, None
+    if t_out is not None:
+        obj = sim.objects(targets, images.shape[-2:], cfg["mask_out_stride"], cfg["occlusion_aware"],
+                          images if cfg["color_weight"] > 0 else None)
+        pm = pseudo_masks(t_out, targets, state.protos, obj, cfg)
+        if it + 1 > cfg["sim_start_iter"]:
+            extra = sim.sim_losses(matched, pm, obj, cfg)
+        if cfg["pairwise_affinity"] == "color_feat":  # the official preset: x the teacher's feature affinity
+            affinity = sim.feature_similarity(to_loss_grid(t_out["mask_features"].float(), cfg["mask_out_stride"]))
+        feats = prototypes.normalize_features(out["mask_features"].detach(), STRIDE // cfg["mask_out_stride"])
+    terms = dict(box_terms(matched, images, targets, cfg, affinity), **extra)
+    # each term is a mean over the matched pairs of all sets: x the number of sets = the sum over the sets
+    scale = len(sets) * cfg["mask_weight"]
+    loss, logs = losses.total_loss({k: v * scale for k, v in terms.items()}, it + 1, cfg["lambda1"], cfg["lambda2"],
+                                   cfg["sim_start_iter"], cfg["pairwise_warmup_iters"], losses.lambda1_ramp_length(cfg),
+                                   cfg["lambda1_ramp_origin"])
+    cls = cfg["class_weight"] * sum(class_loss(p["pred_logits"], targets, idx, cfg["no_object_weight"])
+                                    for p, idx in zip(sets, indices))
+    logs["loss_cls"] = cls.detach()
+    return loss + cls, logs, pm, obj, feats

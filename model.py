@@ -522,7 +522,14 @@ MODEL_KEYS = (  # what build_model reads from the config (config.py's names and 
 
 
 def build_model(cfg):
-    """The network from a flat config dict (config.defaults() as a script set it, or a checkpoint's 'config')."""
+    """The network from a flat config dict (config.defaults() as a script set it, or a checkpoint's 'config'):
+    CondInst, or with arch="mask2former" mask2former.Mask2Former."""
+    if cfg["arch"] == "mask2former":
+        from mask2former import Mask2Former  # here: mask2former.py imports sim.py, which imports this file
+        model = Mask2Former(cfg)
+        return model.to(memory_format=torch.channels_last) if cfg["channels_last"] else model
+    if cfg["arch"] != "condinst":
+        raise SystemExit(f"model.py: --arch={cfg['arch']!r} — fix: --arch=condinst or --arch=mask2former")
     missing = [k for k in MODEL_KEYS if k not in cfg]
     if missing:
         raise SystemExit(f"model.py: config lacks {missing} — fix: use a checkpoint written by this train.py")
@@ -542,9 +549,23 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def copy_matching_weights(model, state_dict):
+    """Fine-tuning from another run's weights: every tensor of state_dict (parameters and buffers) whose name
+    and shape the model has is copied into it; the model's other tensors keep their fresh initialisation
+    (a classifier for another class count: FCOS's cls_logits with its prior-probability bias).
+    -> (copied names, left-out model tensors as "name (model shape, checkpoint shape or 'absent')")."""
+    own = model.state_dict()
+    copied = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(copied, strict=False)
+    left = [f"{k} {tuple(v.shape)} vs {tuple(state_dict[k].shape) if k in state_dict else 'absent'}"
+            for k, v in own.items() if k not in copied]
+    return sorted(copied), left
+
+
 def model_from_checkpoint(ckpt, state_dict=None):
-    """The network of a loaded checkpoint, on the CPU: built from its config, with its weights (or
+    """The network of a loaded checkpoint, on the CPU: built from its config (its arch: CondInst or
+    Mask2Former; a checkpoint written before the key existed is CondInst), with its weights (or
     state_dict's: a SIM checkpoint's teacher)."""
-    model = build_model(ckpt["config"])
+    model = build_model(dict({"arch": "condinst"}, **ckpt["config"]))
     model.load_state_dict(ckpt["model"] if state_dict is None else state_dict)
     return model

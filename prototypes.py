@@ -17,13 +17,16 @@ import torch.nn.functional as F
 # features
 
 
-def normalize_features(mask_feats):
+def normalize_features(mask_feats, scale=2):
     """Stride-8 mask-branch output (B, D, H8, W8) -> unit pixel features z_i (B, D, 2*H8, 2*W8).
 
     z_i = z_i / ||z_i||_2 (Sec. 3.2.1), float32. Bilinear x2 with align_corners=False puts output i at
     pixel 4i + 2: the [2::4] grid of BoxInst's box masks (model.aligned_bilinear would land 2 px off).
+    scale: the upsampling factor (Mask2Former's stride-4 embeddings: 4 / mask_out_stride; 1 = none).
     """
-    z = F.interpolate(mask_feats.float(), scale_factor=2, mode="bilinear", align_corners=False)  # (B, D, H4, W4)
+    z = mask_feats.float()
+    if scale != 1:
+        z = F.interpolate(z, scale_factor=scale, mode="bilinear", align_corners=False)  # (B, D, H4, W4)
     # F.normalize(z, dim=1) up to rounding: its norm over the channel dim is 25x slower on CPU than this sum
     return z / (z * z).sum(1, keepdim=True).sqrt().clamp_min(1e-12)                          # (B, D, H4, W4)
 

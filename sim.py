@@ -121,7 +121,8 @@ class SIMState:
         # identical initial prototypes on every rank: a generator seeded with the run's seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
-            self.protos = prototypes.PrototypeMemory(cfg["num_classes"], cfg["num_subcenters"], cfg["mask_out_channels"],
+            D = cfg["mask_dim"] if cfg["arch"] == "mask2former" else cfg["mask_out_channels"]  # the features' width
+            self.protos = prototypes.PrototypeMemory(cfg["num_classes"], cfg["num_subcenters"], D,
                                                      cfg["proto_momentum"], cfg["tau"], cfg["sinkhorn_eps"],
                                                      cfg["sinkhorn_iters"], cfg["proto_assign"], cfg["proto_norm"],
                                                      cfg["centroid_norm"]).to(device)
@@ -282,9 +283,20 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     """
     inst = out["inst"]
     gi = inst["gt_inds"]                                                                # (K,)
+    # Eq. (6)'s inputs: the teacher's mask at each positive, the IoU of the box it predicts there with the GT box
+    probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/s, Wp/s)
+    ious = positive_box_ious(t_out, inst["im_inds"], inst["loc_inds"], teacher.strides, obj["boxes"][gi])  # (K,)
+    return pseudo_masks_from(prototypes.normalize_features(t_out["mask_feats"]), probs, ious, gi, protos, obj, cfg)
+
+
+@torch.no_grad()
+def pseudo_masks_from(feats, probs, ious, gi, protos, obj, cfg):
+    """pseudo_masks' maps from what any segmenter gives: the teacher's unit pixel features feats (B, D, Hp/s,
+    Wp/s) (Eq. 1's z), and the positives of the objects: the teacher's mask probabilities probs (K, Hp/s, Wp/s),
+    the IoU of each one's box with its object's box ious (K,) (Eq. 6), their objects gi (K,). CondInst's
+    positives are FCOS locations (pseudo_masks), Mask2Former's the teacher's queries (mask2former.pseudo_masks)."""
     G = obj["boxes"].shape[0]
     # Eq. (1): the teacher's features against the prototypes of each object's class
-    feats = prototypes.normalize_features(t_out["mask_feats"])                          # (B, D, Hp/s, Wp/s)
     # pseudo_region "box": Eq. 1, 7 and the thresholds inside each box (0 / ignored or background outside);
     # "image": on every pixel of the image, as the paper writes them
     whole = cfg["pseudo_region"] == "image"
@@ -292,8 +304,6 @@ def pseudo_masks(out, t_out, teacher, protos, obj, cfg):
     m_s = protos.semantic_maps(feats, obj["img"], obj["cls"], cfg["semantic_map"] == "calibrated",
                                inside)                                                  # (G, Hp/s, Wp/s), 0 outside
     # Eq. (6): the teacher's mask at each positive, weighted by exp(mu * IoU(its box, the GT box))
-    probs = teacher.mask_logits(t_out, inst)[:, 0].float().sigmoid()                   # (K, Hp/s, Wp/s)
-    ious = positive_box_ious(t_out, inst["im_inds"], inst["loc_inds"], teacher.strides, obj["boxes"][gi])  # (K,)
     w = prototypes.positive_weights(ious, gi, G, cfg["mu"])                             # (K,)
     m_i = prototypes.instance_map(probs, w, gi, G)                                      # (G, Hp/s, Wp/s)
     m_mean = prototypes.instance_map(probs, prototypes.positive_weights(ious, gi, G, 0.0), gi, G)
@@ -476,12 +486,14 @@ def feature_affinity(t_out):
 
 
 @torch.no_grad()
-def after_step(state, model, out, pm, obj, images, targets, ema=True):
+def after_step(state, model, out, pm, obj, images, targets, ema=True, feats=None):
     """Prototype update (Eq. 2-5) from the student's features at confident in-box pixels, the
     memory-bank push (Eq. 11) of this batch's ordinary objects, and (ema) the teacher's EMA: once per
-    optimizer step, not per accumulated micro-batch."""
+    optimizer step, not per accumulated micro-batch. feats: the student's unit features on the mask-out
+    grid (default: from CondInst's out['mask_feats']; Mask2Former passes its own)."""
     cfg = state.cfg
-    feats = prototypes.normalize_features(out["mask_feats"].detach())                   # (B, D, Hp/s, Wp/s)
+    if feats is None:
+        feats = prototypes.normalize_features(out["mask_feats"].detach())               # (B, D, Hp/s, Wp/s)
     fg, bg = prototype_pixels(pm, obj, cfg, as_indices=True)
     state.protos.update(feats, obj["img"], obj["cls"], fg, bg)
     # the bank's masks: the teacher's mean mask > bank_thresh (the official code), the pseudo label M_hat

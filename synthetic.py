@@ -311,3 +311,56 @@ def ensure_synthetic(root="data/synthetic", seed=0, n_train=800, n_val=100, size
     print(f"generated synthetic dataset ({n_train} train + {n_val} val images, {size} px) "
           f"in {time.time() - t0:.1f} s at {root}")
     return paths
+
+
+def write_variant(out, src=None, gray=False, one_class=False, boxes_only=False, quality=95):
+    """A copy of a COCO dataset (default: the embedded one) in COCO 2017's layout under out (`--data_root=out`
+    reads it; data.DATA_LAYOUTS), changed the ways a user's own data differs from the demo's -> its paths.
+
+    gray: every image converted to one 8-bit grey channel (PIL's ITU-R 601 luma), as a grayscale
+    camera or a scan gives; data.py reads it back as three equal channels, so the Lab colour of every
+    pixel has a = b = 0 and BoxInst's colour affinity sees lightness alone.
+    one_class: every annotation becomes category 1, "object" (one class, any number of objects).
+    boxes_only: the train split's annotations lose their segmentation (a json with boxes only, what a
+    box-supervised user has); the val split keeps its masks so that mask AP can be measured.
+    src: {train_json, train_images, val_json, val_images} of another COCO dataset."""
+    src = src or ensure_synthetic()
+    layout = dict(train=("train2017", "instances_train2017.json"), val=("val2017", "instances_val2017.json"))
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    paths = {}
+    for split, (folder, name) in layout.items():
+        with open(src[f"{split}_json"]) as f:
+            js = json.load(f)
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+        for im in js["images"]:
+            path_in, path_out = os.path.join(src[f"{split}_images"], im["file_name"]), os.path.join(out, folder, im["file_name"])
+            if gray:
+                with Image.open(path_in) as img:
+                    img.convert("L").save(path_out, quality=quality)
+            else:
+                shutil.copyfile(path_in, path_out)
+        if one_class:
+            js["categories"] = [dict(id=1, name="object", supercategory="object")]
+            for a in js["annotations"]:
+                a["category_id"] = 1
+        if boxes_only and split == "train":
+            for a in js["annotations"]:
+                a.pop("segmentation", None)
+        with open(os.path.join(out, "annotations", name), "w") as f:
+            json.dump(js, f)
+        paths.update({f"{split}_json": os.path.join(out, "annotations", name), f"{split}_images": os.path.join(out, folder)})
+    return paths
+
+
+if __name__ == "__main__":  # python synthetic.py --out=data/gray1 --gray --one_class --boxes_only
+    import sys
+
+    import configurator
+    args = dict(out="", gray=False, one_class=False, boxes_only=False)
+    configurator.configure(sys.argv[1:], args, "synthetic.py")
+    if not args["out"]:
+        raise SystemExit("synthetic.py: no output folder — fix: --out=DIR (with --gray, --one_class, --boxes_only)")
+    p = write_variant(args["out"], gray=args["gray"], one_class=args["one_class"], boxes_only=args["boxes_only"])
+    print(f"synthetic.py: the embedded dataset{' in grey' if args['gray'] else ''}{', one class' if args['one_class'] else ''}"
+          f"{', train boxes only' if args['boxes_only'] else ''} in {args['out']} (COCO 2017 layout: "
+          f"--data_root={args['out']}): {p['train_json']}, {p['val_json']}")

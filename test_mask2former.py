@@ -5,22 +5,34 @@ that overfits two one-square images with a box-only loss."""
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import losses
+import configurator
 from box_ops import box_iou_pairs, box_masks_inclusive, masks_to_boxes
+from model import build_model
+import mask2former
+import sim
+import step
 from mask2former import (MSDeformAttn, Mask2Former, MaskedCrossAttention, attention_mask, encoder_reference_points,
                          hungarian_match, match, ms_deform_attn_core, projection_cost, sine_position_encoding)
+from model import CondInst, model_from_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_cfg(**kw):
-    """A tiny Mask2Former: ResNet-10 from scratch, width 32, 8 queries, 2 encoder / 3 decoder layers."""
-    cfg = dict(backbone="resnet10", pretrained="", backbone_norm="bn", freeze_at=0, num_classes=2, conv_dim=32,
-               mask_dim=32, hidden_dim=32, num_queries=8, nheads=4, dim_feedforward=64, enc_dim_feedforward=64,
-               enc_layers=2, dec_layers=3)
+    """config.py's defaults with a tiny Mask2Former: ResNet-10 from scratch, width 32, 8 queries, 2 encoder / 3
+    decoder layers, box losses at stride 4."""
+    cfg = dict(config.defaults(), arch="mask2former", backbone="resnet10", pretrained="", backbone_norm="bn",
+               freeze_at=0, num_classes=2, conv_dim=32, mask_dim=32, hidden_dim=32, num_queries=8, nheads=4,
+               dim_feedforward=64, enc_dim_feedforward=64, enc_layers=2, dec_layers=3, mask_out_stride=4,
+               bottom_pixels_removed=0, pairwise_warmup_iters=1)
     cfg.update(kw)
     return cfg
 
@@ -234,9 +246,14 @@ def test_forward_shapes():
         assert aux["pred_logits"].shape == (2, 8, 3) and aux["pred_masks"].shape == (2, 8, 16, 24)
 
 
-def test_reference_defaults_build():
-    """The reference sizes (R50, 256 wide, 100 queries, 6 + 9 layers) build; the decoder has 9 layers."""
-    model = Mask2Former(dict(pretrained="", num_classes=80))
+def test_reference_config_builds():
+    """The reference sizes of configs/coco_boxinst_m2f_r101_50e.py (R101, 256 wide, 100 queries, 6 + 9 layers)
+    build through model.build_model; the decoder has 9 layers."""
+    cfg = config.defaults()
+    configurator.configure_run([os.path.join(HERE, "configs", "coco_boxinst_m2f_r101_50e.py"), "--pretrained=''"], cfg)
+    cfg["num_classes"] = 80
+    model = build_model(cfg)
+    assert isinstance(model, Mask2Former) and model.cfg["backbone"] == "resnet101"
     assert len(model.pixel_decoder.layers) == 6 and len(model.decoder.layers) == 9
     assert model.decoder.query_feat.weight.shape == (100, 256)
     assert model.decoder.class_embed.out_features == 81
@@ -264,39 +281,29 @@ def test_predict_returns_condinst_format_at_original_size():
 
 
 def test_tiny_model_overfits_two_squares_from_boxes_alone():
-    """60 AdamW steps on 2 images of one square each, with the box-only loss the integration will refine:
-    per prediction set (final + aux), Hungarian-match, then the matched queries' projection cost + class
-    cross-entropy (no-object weight 0.1). The matched query's mask (logit > 0) must cover the square's box
-    grid with IoU > 0.5, and predict's best detection must be the square, with its class (about 7 s)."""
+    """40 AdamW steps on 2 images of one square each with BoxInst-dagger's loss (training_losses: per prediction
+    set, Hungarian matching from boxes, projection + colour-pairwise on the matched queries, class cross-entropy
+    with no-object weight 0.1; the pairwise term warmed up over the 40 steps, as BoxInst's). The matched
+    query's mask (logit > 0) must cover the square's box grid with IoU > 0.5, and predict's best detection
+    must be the square, with its class (about 6 s on an idle core)."""
     torch.manual_seed(0)
-    model = Mask2Former(tiny_cfg())
+    cfg = tiny_cfg(method="boxinst", pairwise_warmup_iters=40)  # at full weight from step 1 it empties the masks
+    model = Mask2Former(cfg)
     images, targets = square_scene()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    class_weight = torch.tensor([1.0, 1.0, 0.1])
     box_grids = [box_masks_inclusive(t["boxes"], (64, 64), 4) for t in targets]           # (1, 16, 16) each
-
-    def box_loss(pred):
-        indices = match(pred, targets)
-        total = 0
-        for b, ((q, g), t) in enumerate(zip(indices, targets)):
-            total = total + projection_cost(pred["pred_masks"][b, q], box_grids[b][g]).diagonal().sum()
-            cls = torch.full((8,), 2)
-            cls[q] = t["labels"][g]
-            total = total + F.cross_entropy(pred["pred_logits"][b], cls, weight=class_weight)
-        return total / len(targets), indices
-
     first = None
-    for _ in range(60):
+    for it in range(40):
         out = model(images)
-        parts = [box_loss(p) for p in [out] + out["aux_outputs"]]
-        loss = sum(l for l, _ in parts)
+        loss, logs, *_ = mask2former.training_losses(out, None, None, images, targets, it, cfg)
+        assert set(logs) == {"loss_prj", "loss_pairwise", "loss_cls"}
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.25 * first
-    indices = parts[0][1]
-    for b, (q, g) in enumerate(indices):
+    assert loss.item() < 0.3 * first
+    out = model(images)
+    for b, (q, g) in enumerate(match(out, targets)):
         pred = out["pred_masks"][b, q[0]].detach() > 0
         box = box_grids[b][g[0]] > 0
         assert (pred & box).sum() / (pred | box).sum() > 0.5
@@ -304,3 +311,220 @@ def test_tiny_model_overfits_two_squares_from_boxes_alone():
     for r, t in zip(model.predict(images, targets), targets):
         assert r["labels"][0] == t["labels"][0]
         assert box_iou_pairs(r["boxes"][:1], t["boxes"]) > 0.5
+
+
+# -----------------------------------------------------------------------------
+# training from boxes: the pieces by hand
+
+
+def test_to_loss_grid_puts_cells_on_the_box_mask_grid():
+    """A stride-4 map holding each cell's pixel x (4j + 2) becomes, at stride 2, each cell's own pixel x
+    (2i + 1, the [1::2] grid of box_masks_inclusive) away from the clamped border; stride 4 is the map itself."""
+    x = (4 * torch.arange(6.0) + 2).view(1, 1, 1, 6).expand(1, 1, 3, 6)
+    assert mask2former.to_loss_grid(x, 4) is x
+    y = mask2former.to_loss_grid(x, 2)
+    assert y.shape == (1, 1, 6, 12)
+    assert torch.allclose(y[0, 0, 2, 1:11], 2 * torch.arange(1.0, 11) + 1)
+
+
+def test_matched_queries_layout():
+    """Two sets, two images (2 + 1 objects): the pairs of set 0 then set 1, objects numbered in batch order
+    (image 1's object is 2), each pair's logits those of its query."""
+    pm = [torch.randn(2, 4, 3, 3) for _ in range(2)]
+    sets = [dict(pred_masks=m) for m in pm]
+    targets = [dict(boxes=torch.zeros(2, 4)), dict(boxes=torch.zeros(1, 4))]
+    L = lambda *v: torch.tensor(v)
+    indices = [[(L(3, 1), L(0, 1)), (L(2), L(0))], [(L(0, 2), L(1, 0)), (L(1), L(0))]]
+    m = mask2former.matched_queries(sets, indices, targets, 4)
+    assert m["inst"]["gt_inds"].tolist() == [0, 1, 2, 1, 0, 2]
+    assert m["inst"]["im_inds"].tolist() == [0, 0, 1, 0, 0, 1]
+    expect = torch.stack([pm[0][0, 3], pm[0][0, 1], pm[0][1, 2], pm[1][0, 0], pm[1][0, 2], pm[1][1, 1]])
+    assert torch.equal(m["mask_logits"][:, 0], expect)
+
+
+def test_class_loss_by_hand():
+    """Q = 2, K = 2: query 0 (logits 2, 0, 0) matched to class 0, query 1 (0, 0, 1) unmatched: no object, weight
+    0.1: (CE_0 + 0.1 CE_1) / 1.1 with CE_0 = -log(e^2 / (e^2 + 2)), CE_1 = -log(e / (e + 2))."""
+    logits = torch.tensor([[[2.0, 0, 0], [0, 0, 1]]])
+    targets = [dict(labels=torch.tensor([0]))]
+    got = mask2former.class_loss(logits, targets, [(torch.tensor([0]), torch.tensor([0]))], 0.1)
+    ce0 = -math.log(math.e ** 2 / (math.e ** 2 + 2))
+    ce1 = -math.log(math.e / (math.e + 2))
+    assert abs(got.item() - (ce0 + 0.1 * ce1) / 1.1) < 1e-6
+
+
+def test_box_terms_by_hand():
+    """A grey 32 x 32 image, box (8, 8, 23, 23): on the stride-4 grid the box covers cells 2-5 of 8 in x and y.
+    A query of logit 0 everywhere (p = 0.5): projection dice per axis 1 - 2 (0.5 x 4) / (8 x 0.25 + 4) = 1/3,
+    so 2/3; every pixel pair -log(0.5^2 + 0.5^2) = log 2, so the pairwise mean is log 2. A query whose mask is
+    the box (logits +-20): projection 0. Mean over the two pairs."""
+    images = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    targets = [dict(boxes=torch.tensor([[8.0, 8, 23, 23]]), labels=torch.tensor([0]), size=(32, 32), orig_size=(32, 32))]
+    cfg = tiny_cfg()
+    zero = torch.zeros(1, 1, 8, 8)
+    t = mask2former.box_terms(dict(mask_logits=zero, inst=dict(gt_inds=torch.tensor([0]), im_inds=torch.tensor([0]))),
+                              images, targets, cfg)
+    assert abs(t["loss_prj"].item() - 2 / 3) < 1e-4 and abs(t["loss_pairwise"].item() - math.log(2)) < 1e-6
+    box = box_masks_inclusive(targets[0]["boxes"], (32, 32), 4)                               # (1, 8, 8)
+    assert box[0].sum(0).nonzero().flatten().tolist() == [2, 3, 4, 5]
+    both = torch.cat([zero, (40 * box - 20)[None]])
+    t2 = mask2former.box_terms(dict(mask_logits=both, inst=dict(gt_inds=torch.tensor([0, 0]), im_inds=torch.tensor([0, 0]))),
+                               images, targets, cfg)
+    assert abs(t2["loss_prj"].item() - 1 / 3) < 1e-4                                        # (2/3 + 0) / 2
+
+
+def test_training_losses_combine_sets_as_the_reference():
+    """The loss is sum over prediction sets of mask_weight (L_prj + w_pair L_pair) + class_weight CE: each mask
+    term a mean over all sets' pairs times the number of sets (here 4: learnable queries + 3 layers)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(method="boxinst", pairwise_warmup_iters=10)
+    model = Mask2Former(cfg)
+    images, targets = square_scene()
+    out = model(images)
+    loss, logs, pm, obj, feats = mask2former.training_losses(out, None, None, images, targets, 4, cfg)   # it + 1 = 5
+    assert pm is None and obj is None and feats is None
+    sets = mask2former.prediction_sets(out)
+    indices = [match(p, targets) for p in sets]
+    m = mask2former.matched_queries(sets, indices, targets, 4)
+    t = mask2former.box_terms(m, images, targets, cfg)
+    ce = sum(mask2former.class_loss(p["pred_logits"], targets, i, 0.1) for p, i in zip(sets, indices))
+    expect = 4 * 5.0 * (t["loss_prj"] + 0.5 * t["loss_pairwise"]) + 2.0 * ce
+    assert torch.allclose(loss, expect, atol=1e-5)
+    assert torch.allclose(logs["loss_cls"], 2.0 * ce) and torch.allclose(logs["loss_pairwise"], 10 * t["loss_pairwise"])
+
+
+def instance_map_scene():
+    """A teacher's final set on one 64 x 64 image (stride-4 grid 16 x 16) with one object, box (16, 16, 48, 48):
+    query 0's mask is the box (IoU 1), query 1's the box moved 8 px right (IoU 768 / 1280 = 0.6), query 2's a
+    corner (IoU 0); class logits all equal."""
+    pred = torch.full((1, 3, 16, 16), -10.0)
+    pred[0, 0, 4:12, 4:12] = 10
+    pred[0, 1, 4:12, 6:14] = 10
+    pred[0, 2, 0:2, 0:2] = 10
+    t_out = dict(pred_logits=torch.zeros(1, 3, 3), pred_masks=pred,
+                 mask_features=torch.randn(1, 32, 16, 16, generator=torch.Generator().manual_seed(0)))
+    targets = [dict(boxes=torch.tensor([[16.0, 16, 48, 48]]), labels=torch.tensor([1]), size=(64, 64), orig_size=(64, 64))]
+    return t_out, targets
+
+
+def test_teacher_queries_matched_and_iou_mix():
+    """matched: the one query the matcher gives the object (query 0, IoU 1). iou_mix (mix_iou 0.5): queries 0
+    and 1, IoU 1 and 0.6, not the corner."""
+    t_out, targets = instance_map_scene()
+    probs, ious, gi = mask2former.teacher_queries(t_out, targets, tiny_cfg(m2f_instance_map="matched"))
+    assert gi.tolist() == [0] and torch.allclose(ious, torch.tensor([1.0]))
+    assert torch.equal(probs[0], t_out["pred_masks"][0, 0].sigmoid())                  # stride 4: the teacher's own grid
+    probs, ious, gi = mask2former.teacher_queries(t_out, targets, tiny_cfg(m2f_instance_map="iou_mix", mix_iou=0.5))
+    assert gi.tolist() == [0, 0] and torch.allclose(ious, torch.tensor([1.0, 0.6]))
+    assert torch.equal(probs[1], t_out["pred_masks"][0, 1].sigmoid())
+
+
+def test_pseudo_masks_instance_map_by_eq6():
+    """M_I through sim.pseudo_masks_from: matched: query 0's mask (weight 1); iou_mix: Eq. 6's exp(5 IoU)
+    weights e^5 / (e^5 + e^3) and e^3 / (e^5 + e^3) on queries 0 and 1: in cell (5, 4), inside query 0 and
+    outside query 1, M_I = w0 sigmoid(10) + w1 sigmoid(-10). The rest of the maps (M_S on the teacher's
+    per-pixel embeddings, M_hat, W) come with their shapes."""
+    t_out, targets = instance_map_scene()
+    images = torch.full((1, 3, 64, 64), 100, dtype=torch.uint8)
+    for mode, w0 in (("matched", 1.0), ("iou_mix", math.exp(5) / (math.exp(5) + math.exp(3)))):
+        cfg = tiny_cfg(method="sim", m2f_instance_map=mode, mix_iou=0.5, num_classes=2, mu=5.0)
+        state = sim.SIMState(cfg, torch.device("cpu"))
+        assert state.protos.protos.shape == (2, cfg["num_subcenters"], 32)                # D = mask_dim
+        obj = sim.objects(targets, (64, 64), 4, True, images)
+        pm = mask2former.pseudo_masks(t_out, targets, state.protos, obj, cfg)
+        s10 = torch.sigmoid(torch.tensor(10.0)).item()
+        assert abs(pm["M_I"][0, 5, 4].item() - (w0 * s10 + (1 - w0) * (1 - s10))) < 1e-6
+        for k in ("M_S", "M_I", "M_prob", "M_hat", "W"):
+            assert pm[k].shape == (1, 16, 16)
+        assert pm["has_pos"].tolist() == [True]
+
+
+def test_sim_steps_on_mask2former_update_prototypes_bank_and_teacher():
+    """SIM-dagger through step.train_step (teacher from step 0, L_pseudo from step 2, copy-paste once the
+    1-image bank is full): L_pseudo and L_paste appear, the prototypes move, the bank fills, the teacher
+    follows the student by EMA, every parameter gets a gradient (DDP's find_unused_parameters=False)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(method="sim", num_classes=3, teacher_start_iter=0, sim_start_iter=1, bank_size=1, paste_prob=1.0,
+                   teacher_momentum=0.5, lr=1e-3, solver="adamw", weight_decay=0.0, warmup_iters=0)
+    from test_model import scene
+    model = Mask2Former(cfg)
+    opt = step.build_optimizer(model, cfg)
+    state = sim.SIMState(cfg, torch.device("cpu"))
+    protos0 = state.protos.protos.clone()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, targets = scene(2)
+    keys = []
+    for it in range(3):
+        loss, logs = step.train_step(model, model, opt, scaler, state, images, targets, it, cfg, torch.device("cpu"),
+                                     lambda: torch.autocast("cpu", enabled=False))
+        keys.append(set(logs))
+        if it == 0:
+            assert all(p.grad is None for p in model.parameters())                       # stepped and zeroed
+    assert "loss_pseudo" not in keys[0] and {"loss_pseudo", "loss_paste", "loss_cls"} <= keys[2]
+    assert not torch.equal(state.protos.protos, protos0)
+    assert len(state.bank) == 1
+    s, t = dict(model.named_parameters()), dict(state.teacher.named_parameters())
+    assert all(not torch.equal(s[k], t[k]) for k in ("decoder.query_feat.weight", "pixel_decoder.level_embed"))
+    out = model(images)
+    loss, *_ = mask2former.training_losses(out, sim.teacher_outputs(state, images), state, images, targets, 5, cfg)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# optimisation (step.py) and checkpoints
+
+
+def test_poly_schedule_lr_mult_and_param_groups():
+    """poly: lr (1 - it / max_iters)^0.9 after the warm-up (at it = 300 of 600: lr 0.5^0.9); the backbone's
+    groups carry backbone_lr_mult; Mask2Former's LayerNorms, query embeddings and level embeddings have no
+    weight decay; CondInst's groups stay decay / norms."""
+    cfg = tiny_cfg(lr=1e-3, lr_schedule="poly", poly_power=0.9, max_iters=600, warmup_iters=10, backbone_lr_mult=0.1)
+    assert abs(step.get_lr(300, cfg) - 1e-3 * 0.5 ** 0.9) < 1e-12
+    assert abs(step.get_lr(5, cfg) - 1e-3 * (0.001 * 0.5 + 0.5) * (1 - 5 / 600) ** 0.9) < 1e-12
+    model = Mask2Former(cfg)
+    opt = step.build_optimizer(model, cfg)
+    step.set_lr(opt, 300, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        backbone = {names[id(p)].startswith("backbone.") for p in g["params"]}
+        assert backbone == {g["lr_mult"] == 0.1} and abs(g["lr"] - g["lr_mult"] * 1e-3 * 0.5 ** 0.9) < 1e-12
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"decoder.query_feat.weight", "decoder.query_embed.weight", "decoder.decoder_norm.weight",
+            "pixel_decoder.level_embed", "decoder.level_embed.weight"} <= no_decay
+    assert "decoder.class_embed.weight" not in no_decay
+    from test_model import tiny_cfg as condinst_cfg
+    ci = CondInst(condinst_cfg())
+    groups = step.param_groups(ci, 0.05)
+    assert len(groups) == 2 and groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0
+    assert sum(len(g["params"]) for g in groups) == len(list(ci.parameters()))
+    norms = {id(p) for m in ci.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) for p in m.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == norms
+
+
+def test_clip_grad_clips_the_whole_model_norm():
+    """clip_grad 1e-3 with SGD at lr 1: the step moves the parameters by a vector of norm 1e-3 exactly."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(method="boxinst", clip_grad=1e-3)
+    model = Mask2Former(cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    images, targets = square_scene()
+    step.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), None, images, targets, 5, cfg,
+                    torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert abs(moved.item() - 1e-3) < 1e-7
+
+
+def test_model_from_checkpoint_builds_the_checkpoints_architecture():
+    """A checkpoint's config with arch="mask2former" gives a Mask2Former with its weights; a config written
+    before the key existed gives CondInst."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = Mask2Former(cfg)
+    rebuilt = model_from_checkpoint(dict(config=cfg, model=model.state_dict()))
+    assert isinstance(rebuilt, Mask2Former)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
+    from test_model import tiny_cfg as condinst_cfg
+    old = {k: v for k, v in condinst_cfg().items() if k != "arch"}
+    assert isinstance(model_from_checkpoint(dict(config=old, model=CondInst(condinst_cfg()).state_dict())), CondInst)

@@ -80,17 +80,29 @@ def test_objects_with_a_mask_train_from_it_the_others_from_their_box():
     _, n = _losses(cfg, images, with_none)
     assert n["loss_mask"] == 0
     assert torch.equal(n["loss_prj"], box["loss_prj"]) and torch.equal(n["loss_pairwise"], box["loss_pairwise"])
-    out, m = _losses(cfg, images, mixed)
-    gi = out["inst"]["gt_inds"]
-    is_box = gi % 2 == 1  # object 1 of each image has no mask
-    assert is_box.any() and (~is_box).any()
-    bmask = losses.object_box_masks(targets, images.shape[-2:], 4)[gi][:, None]
-    share = is_box.float().mean()  # each term weighs its share of the positives: every positive counts the same
-    want_prj = share * losses.projection_loss(out["mask_logits"][is_box], bmask[is_box])
-    assert torch.allclose(m["loss_prj"], want_prj, rtol=1e-6)
-    logits = out["mask_logits"][~is_box].float().sigmoid()
-    want_mask = (1 - share) * losses.dice_loss(logits, gt[gi][~is_box][:, None]).sum() / (~is_box).sum()
-    assert torch.allclose(m["loss_mask"], want_mask, rtol=1e-6)
+    for w in (1.0, 4.0):
+        out, m = _losses(dict(cfg, gt_mask_weight=w), images, mixed)
+        gi = out["inst"]["gt_inds"]
+        is_box = gi % 2 == 1  # object 1 of each image has no mask
+        assert is_box.any() and (~is_box).any()
+        bmask = losses.object_box_masks(targets, images.shape[-2:], 4)[gi][:, None]
+        # each term weighs its share of the positives, a mask positive counting w box positives
+        n_box, n_mask = is_box.sum().item(), (~is_box).sum().item()
+        share = n_box / (n_box + w * n_mask)
+        want_prj = share * losses.projection_loss(out["mask_logits"][is_box], bmask[is_box])
+        assert torch.allclose(m["loss_prj"], want_prj, rtol=1e-6)
+        logits = out["mask_logits"][~is_box].float().sigmoid()
+        want_mask = (1 - share) * losses.dice_loss(logits, gt[gi][~is_box][:, None]).sum() / n_mask
+        assert torch.allclose(m["loss_mask"], want_mask, rtol=1e-6)
+
+
+def test_mask_shares_hand_values():
+    """9 box positives and 1 with a mask: 9/10 and 1/10 when each positive weighs the same; 9/13 and 4/13
+    when a mask positive weighs 4; no positives: no weight (not NaN)."""
+    assert torch.allclose(losses.mask_shares(torch.tensor([9.0, 1.0])), torch.tensor([0.9, 0.1]))
+    assert torch.allclose(losses.mask_shares(torch.tensor([9.0, 1.0]), 4.0), torch.tensor([9 / 13, 4 / 13]))
+    assert torch.allclose(losses.mask_shares(torch.tensor([0.0, 3.0]), 4.0), torch.tensor([0.0, 1.0]))
+    assert torch.equal(losses.mask_shares(torch.zeros(2), 4.0), torch.zeros(2))
 
 
 def test_exact_labels_replace_the_pseudo_labels_of_objects_with_a_mask():

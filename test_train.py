@@ -42,7 +42,8 @@ def test_configure_types_and_errors(tmp_path):
     assert cfg["max_iters"] == 12 and cfg["method"] == "boxinst"
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(HERE, "configs", "*.py"))))
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(HERE, "configs", "*.py"))
+                                        if not os.path.basename(p).startswith("demo_")))
 def test_config_files_load(path, monkeypatch):
     monkeypatch.chdir(HERE)  # configs exec each other by relative path, as train.py is run from the repo
     cfg = dict(config.defaults())
@@ -51,12 +52,18 @@ def test_config_files_load(path, monkeypatch):
     assert (cfg["data_root"], cfg["dataset"]) in (("datasets/coco", "coco"), ("datasets/voc", "voc"))
     assert os.path.basename(path).startswith(cfg["dataset"]) and cfg["pretrained"] == "imagenet"
     assert cfg["method"] in ("boxinst", "full", "sim") and cfg["max_iters"] > max(cfg["lr_steps"])
-    # the reference's solver (the paper's AdamW for Swin) and FPN size ranges, not the CPU demo's
-    if cfg["backbone"] == "swin_b":
+    # the reference's solver (the paper's AdamW for Swin; the supplement's AdamW + poly for Mask2Former) and
+    # FPN size ranges, not the CPU demo's
+    if cfg["arch"] == "mask2former":
+        assert (cfg["solver"], cfg["lr"], cfg["weight_decay"], cfg["lr_schedule"], cfg["backbone_lr_mult"],
+                cfg["clip_grad"]) == ("adamw", 1e-4, 0.05, "poly", 0.1, 0.01)
+        assert (cfg["num_queries"], cfg["hidden_dim"], cfg["enc_layers"], cfg["dec_layers"]) == (100, 256, 6, 9)
+    elif cfg["backbone"] == "swin_b":
         assert (cfg["solver"], cfg["lr"], cfg["weight_decay"]) == ("adamw", 1e-4, 0.05)
     else:
         assert (cfg["solver"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.9, 1e-4)
-    assert cfg["sizes_of_interest"] == (64, 128, 256, 512)
+    if cfg["arch"] == "condinst":
+        assert cfg["sizes_of_interest"] == (64, 128, 256, 512)
     assert cfg["backbone"] in ("resnet50", "resnet101", "resnet101_dcn", "swin_b")
     if cfg["method"] == "sim":
         assert cfg["teacher_start_iter"] < cfg["sim_start_iter"] < cfg["lr_steps"][0]
@@ -64,6 +71,18 @@ def test_config_files_load(path, monkeypatch):
     if "sim_r50_1x" in path:
         assert (cfg["sim_start_iter"], cfg["teacher_momentum"], cfg["proto_momentum"]) == (10000, 0.9999, 0.999)
         assert (cfg["lambda1"], cfg["lambda2"], cfg["alpha"], cfg["mu"], cfg["tau"]) == (0.5, 1.0, 0.5, 5.0, 0.1)
+
+
+def test_demo_configs_train_on_the_embedded_data(monkeypatch):
+    """configs/demo_*.py: the embedded data (no data_root), the CPU demo's mask stride; demo_m2f.py is Mask2Former."""
+    monkeypatch.chdir(HERE)
+    paths = sorted(glob.glob(os.path.join(HERE, "configs", "demo_*.py")))
+    assert any(p.endswith("demo_m2f.py") for p in paths)
+    for path in paths:
+        cfg = dict(config.defaults())
+        configurator.configure_run([path], cfg)
+        assert cfg["data_root"] == "" and cfg["mask_out_stride"] == 2
+        assert cfg["arch"] == ("mask2former" if path.endswith("demo_m2f.py") else "condinst")
 
 
 def test_lr_schedule():

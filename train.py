@@ -1,15 +1,20 @@
 """
 Train SIM (the default), BoxInst (--method=boxinst: box supervision, SIM's baseline) or CondInst
-(--method=full: GT masks, the upper bound).
+(--method=full: GT masks, the upper bound); --arch=mask2former: the same SIM and BoxInst on Mask2Former
+(mask2former.py, the paper's Tab. 1 dagger rows).
 
     python train.py                                   # SIM on the embedded synthetic dataset, on CPU, minutes
     python train.py --method=boxinst                  # BoxInst on the same data
     python train.py configs/coco_boxinst_r50_1x.py    # a config file reassigns the defaults (config.py)
+    python train.py configs/demo_m2f.py               # SIM on Mask2Former, on the embedded data
     torchrun --nproc_per_node=8 train.py configs/coco_boxinst_r50_1x.py --max_iters=1000
+    python train.py --data_root=DIR --init_from=out/demo/ckpt.pt   # fine-tune onto DIR's classes (another count)
 
 Every setting in config.py can be overridden with --key=value (type-checked against the default).
 The defaults are the embedded demo: a narrow ResNet-10 FPN trained from scratch on 160 px images.
-The reference (COCO R50 1x) values are in configs/.
+The reference (COCO R50 1x) values are in configs/. Every progress line also prints the mean share of
+its box that each positive's mask fills ("mask fill"); a run whose masks fill their boxes is warned about once
+(collapse_warning).
 
 A script, imported by nothing: the schedule, the optimizer, the training step and the state a
 checkpoint keeps per process are in step.py, which bench.py and ablate.py run too.
@@ -35,7 +40,7 @@ import eval as evaluation  # the module, not the builtin
 import sim
 import step
 import viz
-from model import build_model, load_checkpoint
+from model import build_model, copy_matching_weights, load_checkpoint
 
 
 def barrier(dev):
@@ -102,6 +107,9 @@ def main(cfg, preset):
     if bad:
         sys.exit(f"train.py: {len(bad)} val image(s) cannot be read, e.g. {bad[0]} — fix: replace the file(s) "
                  f"or remove them from {paths['val_json']}")
+    no_mask = evaluation.masks_missing(val_ds.coco) if master else None
+    if no_mask:  # said now, not after training: the run still trains and reports box AP
+        print(f"train.py: mask AP will not be measured: {evaluation.no_mask_line(no_mask, paths['val_json'])}")
     if cfg["num_classes"] == 0:
         cfg["num_classes"] = train_ds.num_classes
     cfg.update(paths)  # the checkpoint's config names the data it was trained on (eval.py reads its val split)
@@ -111,6 +119,18 @@ def main(cfg, preset):
 
     # model, optimizer
     model = build_model(cfg).to(dev)
+    if cfg["init_from"] and not cfg["resume"]:  # fine-tuning (a resumed fine-tune continues from its own checkpoint)
+        if not os.path.isfile(cfg["init_from"]):
+            sys.exit(f"train.py: --init_from={cfg['init_from']} does not exist — fix: the path of a ckpt.pt written by train.py")
+        init = load_checkpoint(cfg["init_from"])  # onto the CPU; load_state_dict copies onto dev
+        if "model" not in init:
+            sys.exit(f"train.py: {cfg['init_from']} holds no 'model' — fix: pass out_dir/ckpt.pt of a train.py run")
+        copied, left = copy_matching_weights(model, init["model"])
+        if master:
+            shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+            print(f"init_from {cfg['init_from']}: {len(copied)} of {len(copied) + len(left)} tensors copied, from "
+                  f"iteration 0 with a fresh optimizer; left at their fresh init: {shown or 'none'}")
+        del init
     optimizer = step.build_optimizer(model, cfg)
     sim_state = sim.SIMState(cfg, dev, rank) if cfg["method"] == "sim" else None  # teacher, prototypes, bank
     start_iter = 0
@@ -178,14 +198,16 @@ def main(cfg, preset):
     stop = torch.zeros(1, device=dev)
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.fill_(1))
     n_unreadable, n_nonfinite, last_unreadable, warned = 0, 0, "", set()
+    # the positives' mask fill ratios since the last log line (sum, count), on the device: read with the log
+    fill = torch.zeros(2, device=dev)
+    fill_warned = False
     viz_batch = None
     max_iters, accum_steps, log_interval = cfg["max_iters"], cfg["accum_steps"], cfg["log_interval"]
 
     model.train()
     t0 = t_log = time.time()
     for it in range(start_iter, max_iters):
-        for g in optimizer.param_groups:
-            g["lr"] = step.get_lr(it, cfg)
+        step.set_lr(optimizer, it, cfg)  # get_lr x each group's lr_mult
         for m in range(accum_steps):
             images, targets = next(batches)
             for t in targets:  # files the dataset could not read, replaced by the next image (data.py)
@@ -198,6 +220,9 @@ def main(cfg, preset):
             loss, logs = step.train_step(model, raw_model, optimizer, scaler, sim_state, images, targets, it, cfg, dev,
                                          autocast, (m, accum_steps))
             n_nonfinite += not torch.isfinite(loss).all()
+            step_fill = logs.pop("mask_fill", None)  # CondInst's (step.train_step); not a loss term
+            if master and step_fill is not None:
+                fill += step_fill
 
         if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters):
             dt = time.time() - t_log
@@ -205,15 +230,25 @@ def main(cfg, preset):
             ips = n_iters * cfg["batch_size"] * world_size * accum_steps / dt
             eta = (max_iters - it - 1) * dt / n_iters
             parts = " ".join(f"{k} {v.item():.3f}" for k, v in logs.items())
+            fill_sum, fill_n = fill.tolist()
+            fill.zero_()
+            warning = None
+            if fill_n:  # the mean over every positive of the interval
+                parts += f" | mask fill {fill_sum / fill_n:.2f}"
+                warning = None if fill_warned else collapse_warning(fill_sum / fill_n, it + 2 - n_iters, it + 1, cfg)
             mem = f" | peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GB" if device_type == "cuda" else ""
             print(f"iter {it + 1}/{max_iters} | loss {loss.item():.3f} | {parts} | lr {step.get_lr(it, cfg):.2e} | "
                   f"{ips:.1f} img/s | ETA {eta / 60:.1f} min{mem}", flush=True)
+            if warning:  # once per run
+                print(warning, flush=True)
+                fill_warned = True
             if n_unreadable or n_nonfinite:
                 print(skip_summary(n_unreadable, last_unreadable, n_nonfinite), flush=True)
             t_log = time.time()
         if cfg["ckpt_interval"] and (it + 1) % cfg["ckpt_interval"] == 0:
             checkpoint(it + 1)
-        if master and cfg["viz_interval"] and (it + 1) % cfg["viz_interval"] == 0:  # the maps co-evolving with the model
+        # viz.py draws CondInst's maps (its positives, Eq. 6 weights); Mask2Former's grids are not written yet
+        if master and cfg["viz_interval"] and (it + 1) % cfg["viz_interval"] == 0 and cfg["arch"] == "condinst":  # the maps co-evolving with the model
             viz_batch = viz_batch or data.to_device(*data.collate([val_ds[i] for i in range(min(2, len(val_ds)))]), dev)
             viz.object_grids(raw_model, sim_state, cfg, *viz_batch, os.path.join(out_dir, "viz"), 2, f"it{it + 1}")
         if ddp:
@@ -233,12 +268,31 @@ def main(cfg, preset):
         print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
         print(skip_summary(n_unreadable, last_unreadable, n_nonfinite, train_ds.skipped), flush=True)
     run_eval(raw_model, val_ds, dev, master, ddp, cfg, ptdtype, final=True)
-    if master and sim_state is not None and sim_state.teacher is not None:
+    if master and sim_state is not None and sim_state.teacher is not None and cfg["arch"] == "condinst":
         images, targets = data.to_device(*data.collate([train_ds[i] for i in range(4)]), dev)
         paths = viz.object_grids(raw_model, sim_state, cfg, images, targets, out_dir, n=4, prefix="pseudo")
         print(f"{len(paths)} pseudo-mask grids (M_S, M_I, M_C, M_prob, M_hat, copy-paste) in {out_dir}/pseudo_*.png")
     if ddp:
         dist.destroy_process_group()
+
+
+def collapse_warning(mean_fill, first_it, last_it, cfg):
+    """The "masks became boxes" guard: the line to print (once) when the positives' masks fill on average
+    more than collapse_fill of their GT boxes (losses.mask_fill_ratio) over the log interval of iterations
+    first_it..last_it (1-based), all after the pairwise loss reached its full weight; else None.
+    Box-supervised runs only (BoxInst, SIM): with GT masks a box-shaped mask is the target's shape. Under DDP
+    rank 0's positives alone (no collective: every rank draws from the same data)."""
+    start = max(cfg["pairwise_warmup_iters"], cfg["warmup_iters"])
+    if not (cfg["collapse_fill"] > 0 and cfg["method"] in ("boxinst", "sim") and first_it >= start
+            and mean_fill > cfg["collapse_fill"]):
+        return None
+    return (f"warning: iterations {first_it}-{last_it}: the predicted masks fill {mean_fill:.0%} of their boxes "
+            f"(more than collapse_fill={cfg['collapse_fill']}): the masks have become boxes. Likely cause: the "
+            f"colour-pairwise loss, the only term that tells an object from the background of its box, links almost "
+            f"no neighbour pairs (colour similarity >= color_thresh={cfg['color_thresh']}: too high for this data) or "
+            f"links them across object edges (grey or low-contrast images). Fix: the threshold for your images "
+            f"(README, 'Your own data': grey images --color_thresh=0.5), and a pairwise_warmup_iters "
+            f"(now {cfg['pairwise_warmup_iters']}) well below max_iters")
 
 
 def skip_summary(n_unreadable, last_unreadable, n_nonfinite, at_load=None):
