@@ -6,6 +6,7 @@ bench.py idea).
     python bench.py                          # the demo model on the embedded dataset, CPU
     python bench.py --device=cuda --steps=20 # any config.py setting can be overridden
     python bench.py --compare=scale          # BoxInst steps, one training scale per image vs per batch
+    python bench.py --compare=arch           # SIM steps (--method=boxinst: BoxInst's) on CondInst vs Mask2Former
     python bench.py --compare=torchvision    # ResNet-50-FPN at 512 px: torchvision's FCOS vs nanoSIM
     python bench.py --compare=eval           # a COCO run's end: 5k val images x 100 detections, gather + COCOeval
     python bench.py --compare=syncs          # the host-device sync points of one SIM step, by source line
@@ -49,7 +50,8 @@ from model import build_model, fold_batchnorm, refold
 
 steps = 5       # timed steps per round and method
 profile = False  # also print torch.profiler's top ops of the SIM steps (--profile=True)
-compare = "method"  # "method": BoxInst vs SIM; "scale": BoxInst with a scale per image vs per batch
+compare = "method"  # "method": BoxInst vs SIM; "scale": BoxInst with a scale per image vs per batch; "arch":
+                    # CondInst vs Mask2Former (the --method's step; the Mask2Former of configs/demo_m2f.py)
 rounds = 4      # rounds, alternating the methods
 warmup = 2      # untimed steps per method first
 
@@ -816,18 +818,25 @@ def main(argv):
     use_amp = cfg["amp"] and dev.type == "cuda"
     autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp)
 
-    # name: (train.py method, batches); the model, optimizer and SIM state are made below
-    # ratio: (numerator, denominator, label) of the line printed at the end
+    # name: (config changes: the method, the architecture, batches); the model, optimizer and SIM state are
+    # made below; ratio: (numerator, denominator, label) of the line printed at the end
     if cfg["compare"] == "scale":
-        variants = {"scale per image": ("boxinst", make_batches(False)), "scale per batch": ("boxinst", make_batches(True))}
+        variants = {"scale per image": (dict(method="boxinst"), make_batches(False)),
+                    "scale per batch": (dict(method="boxinst"), make_batches(True))}
         ratio = ("scale per image", "scale per batch", "per image / per batch")
+    elif cfg["compare"] == "arch":  # the demo's widths of each (config.py's Mask2Former group is the demo's)
+        batches = make_batches(cfg["scale_per_batch"])
+        variants = {"condinst": (dict(arch="condinst"), batches),
+                    "mask2former": (dict(arch="mask2former", clip_grad=0.01), batches)}  # clipped as demo_m2f.py
+        ratio = ("mask2former", "condinst", f"Mask2Former / CondInst ({cfg['method']})")
     else:
         batches = make_batches(cfg["scale_per_batch"])
-        variants = {"boxinst": ("boxinst", batches), "sim": ("sim", batches)}
+        variants = {"boxinst": (dict(method="boxinst"), batches), "sim": (dict(method="sim"), batches)}
         ratio = ("sim", "boxinst", "SIM / BoxInst")
     runners = {}
-    for name, (method, batches) in variants.items():
-        mcfg = dict(cfg, method=method)
+    for name, (changes, batches) in variants.items():
+        mcfg = dict(cfg, **changes)
+        method = mcfg["method"]
         torch.manual_seed(cfg["seed"])
         model = build_model(mcfg).to(dev).train()
         opt = torch.optim.SGD(step.param_groups(model, mcfg["weight_decay"]), lr=1e-4, momentum=0.9)

@@ -620,6 +620,37 @@ def teacher_queries(t_out, targets, cfg):
 
 
 @torch.no_grad()
+def box_query_maps(out, targets, combine="mean", mu=5.0, cost_class=2.0, cost_projection=5.0, mix_iou=0.5):
+    """predict.py --boxes on Mask2Former: each given box's mask from the queries of the final prediction set
+    out, matched to the boxes (with their labels) as in training. combine "best": the matched query's mask;
+    "mean": Eq. (6) over the matched query and every query whose mask's box has IoU >= mix_iou with the box
+    (teacher_queries' iou_mix), weighted by exp(mu IoU) -> maps (G, Hp/4, Wp/4) probabilities, scores (G,)
+    the matched query's p(label) (0 for a box left unmatched: more boxes than queries), img (G,)."""
+    G = sum(len(t["boxes"]) for t in targets)
+    dev = out["pred_masks"].device
+    img = torch.cat([torch.full((len(t["boxes"]),), b, dtype=torch.long, device=dev) for b, t in enumerate(targets)])
+    offsets = object_offsets(targets)
+    idx = match(out, targets, cost_class, cost_projection)
+    bi = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(idx)])
+    qi = torch.cat([q for q, _ in idx])
+    gi = torch.cat([g + offsets[b] for b, (_, g) in enumerate(idx)])
+    labels = torch.cat([t["labels"] for t in targets]).to(dev)
+    scores = torch.zeros(G, device=dev)
+    scores[gi] = out["pred_logits"][bi, qi].float().softmax(-1)[torch.arange(len(gi), device=dev), labels[gi]]
+    if combine == "best":
+        maps = torch.zeros((G,) + out["pred_masks"].shape[-2:], device=dev)
+        maps[gi] = out["pred_masks"][bi, qi].float().sigmoid()
+    elif combine == "mean":
+        probs, ious, gk = teacher_queries(out, targets, dict(cost_class=cost_class, cost_projection=cost_projection,
+                                                             m2f_instance_map="iou_mix", mix_iou=mix_iou,
+                                                             mask_out_stride=STRIDE))
+        maps = prototypes.instance_map(probs, prototypes.positive_weights(ious, gk, G, mu), gk, G)
+    else:
+        raise SystemExit(f"predict.py: --combine={combine!r} — fix: --combine=mean or --combine=best")
+    return maps, scores, img
+
+
+@torch.no_grad()
 def pseudo_masks(t_out, targets, protos, obj, cfg):
     """SIM's maps for every object (sim.pseudo_masks_from: Eq. 1, 6, 7 and the thresholds), from the teacher's
     per-pixel embeddings (Eq. 1's features Z', mask_features brought to the loss grid by

@@ -45,6 +45,7 @@ import config
 import configurator
 import data
 import eval as evaluation  # the module, not the builtin
+import mask2former
 import prototypes
 import refine
 import sim
@@ -188,6 +189,9 @@ def box_instance_maps(model, batch, targets, combine="mean", mu=5.0):
     """For every box of targets (resized frame, with labels): the model's mask probabilities for that
     object at the mask-out stride -> maps (G, Hp/s, Wp/s), scores (G,), img (G,) each box's image. The
     score is sqrt(class prob x centerness) of the best positive, as detections are scored."""
+    if isinstance(model, mask2former.Mask2Former):  # queries matched to the boxes, not FCOS positives
+        return mask2former.box_query_maps(model(batch), targets, combine, mu, config.cost_class, config.cost_projection,
+                                          config.mix_iou)
     out = model(batch, targets)                         # the training forward: FCOS positives per box
     inst = out["inst"]
     boxes = torch.cat([t["boxes"] for t in targets])                                     # (G, 4)
@@ -247,7 +251,8 @@ def box_conditioned_masks(model, batch, targets, combine="mean", mu=5.0, switche
             results.append(dict(masks=torch.zeros((0, H0, W0), dtype=torch.bool), probs=torch.zeros((0, H0, W0)),
                                 scores=score.cpu()))
             continue
-        up = lambda m: aligned_bilinear(m[:, None], model.mask_out_stride)[:, 0, :h, :w]    # (N, h, w)
+        stride = mask2former.STRIDE if isinstance(model, mask2former.Mask2Former) else model.mask_out_stride
+        up = lambda m: aligned_bilinear(m[:, None], stride)[:, 0, :h, :w]                   # (N, h, w)
         p = up(maps[sel])
         if sw["box_flip"]:
             p = refine.average_flipped(p, up(maps_f[sel]))

@@ -25,6 +25,17 @@ def test_bench_prints_the_ratio(tmp_path, capsys, paste_prob):
         assert "Self CPU" in out.split("SIM / BoxInst step time")[1]
 
 
+def test_compare_arch_times_condinst_against_mask2former(tmp_path, capsys):
+    """--compare=arch: both architectures' SIM steps (teacher, pseudo masks, paste) on the same batches."""
+    p = synthetic.ensure_synthetic(tmp_path / "syn", n_train=8, n_val=1, size=128)
+    bench.main(["--compare=arch", f"--train_json={p['train_json']}", f"--train_images={p['train_images']}",
+                "--min_size_train=(96,)", "--max_size_train=96", "--batch_size=2", "--steps=1", "--rounds=1",
+                "--warmup=1", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"^condinst +median step", out, re.M) and re.search(r"^mask2former +median step", out, re.M), out
+    assert re.search(r"^Mask2Former / CondInst \(sim\) step time: \d+\.\d\dx$", out, re.M), out
+
+
 def test_compare_torchvision_prints_every_variant_and_the_ratios(capsys, monkeypatch):
     """The torchvision comparison at 128 px (512 in the real run): a table row per variant, the ratios last."""
     monkeypatch.setattr(bench, "TV_SIZE", 128)

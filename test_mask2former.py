@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import config
 import losses
@@ -19,6 +20,7 @@ from model import build_model
 import mask2former
 import sim
 import step
+import viz
 from mask2former import (MSDeformAttn, Mask2Former, MaskedCrossAttention, attention_mask, encoder_reference_points,
                          hungarian_match, match, ms_deform_attn_core, projection_cost, sine_position_encoding)
 from model import CondInst, model_from_checkpoint
@@ -439,10 +441,11 @@ def test_pseudo_masks_instance_map_by_eq6():
         assert pm["has_pos"].tolist() == [True]
 
 
-def test_sim_steps_on_mask2former_update_prototypes_bank_and_teacher():
+def test_sim_steps_on_mask2former_update_prototypes_bank_and_teacher(tmp_path):
     """SIM-dagger through step.train_step (teacher from step 0, L_pseudo from step 2, copy-paste once the
     1-image bank is full): L_pseudo and L_paste appear, the prototypes move, the bank fills, the teacher
-    follows the student by EMA, every parameter gets a gradient (DDP's find_unused_parameters=False)."""
+    follows the student by EMA, every parameter gets a gradient (DDP's find_unused_parameters=False);
+    viz.py draws its pseudo-mask grids (SIM-dagger's, and BoxInst-dagger's without a teacher)."""
     torch.manual_seed(0)
     cfg = tiny_cfg(method="sim", num_classes=3, teacher_start_iter=0, sim_start_iter=1, bank_size=1, paste_prob=1.0,
                    teacher_momentum=0.5, lr=1e-3, solver="adamw", weight_decay=0.0, warmup_iters=0)
@@ -469,6 +472,15 @@ def test_sim_steps_on_mask2former_update_prototypes_bank_and_teacher():
     loss, *_ = mask2former.training_losses(out, sim.teacher_outputs(state, images), state, images, targets, 5, cfg)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    for name, st in (("sim", state), ("boxinst", None)):
+        paths = viz.object_grids(model, st, cfg, images, targets, str(tmp_path / name), n=2)
+        assert len(paths) == 2 and all(os.path.getsize(p) > 0 for p in paths)
+        with Image.open(paths[0]) as im:  # SIM's grid has more panels: M_S, sub-centres, M_C, M_prob, M_hat, paste
+            size = im.size
+        if name == "sim":
+            sim_area = size[0] * size[1]
+        else:
+            assert size[0] * size[1] < sim_area
 
 
 # -----------------------------------------------------------------------------
@@ -528,3 +540,47 @@ def test_model_from_checkpoint_builds_the_checkpoints_architecture():
     from test_model import tiny_cfg as condinst_cfg
     old = {k: v for k, v in condinst_cfg().items() if k != "arch"}
     assert isinstance(model_from_checkpoint(dict(config=old, model=CondInst(condinst_cfg()).state_dict())), CondInst)
+
+
+def test_box_query_maps_best_and_eq6_mean_by_hand():
+    """predict.py --boxes on Mask2Former: one box [4, 4, 20, 20] on a 32 px image (stride-4 cells 1-4), three
+    queries: q0's mask fills the box's cells (IoU 1) and its class is the box's, q1's covers 3 of its 4
+    columns (tight box 4-16 x 4-20: IoU 192/256 = 0.75), q2's lies in a far corner (IoU 0). best: q0's mask,
+    scored by q0's softmax p(label); mean: Eq. 6 over q0 and q1 (IoU >= 0.5), weights exp(5) : exp(3.75)."""
+    masks = torch.full((1, 3, 8, 8), -10.0)
+    masks[0, 0, 1:5, 1:5] = 10.0
+    masks[0, 1, 1:5, 1:4] = 10.0
+    masks[0, 2, 6:8, 6:8] = 10.0
+    logits = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]])    # (1, Q, K + 1), K = 2
+    out = dict(pred_logits=logits, pred_masks=masks)
+    targets = [dict(boxes=torch.tensor([[4.0, 4, 20, 20]]), labels=torch.tensor([0]))]
+    maps, scores, img = mask2former.box_query_maps(out, targets, "best")
+    assert torch.equal(maps[0], masks[0, 0].sigmoid()) and img.tolist() == [0]
+    assert scores[0].item() == pytest.approx(math.exp(4) / (math.exp(4) + 2))
+    maps, scores, _ = mask2former.box_query_maps(out, targets, "mean", mu=5.0)
+    w0, w1 = math.exp(5.0), math.exp(5.0 * 0.75)
+    want = (w0 * masks[0, 0].sigmoid() + w1 * masks[0, 1].sigmoid()) / (w0 + w1)
+    assert torch.allclose(maps[0], want, atol=1e-6)
+    assert scores[0].item() == pytest.approx(math.exp(4) / (math.exp(4) + 2))
+
+
+def test_predict_boxes_runs_on_a_mask2former_checkpoint(tmp_path):
+    """predict.py's box-conditioned path on a Mask2Former checkpoint (load_model folds its BatchNorms), every
+    refinement switch on: one mask per given box, at the original size, nothing outside its box."""
+    import predict
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    torch.save(dict(config=cfg, model=Mask2Former(cfg).state_dict(), categories=[dict(id=1, name="a"), dict(id=2, name="b")]),
+               tmp_path / "ckpt.pt")
+    model, mcfg, cats = predict.load_model(str(tmp_path / "ckpt.pt"), torch.device("cpu"))
+    assert isinstance(model, Mask2Former) and mcfg["arch"] == "mask2former"
+    images, targets = square_scene()
+    on = dict(box_flip=True, box_colour=True, box_crf=True, box_mask_score=True)
+    for combine in ("best", "mean"):
+        res = predict.box_conditioned_masks(model, images, targets, combine, 5.0, on)
+        for r, t in zip(res, targets):
+            assert r["masks"].shape == (1, 64, 64) and r["probs"].shape == (1, 64, 64)
+            x0, y0, x1, y1 = t["boxes"][0].int().tolist()
+            outside = torch.ones(64, 64, dtype=torch.bool)
+            outside[y0:y1, x0:x1] = False
+            assert not r["masks"][0][outside].any() and 0 <= r["scores"][0] <= 1

@@ -247,8 +247,7 @@ def main(cfg, preset):
             t_log = time.time()
         if cfg["ckpt_interval"] and (it + 1) % cfg["ckpt_interval"] == 0:
             checkpoint(it + 1)
-        # viz.py draws CondInst's maps (its positives, Eq. 6 weights); Mask2Former's grids are not written yet
-        if master and cfg["viz_interval"] and (it + 1) % cfg["viz_interval"] == 0 and cfg["arch"] == "condinst":  # the maps co-evolving with the model
+        if master and cfg["viz_interval"] and (it + 1) % cfg["viz_interval"] == 0:  # the maps co-evolving with the model
             viz_batch = viz_batch or data.to_device(*data.collate([val_ds[i] for i in range(min(2, len(val_ds)))]), dev)
             viz.object_grids(raw_model, sim_state, cfg, *viz_batch, os.path.join(out_dir, "viz"), 2, f"it{it + 1}")
         if ddp:
@@ -268,7 +267,7 @@ def main(cfg, preset):
         print(f"training done in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
         print(skip_summary(n_unreadable, last_unreadable, n_nonfinite, train_ds.skipped), flush=True)
     run_eval(raw_model, val_ds, dev, master, ddp, cfg, ptdtype, final=True)
-    if master and sim_state is not None and sim_state.teacher is not None and cfg["arch"] == "condinst":
+    if master and sim_state is not None and sim_state.teacher is not None:
         images, targets = data.to_device(*data.collate([train_ds[i] for i in range(4)]), dev)
         paths = viz.object_grids(raw_model, sim_state, cfg, images, targets, out_dir, n=4, prefix="pseudo")
         print(f"{len(paths)} pseudo-mask grids (M_S, M_I, M_C, M_prob, M_hat, copy-paste) in {out_dir}/pseudo_*.png")

@@ -30,6 +30,7 @@ import configurator
 import copypaste
 import data
 import losses
+import mask2former
 import prototypes
 import sim
 from model import load_checkpoint, model_from_checkpoint
@@ -239,11 +240,16 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
     out = model(images, targets)
     teacher = state.teacher if state is not None and state.teacher is not None else None
     obj = sim.objects(targets, images.shape[-2:], s, cfg["occlusion_aware"], images)
-    inst = out["inst"]
+    query_based = cfg.get("arch", "condinst") == "mask2former"  # positives: queries, not FCOS locations
+    inst = None if query_based else out["inst"]
     if teacher is not None:
         t_out = teacher.features(images, classify=False)
-        pm = sim.pseudo_masks(out, t_out, teacher, state.protos, obj, cfg)
-        feats = prototypes.normalize_features(t_out["mask_feats"])                      # (B, D, h, w)
+        if query_based:  # the teacher's queries of each object (matched or iou_mix) and its per-pixel embeddings
+            pm = mask2former.pseudo_masks(t_out, targets, state.protos, obj, cfg)
+            feats = prototypes.normalize_features(t_out["mask_features"], mask2former.STRIDE // s)
+        else:
+            pm = sim.pseudo_masks(out, t_out, teacher, state.protos, obj, cfg)
+            feats = prototypes.normalize_features(t_out["mask_feats"])                  # (B, D, h, w)
         inside = obj["box_mask"] > 0
         eq1 = state.protos.semantic_maps(feats, obj["img"], obj["cls"], False, inside)  # (G, h, w)
         calib = state.protos.semantic_maps(feats, obj["img"], obj["cls"], True, inside)
@@ -251,9 +257,12 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
         has_pos = pm["has_pos"]
     else:  # BoxInst: the network's own masks at its positives, Eq. 6's weights
         G = len(obj["boxes"])
-        gi = inst["gt_inds"]
-        probs = out["mask_logits"][:, 0].sigmoid()
-        ious = sim.positive_box_ious(out, inst["im_inds"], inst["loc_inds"], model.strides, obj["boxes"][gi])
+        if query_based:  # the queries the matcher gives each object (and, iou_mix, those covering its box)
+            probs, ious, gi = mask2former.teacher_queries(out, targets, cfg)
+        else:
+            gi = inst["gt_inds"]
+            probs = out["mask_logits"][:, 0].sigmoid()
+            ious = sim.positive_box_ious(out, inst["im_inds"], inst["loc_inds"], model.strides, obj["boxes"][gi])
         w_pos = prototypes.positive_weights(ious, gi, G, cfg["mu"])
         m_i = prototypes.instance_map(probs, w_pos, gi, G)
         has_pos = torch.bincount(gi, minlength=G) > 0
@@ -284,17 +293,21 @@ def _object_grids(model, state, cfg, images, targets, out_dir, n, prefix):
         image = Image.fromarray(images[b, :, y0:y1, x0:x1].permute(1, 2, 0).cpu().numpy())
         top = [("image, box", boxed(image)), (f"colour links (S >= {cfg['color_thresh']})", boxed(_heat(crop(links[b]))))]
         bottom = []
-        # M_I and its positives: dots at the positives' locations, area by weight
+        # M_I and its positives: dots at the positives' locations, area by weight (queries have no location)
         mi = boxed(_heat(crop(m_i[g])))
-        draw = ImageDraw.Draw(mi)
-        sel = (inst["gt_inds"] == g).nonzero().squeeze(1)
-        wmax = float(w_pos[sel].max()) if len(sel) else 1.0
-        for j in sel.tolist():
-            px, py = out["locations"][inst["loc_inds"][j]].tolist()
-            r = 2 + 5 * (float(w_pos[j]) / wmax) ** 0.5
-            cx, cy = (px - x0) * k, (py - y0) * k
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 255, 0), width=2)
-        bottom.append(("M_I (Eq. 6), positives by weight", mi))
+        if query_based:
+            matched = cfg["m2f_instance_map"] == "matched"
+            bottom.append(("M_I (Eq. 6), matched query" if matched else "M_I (Eq. 6), iou_mix queries", mi))
+        else:
+            draw = ImageDraw.Draw(mi)
+            sel = (inst["gt_inds"] == g).nonzero().squeeze(1)
+            wmax = float(w_pos[sel].max()) if len(sel) else 1.0
+            for j in sel.tolist():
+                px, py = out["locations"][inst["loc_inds"][j]].tolist()
+                r = 2 + 5 * (float(w_pos[j]) / wmax) ** 0.5
+                cx, cy = (px - x0) * k, (py - y0) * k
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 255, 0), width=2)
+            bottom.append(("M_I (Eq. 6), positives by weight", mi))
         if teacher is not None:
             top += [("M_S Eq. 1", boxed(_heat(crop(eq1[g])))), ("M_S calibrated", boxed(_heat(crop(calib[g]))))]
             z = feats[b]                                                                   # (D, h, w)
