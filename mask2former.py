@@ -32,6 +32,7 @@ code (facebookresearch/Mask2Former, Deformable DETR), the code written here.
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -454,15 +455,17 @@ def projection_cost(mask_logits, box_masks, eps=1e-5):
 
 def hungarian_match(cost):
     """The one-to-one assignment of minimal total cost (scipy's linear_sum_assignment, the reference's
-    solver). cost (Q, G) -> (rows, cols) int64 tensors of length min(Q, G), rows ascending."""
+    solver). cost (Q, G), a tensor or a host array -> (rows, cols) int64 tensors of length min(Q, G), rows
+    ascending."""
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:
         raise SystemExit("mask2former.py: the Hungarian matcher needs scipy — fix: pip install 'scipy>=1.10' "
                          "(requirements.txt lists it)")
-    if not torch.isfinite(cost).all():
+    c = cost if isinstance(cost, np.ndarray) else cost.detach().float().cpu().numpy()  # a host read (match reads once)
+    if not np.isfinite(c).all():
         raise ValueError("mask2former.py: non-finite matching cost (NaN/inf logits: the run diverged)")
-    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
+    rows, cols = linear_sum_assignment(c)
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
@@ -482,16 +485,24 @@ def match(outputs, targets, cost_class=2.0, cost_projection=5.0):
     outputs' device."""
     logits, masks = outputs["pred_logits"], outputs["pred_masks"]
     h, wd = masks.shape[-2:]
-    indices = []
+    costs = []
     for b, t in enumerate(targets):
         if len(t["boxes"]) == 0:
+            costs.append(masks.new_zeros((masks.shape[1], 0)))
+            continue
+        box_masks = box_masks_inclusive(t["boxes"].float(), (h * STRIDE, wd * STRIDE), STRIDE)   # (G, h, w)
+        costs.append(cost_class * class_cost(logits[b], t["labels"])
+                     + cost_projection * projection_cost(masks[b], box_masks))               # (Q, G)
+    # every image's costs to the host in one transfer (the solver runs there), then split
+    host = torch.cat([c.detach().float().flatten() for c in costs]).cpu().numpy()
+    ends = np.cumsum([c.numel() for c in costs])
+    indices = []
+    for c, part in zip(costs, np.split(host, ends[:-1])):
+        if c.shape[1] == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=masks.device)
             indices.append((empty, empty.clone()))
             continue
-        box_masks = box_masks_inclusive(t["boxes"].float(), (h * STRIDE, wd * STRIDE), STRIDE)   # (G, h, w)
-        cost = (cost_class * class_cost(logits[b], t["labels"])
-                + cost_projection * projection_cost(masks[b], box_masks))                    # (Q, G)
-        rows, cols = hungarian_match(cost)
+        rows, cols = hungarian_match(part.reshape(c.shape))
         indices.append((rows.to(masks.device), cols.to(masks.device)))
     return indices
 

@@ -207,6 +207,14 @@ def test_hungarian_match_equals_brute_force_on_square_costs(seed):
     assert abs(cost[rows, cols].sum().item() - brute_force_min(cost)) < 1e-6
 
 
+def test_hungarian_match_refuses_a_non_finite_cost():
+    """A NaN cost (a diverged run) stops with one line instead of scipy's own error."""
+    cost = torch.rand(3, 3)
+    cost[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite matching cost"):
+        hungarian_match(cost)
+
+
 def test_hungarian_match_rectangular():
     """5 queries, 3 objects: every object gets a distinct query, at the brute-force minimum."""
     cost = torch.rand(5, 3, generator=torch.Generator().manual_seed(7))
