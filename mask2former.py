@@ -535,18 +535,26 @@ def object_offsets(targets):
     return [sum(sizes[:b]) for b in range(len(sizes))]
 
 
+def matched_pairs(idx, targets):
+    """match's per-image (query, object) indices idx as flat pairs -> (bi (K,) each pair's image, qi (K,) its
+    query, gi (K,) its object in batch order)."""
+    offsets = object_offsets(targets)
+    bi = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(idx)])
+    qi = torch.cat([q for q, _ in idx])
+    gi = torch.cat([g + offsets[b] for b, (_, g) in enumerate(idx)])
+    return bi, qi, gi
+
+
 def matched_queries(sets, indices, targets, stride):
     """The matched (query, object) pairs of every prediction set, in the layout sim.sim_losses and
     step.py read for CondInst's positives: dict(mask_logits (K, 1, Hp/s, Wp/s) on the loss grid (to_loss_grid),
     inst=dict(gt_inds (K,) each pair's object in batch order, im_inds (K,) its image)), K = the pairs of all
     sets, earliest set first. sets: prediction_sets; indices: match's per set."""
-    offsets = object_offsets(targets)
     logits, gt, im = [], [], []
     for s, idx in zip(sets, indices):
-        bi = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(idx)])        # (K_s,)
-        qi = torch.cat([q for q, _ in idx])                                            # (K_s,)
+        bi, qi, gi = matched_pairs(idx, targets)                                       # (K_s,) each
         logits.append(s["pred_masks"][bi, qi])                                         # (K_s, Hp/4, Wp/4)
-        gt.append(torch.cat([g + offsets[b] for b, (_, g) in enumerate(idx)]))
+        gt.append(gi)
         im.append(bi)
     return dict(mask_logits=to_loss_grid(torch.cat(logits)[:, None], stride),       # (K, 1, Hp/s, Wp/s)
                 inst=dict(gt_inds=torch.cat(gt), im_inds=torch.cat(im)))
@@ -594,7 +602,7 @@ def query_box_ious(mask_logits, boxes):
 
 
 @torch.no_grad()
-def teacher_queries(t_out, targets, cfg):
+def teacher_queries(t_out, targets, cfg, idx=None):
     """Each object's positives for Eq. (6), from the teacher's final prediction set t_out.
     m2f_instance_map "matched": the query the matcher (match, on the teacher's own predictions) assigns to
     the object. Mask2Former gives an object one positive, so Eq. 6 (weights normalised over the object's
@@ -603,15 +611,14 @@ def teacher_queries(t_out, targets, cfg):
     "iou_mix": also every other query of the image whose mask's box has IoU >= mix_iou with the object's
     box (duplicates that Hungarian matching trains towards "no object" but whose masks still cover it),
     all weighted by Eq. 6's exp(mu IoU) (prototypes.positive_weights, in sim.pseudo_masks_from).
+    idx: match's result on t_out when the caller has it (else matched here).
     -> probs (K, Hp/s, Wp/s) their mask probabilities on the loss grid, ious (K,), gt_inds (K,) their
     objects in batch order."""
     pred = t_out["pred_masks"]                                                         # (B, Q, Hp/4, Wp/4)
     B, Q = pred.shape[:2]
-    offsets = object_offsets(targets)
-    idx = match(t_out, targets, cfg["cost_class"], cfg["cost_projection"])
-    bi = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(idx)])            # (G',) matched pairs
-    qi = torch.cat([q for q, _ in idx])
-    gi = torch.cat([g + offsets[b] for b, (_, g) in enumerate(idx)])
+    if idx is None:
+        idx = match(t_out, targets, cfg["cost_class"], cfg["cost_projection"])
+    bi, qi, gi = matched_pairs(idx, targets)                                           # (G',) matched pairs
     boxes = torch.cat([t["boxes"] for t in targets]).float()                           # (G, 4)
     if cfg["m2f_instance_map"] == "iou_mix":
         G = len(boxes)
@@ -640,11 +647,8 @@ def box_query_maps(out, targets, combine="mean", mu=5.0, cost_class=2.0, cost_pr
     G = sum(len(t["boxes"]) for t in targets)
     dev = out["pred_masks"].device
     img = torch.cat([torch.full((len(t["boxes"]),), b, dtype=torch.long, device=dev) for b, t in enumerate(targets)])
-    offsets = object_offsets(targets)
     idx = match(out, targets, cost_class, cost_projection)
-    bi = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(idx)])
-    qi = torch.cat([q for q, _ in idx])
-    gi = torch.cat([g + offsets[b] for b, (_, g) in enumerate(idx)])
+    bi, qi, gi = matched_pairs(idx, targets)
     labels = torch.cat([t["labels"] for t in targets]).to(dev)
     scores = torch.zeros(G, device=dev)
     scores[gi] = out["pred_logits"][bi, qi].float().softmax(-1)[torch.arange(len(gi), device=dev), labels[gi]]
@@ -654,7 +658,7 @@ def box_query_maps(out, targets, combine="mean", mu=5.0, cost_class=2.0, cost_pr
     elif combine == "mean":
         probs, ious, gk = teacher_queries(out, targets, dict(cost_class=cost_class, cost_projection=cost_projection,
                                                              m2f_instance_map="iou_mix", mix_iou=mix_iou,
-                                                             mask_out_stride=STRIDE))
+                                                             mask_out_stride=STRIDE), idx)
         maps = prototypes.instance_map(probs, prototypes.positive_weights(ious, gk, G, mu), gk, G)
     else:
         raise SystemExit(f"predict.py: --combine={combine!r} — fix: --combine=mean or --combine=best")
