@@ -34,7 +34,8 @@ objects outside a subset are scored as crowd regions (ignored).
 
 --ms_stats: the pseudo labels of every variant (paper, official, nanosim and nanosim with one piece
 changed) scored against the GT masks on a network SIM has not touched: a BoxInst checkpoint, or a
-SIM one stopped before L_pseudo starts. See ms_stats.
+SIM one stopped before L_pseudo starts. On a Mask2Former checkpoint (BoxInst-dagger) the rows are the
+two forms of M_I (--m2f_instance_map: the matched query, iou_mix). See ms_stats.
 
 Each run writes out/ablation/<name>/metrics.json; a run whose metrics.json exists is not repeated,
 so an interrupted ablation resumes (--root=DIR: another tree, e.g. for a second seed). Prints the
@@ -94,6 +95,14 @@ STATS_VARIANTS = [  # (label, preset, overrides): the pseudo labels --ms_stats s
     ("nanosim, fixed thresholds", "nanosim", dict(pseudo_thresh="fixed")),
     ("nanosim, the network in bf16 (teacher_bf16, D21)", "nanosim", dict(teacher_bf16=True)),
 ]
+STATS_VARIANTS_M2F = [  # a Mask2Former checkpoint's rows: the two forms of M_I (Eq. 6 from the teacher's queries)
+    ("nanosim, M_I the matched query", "nanosim", dict(m2f_instance_map="matched")),
+    ("nanosim, M_I iou_mix", "nanosim", dict(m2f_instance_map="iou_mix")),
+    ("M_I alone (alpha=1, beta=0), the matched query", "nanosim",
+     dict(m2f_instance_map="matched", alpha=1.0, color_weight=0.0)),
+    ("M_I alone (alpha=1, beta=0), iou_mix", "nanosim", dict(m2f_instance_map="iou_mix", alpha=1.0, color_weight=0.0)),
+    ("paper", "paper", dict(m2f_instance_map="matched")),
+]
 
 
 def _auc(pos, neg):
@@ -117,13 +126,18 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
     M_prob (object vs in-box background), AUC of M_S on the pixels where M_I is unsure (0.3 < M_I <
     0.7: where the semantic map has something to add), precision and coverage of the foreground and background
     labels, the share of in-box pixels ignored, and the foreground growth (labelled foreground over
-    the teacher's confident area, M_I > 0.7)."""
+    the teacher's confident area, M_I > 0.7).
+    A Mask2Former checkpoint (--arch=mask2former) is scored the same way on STATS_VARIANTS_M2F, its M_I from
+    the teacher's queries (mask2former.pseudo_masks): the matched query or iou_mix, each also alone (alpha=1,
+    no colour map), where the M_prob columns score M_I itself."""
     import data
+    import mask2former
     import prototypes
     import sim
     from model import load_checkpoint, model_from_checkpoint
     ckpt = load_checkpoint(ckpt_path)
     base = ckpt["config"]
+    m2f = base.get("arch", "condinst") == "mask2former"
     teacher = ckpt["sim"]["teacher"] if ckpt["sim"] is not None else None  # None: BoxInst, or before teacher_start_iter
     net = model_from_checkpoint(ckpt, teacher).eval()
     s = base["mask_out_stride"]
@@ -144,16 +158,27 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
         if bf16 not in outputs:
             def run(im, t):
                 with sim.teacher_autocast(cpu, bf16):
-                    return sim.float32_outputs(net(im, t)), sim.objects(t, im.shape[-2:], s, images=im)
+                    out = net.features(im, classify=False) if m2f else net(im, t)
+                return sim.float32_outputs(out), sim.objects(t, im.shape[-2:], s, images=im), t
             outputs[bf16] = ([run(im, t) for im, t in batches(build_ds, n_build)],
-                             [run(im, t) + (t, im.shape[-2:]) for im, t in batches(val_ds, n_images)])
+                             [run(im, t) + (im.shape[-2:],) for im, t in batches(val_ds, n_images)])
         return outputs[bf16]
+
+    def pseudo(out, obj, targets, protos, cfg):  # each network's own path to sim.pseudo_masks_from
+        if m2f:
+            return mask2former.pseudo_masks(out, targets, protos, obj, cfg)
+        return sim.pseudo_masks(out, out, net, protos, obj, cfg)
+
+    def unit_features(out):  # the per-pixel features the prototypes learn from, on the loss grid
+        if m2f:
+            return prototypes.normalize_features(out["mask_features"], mask2former.STRIDE // s)
+        return prototypes.normalize_features(out["mask_feats"])
     print(f"{ckpt_path} ({'teacher' if teacher is not None else 'model'}): prototypes from {n_build} train images, "
           f"scored on {n_images} val images inside the GT boxes (stride {s})")
     print("| variant | AUC M_S | AUC M_S where 0.3 < M_I < 0.7 | AUC M_C there | AUC M_prob | label accuracy | fg precision | fg coverage | bg precision | "
           "bg coverage | ignored | fg growth |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, preset, over in STATS_VARIANTS:
+    for label, preset, over in STATS_VARIANTS_M2F if m2f else STATS_VARIANTS:
         if only and only not in label:
             continue
         cfg = dict(base, sim_variant=preset)
@@ -162,17 +187,18 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
         build, val = network_outputs(over.get("teacher_bf16", False) and sim.bf16_kernels(cpu))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            protos = prototypes.PrototypeMemory(base["num_classes"], cfg["num_subcenters"], cfg["mask_out_channels"],
-                                                momentum, cfg["tau"], cfg["sinkhorn_eps"], cfg["sinkhorn_iters"],
-                                                cfg["proto_assign"], cfg["proto_norm"])
-            for out, obj in build:
-                pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
+            D = base["mask_dim"] if m2f else base["mask_out_channels"]
+            protos = prototypes.PrototypeMemory(base["num_classes"], cfg["num_subcenters"], D, momentum, cfg["tau"],
+                                                cfg["sinkhorn_eps"], cfg["sinkhorn_iters"], cfg["proto_assign"],
+                                                cfg["proto_norm"], cfg["centroid_norm"])
+            for out, obj, targets in build:
+                pm = pseudo(out, obj, targets, protos, cfg)
                 fg, bg = sim.prototype_pixels(pm, obj, cfg)
-                protos.update(prototypes.normalize_features(out["mask_feats"]), obj["img"], obj["cls"], fg, bg)
+                protos.update(unit_features(out), obj["img"], obj["cls"], fg, bg)
         acc = {k: [] for k in ("ms_fg", "ms_bg", "mp_fg", "mp_bg", "amb_fg", "amb_bg", "mc_fg", "mc_bg")}
         n = dict(lab_fg=0, lab_fg_ok=0, gt_fg=0, lab_bg=0, lab_bg_ok=0, gt_bg=0, ign=0, inbox=0, conf=0)
         for out, obj, targets, hw in val:
-            pm = sim.pseudo_masks(out, out, net, protos, obj, cfg)
+            pm = pseudo(out, obj, targets, protos, cfg)
             gt = torch.cat([losses.gt_mask_targets(t["masks"], hw, s) for t in targets]) > 0  # (G, Hp/s, Wp/s)
             inbox = (obj["box_mask"] > 0) & pm["has_pos"][:, None, None]
             is_fg, is_bg = inbox & gt, inbox & ~gt
@@ -321,7 +347,10 @@ def pair_stats(strides=(4, 2), color_thresh=0.3):
 
 def subset_ap(gt, results, keep, iou_type):
     """COCO AP (percent) on the GT objects for which keep(annotation) holds: the others become crowd
-    regions, so detections on them are neither true nor false positives (COCO's way of not caring)."""
+    regions, so detections on them are neither true nor false positives (COCO's way of not caring).
+    No detections -> 0.0, as eval.coco_evaluate (pycocotools' loadRes cannot take [])."""
+    if not results:
+        return 0.0
     import contextlib
     import copy
     import io

@@ -287,6 +287,7 @@ def test_subset_ap_ignores_the_objects_outside_the_subset():
     assert ablate.subset_ap(gt, dets, lambda a: a["tag"] == "missed", "bbox") == pytest.approx(0.0)
     assert ablate.subset_ap(gt, dets, lambda a: True, "bbox") == pytest.approx(100 * 51 / 101)
     assert gt["annotations"][1]["iscrowd"] == 0 and dets[0]["bbox"] == [2, 2, 10, 10]  # inputs untouched
+    assert ablate.subset_ap(gt, [], lambda a: True, "segm") == 0.0  # a run that detected nothing: 0, no crash
 
 
 def test_unreadable_image_is_left_out_counted_and_named(ds, capsys):
