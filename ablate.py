@@ -187,10 +187,7 @@ def ms_stats(ckpt_path, n_build=200, n_images=100, batch=4, momentum=0.9, only="
         build, val = network_outputs(over.get("teacher_bf16", False) and sim.bf16_kernels(cpu))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            D = base["mask_dim"] if m2f else base["mask_out_channels"]
-            protos = prototypes.PrototypeMemory(base["num_classes"], cfg["num_subcenters"], D, momentum, cfg["tau"],
-                                                cfg["sinkhorn_eps"], cfg["sinkhorn_iters"], cfg["proto_assign"],
-                                                cfg["proto_norm"], cfg["centroid_norm"])
+            protos = sim.prototype_memory(cfg, momentum)
             for out, obj, targets in build:
                 pm = pseudo(out, obj, targets, protos, cfg)
                 fg, bg = sim.prototype_pixels(pm, obj, cfg)

@@ -121,11 +121,7 @@ class SIMState:
         # identical initial prototypes on every rank: a generator seeded with the run's seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
-            D = cfg["mask_dim"] if cfg["arch"] == "mask2former" else cfg["mask_out_channels"]  # the features' width
-            self.protos = prototypes.PrototypeMemory(cfg["num_classes"], cfg["num_subcenters"], D,
-                                                     cfg["proto_momentum"], cfg["tau"], cfg["sinkhorn_eps"],
-                                                     cfg["sinkhorn_iters"], cfg["proto_assign"], cfg["proto_norm"],
-                                                     cfg["centroid_norm"]).to(device)
+            self.protos = prototype_memory(cfg).to(device)
         self.bank = copypaste.MemoryBank(cfg["bank_size"])
         # copy-paste draws (CPU), different on every rank like the rest of the randomness
         self.generator = torch.Generator().manual_seed(cfg["seed"] + 1 + rank)
@@ -207,6 +203,17 @@ def float32_outputs(out):
     """A network's output dict with every floating tensor (and list of them) in float32."""
     f32 = lambda v: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
     return {k: [f32(t) for t in v] if isinstance(v, list) else f32(v) for k, v in out.items()}
+
+
+def prototype_memory(cfg, momentum=None):
+    """The prototype memory (Eq. 2-5) cfg's settings describe, its width that of the arch's per-pixel features
+    (CondInst's mask_out_channels, Mask2Former's mask_dim); momentum: Eq. (4)'s gamma, cfg's proto_momentum
+    unless given (ablate.ms_stats builds one in a single pass)."""
+    D = cfg["mask_dim"] if cfg.get("arch", "condinst") == "mask2former" else cfg["mask_out_channels"]
+    return prototypes.PrototypeMemory(cfg["num_classes"], cfg["num_subcenters"], D,
+                                      cfg["proto_momentum"] if momentum is None else momentum, cfg["tau"],
+                                      cfg["sinkhorn_eps"], cfg["sinkhorn_iters"], cfg["proto_assign"],
+                                      cfg["proto_norm"], cfg["centroid_norm"])
 
 
 def teacher_outputs(state, images):
